@@ -1,0 +1,196 @@
+"""`blockprune`: one command, subcommands in the order of the flow.
+
+    blockprune export MODEL -o model.onnx          # models: PyTorch -> verified ONNX
+    blockprune prune MODEL.onnx -o pruned.onnx     # passes: one-shot block pruning or --masks
+    blockprune inspect MODEL.onnx                  # per-layer table and compression rate
+    blockprune demo                                # the main job on the bundled MiniLM
+
+A ``BlockpruneError`` becomes one readable message (problem + fix) and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from blockprune import __version__
+from blockprune.errors import BlockpruneError
+
+
+def _check_output(path: str) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        raise BlockpruneError(f"output {path!r} is a directory", "give a file name, e.g. out/model.onnx")
+    return p
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from blockprune.console import console
+    from blockprune.models.export import export_onnx
+    from blockprune.models.zoo import load_model
+
+    out = _check_output(args.output)
+    with console.status(f"loading {args.model}"):
+        loaded = load_model(args.model, head=args.head, num_labels=args.num_labels, seed=args.seed)
+    with console.status(f"exporting ({args.exporter}) and checking against PyTorch"):
+        res = export_onnx(loaded, out, exporter=args.exporter, opset=args.opset, check=not args.no_check,
+                          atol=args.atol)
+    console.print(f"wrote {res.path} (opset {res.opset}, {args.exporter} exporter, "
+                  f"{res.renamed} initializers named after HF parameters)")
+    if res.max_abs_diff:
+        console.print("check vs PyTorch (onnxruntime): max |diff| "
+                      + ", ".join(f"{v:.2e} at batch x seq {k}" for k, v in res.max_abs_diff.items())
+                      + f" (tolerance {args.atol:g})")
+    return 0
+
+
+def _prune_config(args: argparse.Namespace):
+    from blockprune.passes import PruneConfig
+
+    base = PruneConfig(block=args.block, sparsity=args.sparsity, global_ranking=args.global_ranking,
+                       include_heads=args.include_heads)
+    return PruneConfig.from_yaml(args.config, defaults=base) if args.config else base
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from blockprune.console import console, kv_table, layer_table
+    from blockprune.prune_api import prune_file
+
+    out = _check_output(args.output)
+    config = None if args.masks else _prune_config(args)
+    res = prune_file(args.model, out, config=config, masks_path=args.masks, save_masks_to=args.save_masks,
+                     verify=not args.no_verify, atol=args.atol)
+    console.print(layer_table(res.stats, title=f"{out.name}: prunable layers"))
+    rows = [("output", str(res.output)),
+            ("masks", f"{args.masks} ({res.masks.source})" if args.masks else f"one-shot block L2 norm ({res.masks.source})"),
+            ("density of Linear weights", f"{res.stats.density:.3f}"),
+            ("compression rate (paper's count)", f"{res.stats.compression_rate:.2f}x")]
+    if res.verify:
+        rows.append(("verification vs numpy masked reference",
+                     f"max |diff| {res.verify.max_abs_diff:.2e} (tolerance {res.verify.atol:g})"))
+    else:
+        rows.append(("verification", "skipped (--no-verify)"))
+    if args.save_masks:
+        rows.append(("saved masks", args.save_masks))
+    console.print(kv_table("summary", rows))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from blockprune.console import console, kv_table, layer_table
+    from blockprune.onnx_io import get_meta, load_onnx
+    from blockprune.passes.find_weights import require_weights
+    from blockprune.passes.layer_stats import model_stats
+
+    model = load_onnx(args.model)
+    stats = model_stats(model, block=args.block)
+    require_weights(stats.layers, what=f"model {args.model!r}")
+    if args.json:
+        print(json.dumps({"layers": [r.as_dict() for r in stats.layers], "total": stats.total,
+                          "nonzero": stats.nonzero, "compression_rate": stats.compression_rate}, indent=2))
+        return 0
+    console.print(layer_table(stats, title=f"{Path(args.model).name}: prunable layers"))
+    console.print(kv_table("summary", [
+        ("architecture", str(get_meta(model, "architecture", "unknown"))),
+        ("source", str(get_meta(model, "source", "unknown"))),
+        ("opset", ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)),
+        ("prunable layers", str(len(stats.layers))),
+        ("density of Linear weights", f"{stats.density:.3f}"),
+        ("compression rate (paper's count)", f"{stats.compression_rate:.2f}x"),
+    ]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from blockprune.demo import run_demo
+
+    run_demo(args.workdir, block=args.block, sparsity=args.sparsity, exporter=args.exporter)
+    return 0
+
+
+def _sparsity(text: str) -> float:
+    from blockprune.blocks import check_sparsity
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise BlockpruneError(f"sparsity {text!r} is not a number", "give a fraction in [0, 1), e.g. 0.5")
+    return check_sparsity(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blockprune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"blockprune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a model to verified ONNX")
+    e.add_argument("model", help="'minilm' (bundled), a named config (bert-base, bert-tiny, ...), or a local HF directory")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    e.add_argument("--head", choices=["encoder", "classification", "regression"], default="encoder")
+    e.add_argument("--num-labels", type=int, default=2)
+    e.add_argument("--opset", type=int, default=None, help="default 18 (dynamo) / 17 (legacy); at least 17")
+    e.add_argument("--seed", type=int, default=0, help="seed of random weights for named configs")
+    e.add_argument("--atol", type=float, default=1e-4, help="max |ONNX - PyTorch| allowed (default 1e-4)")
+    e.add_argument("--no-check", action="store_true", help="skip the onnxruntime check against PyTorch")
+    e.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("prune", help="one-shot block pruning, or apply learned masks")
+    pr.add_argument("model")
+    pr.add_argument("-o", "--output", required=True)
+    pr.add_argument("--block", default="1x32", help="block rows x cols in the PyTorch W[out, in] layout (default 1x32)")
+    pr.add_argument("--sparsity", type=_sparsity, default=0.5, help="fraction of weights removed, in [0, 1)")
+    pr.add_argument("--global", dest="global_ranking", action="store_true", help="rank blocks across all layers")
+    pr.add_argument("--include-heads", action="store_true", help="also prune pooler and classifier")
+    pr.add_argument("--config", help="YAML: per-layer regex -> {block, sparsity}")
+    pr.add_argument("--masks", help="masks.safetensors to apply instead of one-shot pruning")
+    pr.add_argument("--save-masks", help="write the applied masks here (safetensors)")
+    pr.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    pr.add_argument("--no-verify", action="store_true", help="write without checking against the reference")
+    pr.set_defaults(func=cmd_prune)
+
+    i = sub.add_parser("inspect", help="per-layer table: shape, block, density, bytes; compression rate")
+    i.add_argument("model")
+    i.add_argument("--block", help="count nonzero blocks of this shape (default: as recorded by prune)")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="the main job on the bundled MiniLM")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--block", default="1x32")
+    d.add_argument("--sparsity", type=_sparsity, default=0.5)
+    d.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torch.onnx", "torch._dynamo", "onnxscript", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blockprune.console import print_error
+
+    _quiet_libraries()
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except BlockpruneError as exc:
+        print_error(exc.problem, exc.fix)
+        return 2
+    except KeyboardInterrupt:
+        print_error("interrupted", None)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

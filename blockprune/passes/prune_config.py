@@ -1,0 +1,107 @@
+"""Per-layer pruning choices: a default plus regex rules, from CLI flags or a YAML file.
+
+YAML form (first matching rule wins; ``match`` is a regex searched in the HF parameter name,
+or in the initializer name when the model has no HF mapping)::
+
+    block: 1x32          # default block, W[out, in] layout
+    sparsity: 0.5        # default fraction of weights removed
+    global: false        # true: rank blocks across all layers at once
+    include_heads: false # also prune pooler / classifier (encoder Linears only by default)
+    layers:
+      - match: 'attention\\.self\\.(query|key)'
+        block: 4x4
+        sparsity: 0.7
+      - match: 'pooler|classifier'
+        sparsity: 0.0    # keep dense
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from blockprune.blocks import BlockShape, check_sparsity
+from blockprune.errors import BlockpruneError
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    block: BlockShape
+    sparsity: float
+
+
+@dataclass
+class Rule:
+    pattern: re.Pattern
+    block: BlockShape | None = None
+    sparsity: float | None = None
+
+
+@dataclass
+class PruneConfig:
+    block: BlockShape = field(default_factory=lambda: BlockShape(1, 32))
+    sparsity: float = 0.5
+    global_ranking: bool = False
+    include_heads: bool = False
+    rules: list[Rule] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.block = BlockShape.parse(self.block)
+        self.sparsity = check_sparsity(self.sparsity)
+
+    def selects(self, role: str | None) -> bool:
+        """Encoder Linears always; pooler/classifier only when asked; unknown-role weights always."""
+        from blockprune.models.registry import ROLES
+
+        return role is None or role in ROLES or self.include_heads
+
+    def resolve(self, name: str) -> LayerSpec:
+        for rule in self.rules:
+            if rule.pattern.search(name):
+                return LayerSpec(rule.block or self.block,
+                                 self.sparsity if rule.sparsity is None else rule.sparsity)
+        return LayerSpec(self.block, self.sparsity)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], defaults: "PruneConfig | None" = None) -> "PruneConfig":
+        base = defaults or cls()
+        known = {"block", "sparsity", "global", "include_heads", "layers"}
+        unknown = set(data) - known
+        if unknown:
+            raise BlockpruneError(f"unknown keys in the pruning config: {sorted(unknown)}",
+                                  f"allowed keys: {sorted(known)}")
+        rules = []
+        for i, item in enumerate(data.get("layers") or []):
+            if not isinstance(item, dict) or "match" not in item:
+                raise BlockpruneError(f"layers[{i}] in the pruning config has no 'match'",
+                                      "each rule needs match: <regex> and block and/or sparsity")
+            try:
+                pat = re.compile(str(item["match"]))
+            except re.error as exc:
+                raise BlockpruneError(f"layers[{i}].match {item['match']!r} is not a valid regex: {exc}",
+                                      "fix the regular expression") from exc
+            rules.append(Rule(pat,
+                              BlockShape.parse(item["block"]) if "block" in item else None,
+                              check_sparsity(item["sparsity"], f"layers[{i}].sparsity") if "sparsity" in item else None))
+        return cls(block=BlockShape.parse(data.get("block", base.block)),
+                   sparsity=check_sparsity(data.get("sparsity", base.sparsity)),
+                   global_ranking=bool(data.get("global", base.global_ranking)),
+                   include_heads=bool(data.get("include_heads", base.include_heads)), rules=rules)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, defaults: "PruneConfig | None" = None) -> "PruneConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise BlockpruneError(f"pruning config {str(path)!r} does not exist", "check the path")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise BlockpruneError(f"pruning config {str(path)!r} is not valid YAML: {exc}",
+                                  "fix the YAML syntax") from exc
+        if not isinstance(data, dict):
+            raise BlockpruneError(f"pruning config {str(path)!r} must be a mapping", "see `blockprune prune --help`")
+        return cls.from_dict(data, defaults)
