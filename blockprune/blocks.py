@@ -18,8 +18,9 @@ Conventions (read these before touching masks):
   that edge blocks are neither favoured nor penalised for being small. Nothing is skipped.
 
 * Sparsity is the fraction of *elements* zeroed. Blocks are pruned weakest first until the
-  pruned element count is as close as possible to ``round(sparsity * numel)``; when the block
-  divides the matrix this is exactly ``round(sparsity * n_blocks)`` blocks.
+  pruned element count is as close as possible to ``sparsity * numel``, a tie going to the
+  smaller count (keep more weights); when the block divides the matrix this is exactly
+  ``ceil(sparsity * n_blocks - 0.5)`` blocks, i.e. the nearest count, halves rounded down.
 """
 
 from __future__ import annotations
@@ -160,12 +161,12 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
 def choose_pruned(scores: np.ndarray, sizes: np.ndarray, sparsity: float) -> np.ndarray:
     """Boolean array (same shape as ``scores``): True for blocks to prune.
 
-    Weakest first (stable order, so ties go to the lower index), stopping at the count whose
-    pruned element total is closest to ``round(sparsity * total)``.
+    Weakest first (stable order, so equal scores go to the lower index), stopping at the count
+    whose pruned element total is closest to ``sparsity * total`` (a tie keeps more weights).
     """
     flat_s = scores.reshape(-1)
     flat_n = sizes.reshape(-1)
-    target = round(sparsity * float(flat_n.sum()))
+    target = sparsity * float(flat_n.sum())
     order = np.argsort(flat_s, kind="stable")
     cum = np.concatenate([[0], np.cumsum(flat_n[order])])
     k = int(np.argmin(np.abs(cum - target)))

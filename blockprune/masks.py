@@ -60,7 +60,9 @@ def save_masks(path: str | Path, maskset: MaskSet) -> Path:
     """Write masks atomically (temp file + rename)."""
     from safetensors.numpy import save_file
 
-    tensors = {k: (np.asarray(v) != 0).astype(np.uint8) for k, v in maskset.masks.items()}
+    # C order matters: a transposed view (an in_out mask) would otherwise be written as its raw,
+    # Fortran-ordered buffer under a C-order header, i.e. silently transposed.
+    tensors = {k: np.ascontiguousarray(np.asarray(v) != 0, dtype=np.uint8) for k, v in maskset.masks.items()}
     path = Path(path)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(tensors, str(tmp), metadata=maskset.metadata())

@@ -62,7 +62,7 @@ class BlockPrune(Pass):
                 continue
             mask_oi = expand_block_mask(~pruned_blocks[w.initializer], s.block, w.shape)
             stored = np.asarray(consts[w.initializer].values)
-            mask = w.from_out_in(mask_oi)
+            mask = np.ascontiguousarray(w.from_out_in(mask_oi))
             ctx.replace_values(w.initializer, (stored * mask).astype(stored.dtype))
             masks[w.initializer] = mask
             achieved = 1.0 - float(mask.mean())

@@ -1,0 +1,580 @@
+"""TensorIR kernel for ``Y = X @ W^T (+ bias)`` with ``W[N, K]`` block-sparse (BSR, r x c).
+
+This is exactly what a pruned transformer Linear computes: ``X[M, K]`` activations (or
+``[B, S, K]``, taken as ``M = B*S``), ``W`` in the PyTorch ``[out, in]`` layout, block ``r``
+along ``N`` (outputs) and ``c`` along ``K`` (inputs). TVM 0.27 has no sparse op, so we write
+the loop nest ourselves, unrolled in Python, with explicit vectors: what LLVM receives is
+already the register tile, and it only allocates registers and schedules.
+
+Two layouts, chosen per block shape and target (:func:`choose_schedule`):
+
+* ``n-lanes`` (blocks at least one vector tall: 16x1, 32x32, 4x4 on NEON): vectors run along
+  the block's output rows. Block data is stored transposed, ``[nnzb, c, r]``, so the ``r``
+  outputs of one input feature are contiguous; each FMA is ``acc[ti] += bcast(X[m, k]) * w``.
+  No reduction at the end: the accumulators are rows of ``Y``.
+* ``k-lanes`` (short blocks: 1x32 row segments, 4x4 on AVX2/AVX-512): an ``n-lanes`` vector
+  would be 1-4 lanes wide. Instead vectors run along the flattened block ``[r, c]`` (stored
+  as is), i.e. along input features, and each output is a sum over lanes. The horizontal sums
+  are done for ``c`` accumulators at once by a shuffle tree (even+odd lanes of two vectors,
+  log2(c) levels), which costs a few instructions per output instead of one per lane.
+
+Common to both (see tvm-notes): parallel over chunks of block rows; inside a task, a tile of
+``TI`` input rows is kept in L1 while the chunk's block rows stream by; accumulators are
+separate small ``global``-scope buffers (< 1024 bytes each) so TVM makes them stack allocas
+and LLVM keeps them in registers (a ``local`` or larger buffer becomes a heap workspace with a
+load/store around every FMA). ``M`` is static; a remainder of ``M % TI`` rows gets its own,
+narrower tile. ``nnzb`` is symbolic, so one compiled kernel serves every layer of a shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from blockprune.blocks import BlockShape
+from blockprune.bsr import BSRMatrix
+from blockprune.errors import BlockpruneError
+
+from .targets import TargetPreset, export_fcompile, resolve_target
+
+_MAX_ACC_BYTES = 1020  # one accumulator buffer must stay below TVM's 1024-byte stack limit
+# More X rows per tile barely improves FMAs per load (TI/(TI+1) for n-lanes with one weight
+# vector) but their K-long rows must share L1 with the weights streaming by.
+_MAX_TILE_ROWS = 12
+
+
+# --------------------------------------------------------------------------------------------
+# Target vector units and schedules
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VectorISA:
+    """What the register tile is sized for: float32 lanes and the vector register file."""
+
+    name: str
+    lanes: int  # float32 lanes per vector register
+    registers: int  # architectural vector registers
+    max_acc: int  # accumulators we allow at most (leave room for addresses, spills of LLVM)
+
+
+_ISAS = {
+    "avx512": VectorISA("avx512", 16, 32, 24),
+    "avx2": VectorISA("avx2", 8, 16, 12),
+    "sse": VectorISA("sse", 4, 16, 12),
+    "neon": VectorISA("neon", 4, 32, 24),
+}
+
+
+def vector_isa(target: "TargetPreset | str | Any") -> VectorISA:
+    """The vector unit of a target: NEON on aarch64; AVX-512 / AVX2 / SSE on x86 per -mcpu."""
+    preset = resolve_target(target)
+    if preset.arch == "aarch64":
+        return _ISAS["neon"]
+    from tvm.target import codegen
+
+    tgt = preset.target()
+    if codegen.llvm_cpu_has_features("avx512f", tgt):
+        return _ISAS["avx512"]
+    if codegen.llvm_cpu_has_features(["avx2", "fma"], tgt):
+        return _ISAS["avx2"]
+    return _ISAS["sse"]
+
+
+@dataclass(frozen=True)
+class BSRSchedule:
+    """How the kernel is tiled; :func:`choose_schedule` picks one per shape and target."""
+
+    layout: str  # "n-lanes" (data [nnzb, c, r]) or "k-lanes" (data [nnzb, r*c])
+    lanes: int  # vector length in float32 lanes
+    tile_rows: int  # TI: rows of X per register tile
+    row_chunk: int  # block rows per parallel task
+    slots_per_pass: int = 0  # n-lanes: vectors of a block row accumulated at once (0: all)
+    isa: str = ""
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("n-lanes", "k-lanes"):
+            raise BlockpruneError(f"unknown BSR kernel layout {self.layout!r}", "use n-lanes or k-lanes")
+        if self.lanes < 1 or self.tile_rows < 1 or self.row_chunk < 1:
+            raise BlockpruneError(f"invalid BSR schedule {self}", "lanes, tile_rows, row_chunk must be >= 1")
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two dividing n, at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _k_lanes_fits(block: BlockShape, lanes: int) -> bool:
+    r, c = block.rows, block.cols
+    if c >= lanes:
+        return c % lanes == 0
+    return lanes % c == 0 and (r * c) % lanes == 0
+
+
+def choose_schedule(m: int, n: int, block: "BlockShape | str", target: Any = "host",
+                    isa: VectorISA | None = None) -> BSRSchedule:
+    """Pick layout and tile sizes for ``M x N`` output with ``r x c`` blocks on ``target``.
+
+    ``n-lanes`` whenever a block is at least one vector tall (no reduction, full vectors),
+    else ``k-lanes`` when the flattened block fills whole vectors, else ``n-lanes`` with a
+    narrow vector (correct, slower; e.g. 2x2 blocks).
+    """
+    block = BlockShape.parse(block)
+    isa = isa or vector_isa(target)
+    cores = int(resolve_target(target).config.get("num-cores", 1) or 1)
+    r, c, v = block.rows, block.cols, isa.lanes
+    nb = max(1, n // r)
+    # enough tasks per core to balance uneven rows, but long enough chunks to reuse the X tile
+    row_chunk = max(1, min(16, nb // (4 * cores)))
+    if r < v and _k_lanes_fits(block, v):
+        return _k_lanes_schedule(m, block, isa, row_chunk)
+    return _n_lanes_schedule(m, block, isa, row_chunk)
+
+
+def _n_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int) -> BSRSchedule:
+    """Tile TI rows x P vectors: most FMAs per load, TI*P (acc) + P (weights) + 1 (X) registers.
+
+    Per input feature the tile loads P weight vectors and broadcasts TI inputs for TI*P FMAs,
+    so TI*P / (TI + P) is what to maximise; exceeding the register file makes LLVM spill an
+    accumulator inside the loop (seen: 32x32 on AVX2 with 3x4 ran at 55% of 2x6... of 6x2).
+    """
+    r, v = block.rows, isa.lanes
+    lanes = r if r < v else _pow2_divisor(r, v)
+    slots = r // lanes
+    best: tuple[float, int, int] = (-1.0, 1, 1)
+    for p in range(1, slots + 1):
+        if slots % p or p * lanes * 4 > _MAX_ACC_BYTES:
+            continue
+        for ti in range(1, min(m, _MAX_TILE_ROWS) + 1):
+            if ti * p > isa.max_acc or ti * p + p + 1 > isa.registers:
+                break
+            score = ti * p / (ti + p)
+            if score > best[0] + 1e-9:
+                best = (score, ti, p)
+    _, tile_rows, per_pass = best
+    return BSRSchedule("n-lanes", lanes, tile_rows, row_chunk, per_pass, isa=isa.name)
+
+
+def _k_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int) -> BSRSchedule:
+    """Tile TI rows; TI * (accumulators per row) must fill whole reduction groups of min(c, V).
+
+    Each X vector feeds one FMA per block row, so beyond one group (or 12 vectors) more rows
+    only amortise the weight load further while their X rows crowd L1.
+    """
+    r, c, v = block.rows, block.cols, isa.lanes
+    g = v // c if c < v else 1
+    s_row = r // g
+    group = min(c, v)
+    weights_live = s_row if c < v else r * min(4, c // v)
+    best = 1
+    for ti in range(1, m + 1):
+        if ti * s_row > min(isa.max_acc, max(group, _MAX_TILE_ROWS)) or ti * s_row + weights_live + 1 > isa.registers:
+            break
+        if (ti * s_row) % group == 0:
+            best = ti
+    return BSRSchedule("k-lanes", v, best, row_chunk, isa=isa.name)
+
+
+# --------------------------------------------------------------------------------------------
+# The PrimFunc
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BSRKernelSpec:
+    """The static shape a kernel is compiled for (``nnzb`` stays symbolic)."""
+
+    x_shape: tuple[int, ...]  # [..., K]; leading dims flatten to M
+    n: int  # output features (rows of W)
+    block: BlockShape
+    bias: bool = False
+
+    @property
+    def m(self) -> int:
+        return int(math.prod(self.x_shape[:-1]))
+
+    @property
+    def k(self) -> int:
+        return int(self.x_shape[-1])
+
+    @property
+    def y_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_shape[:-1]) + (self.n,)
+
+    def check(self) -> None:
+        r, c = self.block.rows, self.block.cols
+        if len(self.x_shape) < 2 or any(int(d) < 1 for d in self.x_shape):
+            raise BlockpruneError(
+                f"input shape {self.x_shape} is not [M, K] or [B, S, K] with static sizes",
+                "compile one kernel per static input shape",
+            )
+        if self.n % r or self.k % c:
+            raise BlockpruneError(
+                f"block {self.block} does not divide the weight {self.n}x{self.k} (out x in)",
+                "the passes pad such a weight to whole blocks or keep the layer dense",
+            )
+
+
+def bsr_matmul_primfunc(spec: BSRKernelSpec, schedule: BSRSchedule, name: str = "bsr_matmul"):
+    """Build the TensorIR PrimFunc ``name(X, data, indices, indptr[, bias], Y)``.
+
+    ``data`` is the block data packed by :func:`pack_block_data` for ``schedule``.
+    """
+    spec.check()
+    return _KernelBuilder(spec, schedule).build(name)
+
+
+class _KernelBuilder:
+    """Emits the loop nest with TVM's IRBuilder (Python-side unrolling of the register tile)."""
+
+    def __init__(self, spec: BSRKernelSpec, sch: BSRSchedule) -> None:
+        from tvm import tirx
+
+        self.tirx = tirx
+        self.spec, self.sch = spec, sch
+        self.r, self.c = spec.block.rows, spec.block.cols
+        self.nb = spec.n // self.r
+        if sch.layout == "k-lanes" and not _k_lanes_fits(spec.block, sch.lanes):
+            raise BlockpruneError(
+                f"k-lanes layout needs the block {spec.block} to fill {sch.lanes}-lane vectors",
+                "use choose_schedule(), which falls back to n-lanes for such blocks",
+            )
+
+    # ---- small expression helpers ----------------------------------------------------------
+    def f32(self, v: float):
+        return self.tirx.FloatImm("float32", v)
+
+    def zeros(self, lanes: int):
+        return self.f32(0.0) if lanes == 1 else self.tirx.Broadcast(self.f32(0.0), lanes)
+
+    def ramp(self, base, lanes: int):
+        return base if lanes == 1 else self.tirx.Ramp(base, 1, lanes)
+
+    def load(self, buf, idx: list):
+        return self.tirx.BufferLoad(buf, idx)
+
+    # ---- function --------------------------------------------------------------------------
+    def build(self, name: str):
+        from tvm.script.ir_builder import IRBuilder
+        from tvm.script.ir_builder import tirx as T
+
+        tirx, spec, sch = self.tirx, self.spec, self.sch
+        self.T = T
+        r, c, m, k, n = self.r, self.c, spec.m, spec.k, spec.n
+        nnzb = tirx.Var("nnzb", "int32")
+        data_shape = (nnzb, c, r) if sch.layout == "n-lanes" else (nnzb, r * c)
+        with IRBuilder() as ib:
+            with T.prim_func():
+                T.func_name(name)
+                T.func_attr({"tirx.noalias": True, "global_symbol": name})
+                x_arg = T.arg("X", T.buffer(spec.x_shape, "float32"))
+                self.D = T.arg("data", T.buffer(data_shape, "float32"))
+                self.I = T.arg("indices", T.buffer((nnzb,), "int32"))
+                self.P = T.arg("indptr", T.buffer((self.nb + 1,), "int32"))
+                self.B = T.arg("bias", T.buffer((n,), "float32")) if spec.bias else None
+                y_arg = T.arg("Y", T.buffer(spec.y_shape, "float32"))
+                if len(spec.x_shape) == 2:
+                    self.X, self.Y = x_arg, y_arg
+                else:  # [B, S, K] -> [M, K] views of the same memory
+                    self.X = T.decl_buffer((m, k), "float32", data=x_arg.data)
+                    self.Y = T.decl_buffer((m, n), "float32", data=y_arg.data)
+                self._body()
+        return ib.get()
+
+    def _body(self) -> None:
+        T, sch, m = self.T, self.sch, self.spec.m
+        ti_main = min(sch.tile_rows, m)
+        n_main, tail = m // ti_main, m % ti_main
+        chunks = -(-self.nb // sch.row_chunk)
+        with T.parallel(0, chunks) as ic:
+            self._alloc_tiles(ti_main)
+            with T.serial(0, n_main) as mo:
+                self._rows_of_chunk(ic, lambda row: self._tile(row, mo * ti_main, ti_main))
+            if tail:
+                self._rows_of_chunk(ic, lambda row: self._tile(row, n_main * ti_main, tail))
+
+    def _rows_of_chunk(self, ic, emit) -> None:
+        T, chunk = self.T, self.sch.row_chunk
+        with T.serial(0, chunk) as ii:
+            row = ic * chunk + ii
+            if self.nb % chunk:
+                with T.If(row < self.nb):
+                    with T.Then():
+                        emit(row)
+            else:
+                emit(row)
+
+    def _alloc_tiles(self, ti_max: int) -> None:
+        """One accumulator buffer per tile row (each well under 1024 bytes: stack, registers)."""
+        T, sch = self.T, self.sch
+        if sch.layout == "n-lanes":
+            per_row = sch.slots_per_pass or (self.r // sch.lanes)
+        else:
+            per_row = self._k_geometry()["s_row"]
+        self.acc = [T.alloc_buffer((per_row, sch.lanes), "float32", scope="global") for _ in range(ti_max)]
+        if sch.layout == "k-lanes":
+            group = self._k_geometry()["group"]
+            self.red = T.alloc_buffer((max(1, group // 2), sch.lanes), "float32", scope="global")
+
+    def _tile(self, row, m0, ti_count: int) -> None:
+        if self.sch.layout == "n-lanes":
+            self._tile_n_lanes(row, m0, ti_count)
+        else:
+            self._tile_k_lanes(row, m0, ti_count)
+
+    def _block_loop(self, row):
+        P = self.P
+        return self.T.serial(self.load(P, [row]), self.load(P, [row + 1]))
+
+    # ---- n-lanes ---------------------------------------------------------------------------
+    def _tile_n_lanes(self, row, m0, ti_count: int) -> None:
+        T, sch, r, c = self.T, self.sch, self.r, self.c
+        L = sch.lanes
+        slots = r // L
+        per_pass = sch.slots_per_pass or slots
+        for p in range(slots // per_pass):
+            for ti in range(ti_count):
+                for s in range(per_pass):
+                    T.buffer_store(self.acc[ti], self.zeros(L), [s, self.ramp(0, L)])
+            with self._block_loop(row) as b:
+                col = self.load(self.I, [b])
+                kloop = T.unroll(0, c) if c <= 4 else T.serial(0, c)
+                with kloop as kk:
+                    for ti in range(ti_count):
+                        xv = self.load(self.X, [m0 + ti, col * c + kk])
+                        xb = xv if L == 1 else self.tirx.Broadcast(xv, L)
+                        for s in range(per_pass):
+                            w = self.load(self.D, [b, kk, self.ramp((p * per_pass + s) * L, L)])
+                            a = self.load(self.acc[ti], [s, self.ramp(0, L)])
+                            T.buffer_store(self.acc[ti], a + xb * w, [s, self.ramp(0, L)])
+            for ti in range(ti_count):
+                for s in range(per_pass):
+                    n0 = row * r + (p * per_pass + s) * L
+                    val = self.load(self.acc[ti], [s, self.ramp(0, L)])
+                    if self.B is not None:
+                        val = val + self.load(self.B, [self.ramp(n0, L)])
+                    T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, L)])
+
+    # ---- k-lanes ---------------------------------------------------------------------------
+    def _k_geometry(self) -> dict[str, int]:
+        r, c, v = self.r, self.c, self.sch.lanes
+        g = v // c if c < v else 1  # block rows sharing one vector
+        return {"g": g, "s_row": r // g, "group": min(c, v), "chunks": max(1, c // v)}
+
+    def _tile_k_lanes(self, row, m0, ti_count: int) -> None:
+        T, tirx, r, c = self.T, self.tirx, self.r, self.c
+        V = self.sch.lanes
+        geo = self._k_geometry()
+        g, s_row, group, chunks = geo["g"], geo["s_row"], geo["group"], geo["chunks"]
+        for ti in range(ti_count):
+            for s in range(s_row):
+                T.buffer_store(self.acc[ti], self.zeros(V), [s, self.ramp(0, V)])
+        with self._block_loop(row) as b:
+            col = self.load(self.I, [b])
+            if c >= V:  # each block row: `chunks` vectors of V consecutive input features
+                kloop = T.unroll(0, chunks) if chunks <= 4 else T.serial(0, chunks)
+                with kloop as kc:
+                    for rr in range(r):
+                        w = self.load(self.D, [b, self.ramp(rr * c + kc * V, V)])
+                        for ti in range(ti_count):
+                            xv = self.load(self.X, [m0 + ti, self.ramp(col * c + kc * V, V)])
+                            a = self.load(self.acc[ti], [rr, self.ramp(0, V)])
+                            T.buffer_store(self.acc[ti], a + xv * w, [rr, self.ramp(0, V)])
+            else:  # g block rows per vector; X's c features repeated g times
+                for ti in range(ti_count):
+                    xs = self.load(self.X, [m0 + ti, self.ramp(col * c, c)])
+                    xv = tirx.Broadcast(xs, V) if c == 1 else tirx.Shuffle([xs] * g, list(range(V)))
+                    for s in range(s_row):
+                        w = self.load(self.D, [b, self.ramp(s * V, V)])
+                        a = self.load(self.acc[ti], [s, self.ramp(0, V)])
+                        T.buffer_store(self.acc[ti], a + xv * w, [s, self.ramp(0, V)])
+        # Reduce: `group` accumulators -> one vector of sums, by a shuffle tree.
+        vecs = [(ti, s) for ti in range(ti_count) for s in range(s_row)]
+        vecs += [None] * (-len(vecs) % group)
+        for start in range(0, len(vecs), group):
+            members = vecs[start:start + group]
+            self._reduce_group(members)
+            self._store_group(row, m0, members, g)
+
+    def _reduce_group(self, members: list) -> None:
+        """red[0] lane q <- sum of lane-group (q % g) of members[q // g] (g = V / group)."""
+        T, tirx, V = self.T, self.tirx, self.sch.lanes
+        even = [2 * q for q in range(V)]
+        odd = [2 * q + 1 for q in range(V)]
+
+        def acc_vec(mem):
+            if mem is None:
+                return self.zeros(V)
+            ti, s = mem
+            return self.load(self.acc[ti], [s, self.ramp(0, V)])
+
+        srcs = [acc_vec(mem) for mem in members]
+        level = 0
+        while len(srcs) > 1:
+            out = []
+            for j in range(len(srcs) // 2):
+                a, b = srcs[2 * j], srcs[2 * j + 1]
+                val = tirx.Shuffle([a, b], even) + tirx.Shuffle([a, b], odd)
+                T.buffer_store(self.red, val, [j, self.ramp(0, V)])
+                out.append(self.load(self.red, [j, self.ramp(0, V)]))
+            srcs = out
+            level += 1
+        if level == 0:  # group of one vector (cannot happen with group >= 2, kept for safety)
+            T.buffer_store(self.red, srcs[0], [0, self.ramp(0, V)])
+
+    def _store_group(self, row, m0, members: list, g: int) -> None:
+        """Write red[0]'s lanes to Y, as vectors where lanes land on consecutive outputs."""
+        T, V = self.T, self.sch.lanes
+        targets = []  # (lane, ti, n_offset)
+        for q in range(V):
+            mem = members[q // g]
+            if mem is None:
+                continue
+            ti, s = mem
+            targets.append((q, ti, s * g + q % g))
+        runs: list[list[tuple[int, int, int]]] = []
+        for t in targets:
+            if runs and runs[-1][-1][1] == t[1] and runs[-1][-1][0] + 1 == t[0] and runs[-1][-1][2] + 1 == t[2]:
+                runs[-1].append(t)
+            else:
+                runs.append([t])
+        for run in runs:
+            q0, ti, off = run[0]
+            lanes = len(run)
+            n0 = row * self.r + off
+            val = self.load(self.red, [0, self.ramp(q0, lanes)])
+            if self.B is not None:
+                val = val + self.load(self.B, [self.ramp(n0, lanes)])
+            T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, lanes)])
+
+
+# --------------------------------------------------------------------------------------------
+# Packing, compiling, running
+# --------------------------------------------------------------------------------------------
+def pack_block_data(bsr: BSRMatrix, schedule: BSRSchedule) -> np.ndarray:
+    """Block data in the layout the kernel reads: ``[nnzb, c, r]`` (n-lanes) or ``[nnzb, r*c]``."""
+    r, c = bsr.block.rows, bsr.block.cols
+    if schedule.layout == "n-lanes":
+        return np.ascontiguousarray(bsr.data.transpose(0, 2, 1), dtype=np.float32)
+    return np.ascontiguousarray(bsr.data.reshape(-1, r * c), dtype=np.float32)
+
+
+def kernel_arrays(bsr: BSRMatrix, schedule: BSRSchedule) -> list[np.ndarray]:
+    """``[data, indices, indptr]`` as the kernel takes them (after X, before bias and Y)."""
+    return [pack_block_data(bsr, schedule), np.ascontiguousarray(bsr.indices),
+            np.ascontiguousarray(bsr.indptr)]
+
+
+@dataclass
+class BSRKernel:
+    """A compiled kernel for one static shape, with the schedule it was generated with."""
+
+    spec: BSRKernelSpec
+    schedule: BSRSchedule
+    preset: TargetPreset
+    name: str
+    executable: Any  # tvm Executable from tvm.compile
+
+    @functools.cached_property
+    def _module(self):
+        if self.preset.is_cross:
+            raise BlockpruneError(
+                f"kernel was compiled for {self.preset.name} ({self.preset.arch}) and cannot run here",
+                "export it with export_library() and run it on the board (or under qemu)",
+            )
+        return self.executable.jit()
+
+    def _check_bsr(self, bsr: BSRMatrix) -> None:
+        if bsr.block != self.spec.block or bsr.shape != (self.spec.n, self.spec.k):
+            raise BlockpruneError(
+                f"BSR weight {bsr.shape[0]}x{bsr.shape[1]} with block {bsr.block} does not match the "
+                f"kernel ({self.spec.n}x{self.spec.k}, block {self.spec.block})",
+                "compile a kernel for this weight with build_bsr_kernel",
+            )
+
+    def _args(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None):
+        import tvm
+
+        self._check_bsr(bsr)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if tuple(x.shape) != self.spec.x_shape:
+            raise BlockpruneError(f"input shape {x.shape} differs from the kernel's {self.spec.x_shape}",
+                                  "compile a kernel per static input shape")
+        if (bias is not None) != self.spec.bias:
+            raise BlockpruneError("bias given to a kernel compiled without one (or vice versa)",
+                                  "build the kernel with bias=True when the Linear has a bias")
+        dev = tvm.cpu()
+        arrays = [x] + kernel_arrays(bsr, self.schedule)
+        if bias is not None:
+            arrays.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(self.spec.n))
+        args = [tvm.runtime.tensor(a, dev) for a in arrays]
+        y = tvm.runtime.tensor(np.empty(self.spec.y_shape, dtype=np.float32), dev)
+        return args, y
+
+    def __call__(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None) -> np.ndarray:
+        args, y = self._args(x, bsr, bias)
+        self._module[self.name](*args, y)
+        return y.numpy()
+
+    def time(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
+             number: int = 10, repeat: int = 20) -> list[float]:
+        """Seconds per call, ``repeat`` samples each averaging ``number`` calls (TVM's timer)."""
+        import tvm
+
+        args, y = self._args(x, bsr, bias)
+        timer = self._module.time_evaluator(self.name, tvm.cpu(), number=number, repeat=repeat)
+        return list(timer(*args, y).results)
+
+    def export_library(self, path: str) -> str:
+        """Write a shared library for the target (cross-linked for aarch64)."""
+        fcompile = export_fcompile(self.preset)
+        if fcompile is None:
+            self.executable.export_library(path)
+        else:
+            self.executable.export_library(path, fcompile=fcompile)
+        return path
+
+    def assembly(self) -> str:
+        return self.executable.mod.inspect_source("asm")
+
+
+def build_bsr_kernel(x_shape: Sequence[int], n: int, block: "BlockShape | str", *, bias: bool = False,
+                     target: Any = "host", schedule: BSRSchedule | None = None,
+                     name: str = "bsr_matmul") -> BSRKernel:
+    """Generate and compile the kernel for ``X[x_shape] @ W[n, K]^T`` on ``target``."""
+    preset = resolve_target(target)
+    spec = BSRKernelSpec(tuple(int(d) for d in x_shape), int(n), BlockShape.parse(block), bool(bias))
+    spec.check()
+    schedule = schedule or choose_schedule(spec.m, spec.n, spec.block, preset)
+    executable = _compile_cached(spec, schedule, preset.to_json(), name)
+    return BSRKernel(spec, schedule, preset, name, executable)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_cached(spec: BSRKernelSpec, schedule: BSRSchedule, target_json: str, name: str):
+    """Compiling takes ~0.2 s; tests and benchmarks ask for the same kernel repeatedly."""
+    import json
+
+    import tvm
+
+    func = bsr_matmul_primfunc(spec, schedule, name)
+    target = tvm.target.Target(json.loads(target_json))
+    return tvm.compile(tvm.IRModule({name: func}), target=target)
+
+
+def run_bsr_matmul(x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
+                   target: Any = "host", schedule: BSRSchedule | None = None) -> np.ndarray:
+    """``x @ W.T (+ bias)`` through the compiled TVM kernel (host targets): for tests."""
+    x = np.asarray(x, dtype=np.float32)
+    if x.shape[-1] != bsr.shape[1]:
+        raise BlockpruneError(
+            f"input has {x.shape[-1]} features but the weight expects {bsr.shape[1]}",
+            "pass X[..., in] for a weight W[out, in]",
+        )
+    kernel = build_bsr_kernel(x.shape, bsr.shape[0], bsr.block, bias=bias is not None,
+                              target=target, schedule=schedule)
+    return kernel(x, bsr, bias)
+

@@ -1,0 +1,220 @@
+"""Named TVM target presets (x86 host, generic aarch64, Cortex-A cores) and their toolchains.
+
+Why presets: a TVM target is a JSON dict whose spelling changes between releases (``mcpu:
+native`` is rejected in 0.27, MetaSchedule needs ``num-cores``), and a cross target also needs
+a cross compiler to link the shared library. One name (``--target cortex-a72``) carries both,
+plus the Debian package to install when the compiler is missing.
+
+Presets are plain JSON dicts; :meth:`TargetPreset.target` builds the ``tvm.target.Target``
+(so importing this module costs nothing until a target is needed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from blockprune.errors import BlockpruneError
+
+AARCH64_CROSS_CXX = "aarch64-linux-gnu-g++"
+AARCH64_CROSS_PACKAGE = "g++-aarch64-linux-gnu"
+AARCH64_TRIPLE = "aarch64-linux-gnu"
+QEMU_AARCH64 = "qemu-aarch64"
+QEMU_PACKAGE = "qemu-user"
+# The boards these cores ship in (Raspberry Pi 3/4/5, most phones' little/big cores) have 4.
+_BOARD_CORES = 4
+
+
+@dataclass(frozen=True)
+class TargetPreset:
+    """A named TVM target plus what is needed to build and run code for it from this host."""
+
+    name: str
+    description: str
+    config: Mapping[str, Any]  # JSON dict accepted by tvm.target.Target
+    arch: str  # "x86_64" or "aarch64": picks the kernel schedule and the toolchain
+    cross_compiler: str | None = None  # None: TVM's default host compiler links the .so
+    cross_package: str | None = None  # Debian package that provides cross_compiler
+    emulator: str | None = None  # user-mode emulator able to run the result on this host
+    emulator_package: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_cross(self) -> bool:
+        """True when code for this target cannot run natively on this host."""
+        return self.arch != host_arch()
+
+    def target(self):
+        """The ``tvm.target.Target`` (imports tvm)."""
+        import tvm
+
+        return tvm.target.Target(dict(self.config))
+
+    def to_json(self) -> str:
+        return json.dumps(dict(self.config), sort_keys=True)
+
+
+def host_arch() -> str:
+    """``x86_64`` or ``aarch64`` (normalising ``arm64``/``AMD64`` spellings)."""
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
+def _host_x86() -> TargetPreset:
+    # mcpu "native" is rejected by TVM 0.27; ask LLVM for the host CPU name instead
+    # (gives e.g. znver3 / znver5 / skylake-avx512, which implies the vector extensions).
+    from tvm.target import codegen
+
+    cores = os.cpu_count() or 1
+    return TargetPreset(
+        name="x86-64",
+        description="this x86-64 host (LLVM, -mcpu from the running CPU)",
+        # No mtriple: LLVM's default (the host triple) is what the JIT loads.
+        config={"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": cores},
+        arch="x86_64",
+    )
+
+
+def _aarch64(name: str, description: str, mcpu: str | None) -> TargetPreset:
+    config: dict[str, Any] = {"kind": "llvm", "mtriple": AARCH64_TRIPLE, "mattr": ["+neon"],
+                              "num-cores": _BOARD_CORES}
+    if mcpu:
+        config["mcpu"] = mcpu
+    return TargetPreset(
+        name=name,
+        description=description,
+        config=config,
+        arch="aarch64",
+        cross_compiler=AARCH64_CROSS_CXX,
+        cross_package=AARCH64_CROSS_PACKAGE,
+        emulator=QEMU_AARCH64,
+        emulator_package=QEMU_PACKAGE,
+    )
+
+
+# name -> factory; factories because the host preset asks LLVM about the running CPU.
+_PRESETS: dict[str, Callable[[], TargetPreset]] = {
+    "x86-64": _host_x86,
+    "aarch64": lambda: _aarch64("aarch64", "generic ARMv8-A Linux with NEON", None),
+    "cortex-a53": lambda: _aarch64("cortex-a53", "Cortex-A53 (Raspberry Pi 3, in-order)", "cortex-a53"),
+    "cortex-a72": lambda: _aarch64("cortex-a72", "Cortex-A72 (Raspberry Pi 4)", "cortex-a72"),
+    "cortex-a76": lambda: _aarch64("cortex-a76", "Cortex-A76 (Raspberry Pi 5, phone big cores)", "cortex-a76"),
+}
+
+
+def preset_names() -> list[str]:
+    """Known preset names, in a stable order for help texts and errors."""
+    return list(_PRESETS) + ["host"]
+
+
+def host_preset() -> TargetPreset:
+    """The preset for the machine we run on: ``x86-64`` or ``aarch64`` (native, no cross)."""
+    return _PRESETS["aarch64" if host_arch() == "aarch64" else "x86-64"]()
+
+
+def get_preset(name: str) -> TargetPreset:
+    """The preset called ``name`` (``host``: this machine); an error listing the names otherwise."""
+    key = name.strip().lower()
+    if key == "host":
+        return host_preset()
+    if key not in _PRESETS:
+        raise BlockpruneError(
+            f"unknown target {name!r}",
+            f"use one of {', '.join(preset_names())}, or a TVM target as a JSON dict, "
+            'e.g. \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a55"}\'',
+        )
+    return _PRESETS[key]()
+
+
+def _preset_from_config(config: Mapping[str, Any], name: str = "custom") -> TargetPreset:
+    if not isinstance(config, Mapping) or "kind" not in config:
+        raise BlockpruneError(
+            f"target {config!r} is not a TVM target dict",
+            'give a dict with at least "kind", e.g. {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}',
+        )
+    triple = str(config.get("mtriple", "")).lower()
+    if triple.startswith(("aarch64", "arm64")):
+        return TargetPreset(
+            name=name, description=f"custom aarch64 target {json.dumps(dict(config))}",
+            config=dict(config), arch="aarch64", cross_compiler=AARCH64_CROSS_CXX,
+            cross_package=AARCH64_CROSS_PACKAGE, emulator=QEMU_AARCH64, emulator_package=QEMU_PACKAGE,
+        )
+    if triple and not triple.startswith(("x86_64", "x86-64")):
+        raise BlockpruneError(
+            f"target triple {triple!r} is not supported",
+            "the CPU backend knows x86_64 and aarch64 triples",
+        )
+    return TargetPreset(name=name, description=f"custom target {json.dumps(dict(config))}",
+                        config=dict(config), arch="x86_64")
+
+
+def resolve_target(name_or_json: "str | Mapping[str, Any] | TargetPreset | Any") -> TargetPreset:
+    """A preset from a name (``cortex-a72``), a JSON string/dict, a preset or a tvm Target.
+
+    A JSON dict is taken as-is (the user knows their board); its arch, and hence the cross
+    compiler, comes from ``mtriple`` (no triple: the host).
+    """
+    if isinstance(name_or_json, TargetPreset):
+        return name_or_json
+    if isinstance(name_or_json, Mapping):
+        return _preset_from_config(name_or_json)
+    if isinstance(name_or_json, str):
+        text = name_or_json.strip()
+        if text.startswith("{"):
+            try:
+                config = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise BlockpruneError(
+                    f"target {text!r} is not valid JSON ({err.msg})",
+                    f"use one of {', '.join(preset_names())}, or a JSON dict with double quotes",
+                ) from None
+            return _preset_from_config(config)
+        return get_preset(text)
+    # a tvm.target.Target: round-trip through its JSON-able dict
+    export = getattr(name_or_json, "export", None)
+    if callable(export):
+        config = {k: v for k, v in dict(export()).items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores")}
+        return _preset_from_config(config)
+    raise BlockpruneError(
+        f"cannot interpret {name_or_json!r} as a target",
+        f"use one of {', '.join(preset_names())}, or a TVM target JSON dict",
+    )
+
+
+def find_cross_compiler(preset: "TargetPreset | str") -> str | None:
+    """Path of the compiler that links libraries for ``preset``; ``None`` for the host.
+
+    Raises a BlockpruneError naming the Debian package when the cross compiler is missing.
+    """
+    preset = resolve_target(preset)
+    if preset.cross_compiler is None or not preset.is_cross:
+        return None
+    path = shutil.which(preset.cross_compiler)
+    if path is None:
+        raise BlockpruneError(
+            f"cross compiler {preset.cross_compiler} for target {preset.name!r} is not on PATH",
+            f"install it: apt-get install {preset.cross_package}",
+        )
+    return path
+
+
+def find_emulator(preset: "TargetPreset | str") -> str | None:
+    """Path of a user-mode emulator (qemu) that can run ``preset`` code here, if installed."""
+    preset = resolve_target(preset)
+    if not preset.is_cross or preset.emulator is None:
+        return None
+    return shutil.which(preset.emulator)
+
+
+def export_fcompile(preset: "TargetPreset | str"):
+    """The ``fcompile`` for ``Executable.export_library``: the cross compiler, or None (host)."""
+    path = find_cross_compiler(preset)
+    if path is None:
+        return None
+    from tvm.support import cc
+
+    return cc.cross_compiler(path)
