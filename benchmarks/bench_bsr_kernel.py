@@ -9,8 +9,14 @@ Reported per row: median time, GFLOP/s of *useful* work (2*M*K*N*density / t, i.
 flops a dense GEMM would spend on the nonzeros only), % of the measured dense peak (the best of
 onnxruntime dense and our kernel run fully dense) and speedup over onnxruntime dense.
 
-    TVM_NUM_THREADS is set from --threads before tvm is imported (TVM's pool otherwise uses
-    hardware_concurrency/2 threads), and onnxruntime gets intra_op_num_threads = --threads.
+TVM_NUM_THREADS is set from --threads before tvm is imported (TVM's pool otherwise uses
+hardware_concurrency/2 threads), and onnxruntime gets intra_op_num_threads = --threads.
+
+Clock: each call is timed with both the wall clock and the process CPU clock. On a shared
+machine (other jobs running), wall time measures the other jobs as much as ours; with one
+thread, the CPU time of a call is what it takes on a core of its own, so ``--clock cpu`` (the
+default with --threads 1) is the fair comparison. With more threads CPU time sums the threads
+(and counts spin-waiting), so the wall clock is used. Both medians are in the table.
 
 Usage: python benchmarks/bench_bsr_kernel.py [--threads 1] [--runs 25] [--quick]
 """
@@ -24,6 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -32,6 +39,8 @@ SHAPES = [(768, 3072), (3072, 768), (768, 768)]
 BLOCKS = ["1x32", "16x1", "4x4", "32x32"]
 SPARSITIES = [0.5, 0.75, 0.9]
 RESULTS = Path(__file__).resolve().parent / "results" / "bsr_kernel.md"
+ORT = "onnxruntime dense"
+TVM_DENSE = "TVM dense GEMM (our kernel, no zeros)"
 
 
 @dataclass
@@ -41,12 +50,29 @@ class Row:
     engine: str
     block: str
     sparsity: float  # fraction of weights that are zero (measured)
-    seconds: float
-    layout: str = ""
+    wall: float  # median seconds, wall clock
+    cpu: float  # median seconds, process CPU clock
+    schedule: str = ""
+    max_err: float = 0.0
 
-    @property
-    def useful_gflops(self) -> float:
-        return 2.0 * M * self.k * self.n * (1.0 - self.sparsity) / self.seconds / 1e9
+    def seconds(self, clock: str) -> float:
+        return self.cpu if clock == "cpu" else self.wall
+
+    def useful_gflops(self, clock: str) -> float:
+        return 2.0 * M * self.k * self.n * (1.0 - self.sparsity) / self.seconds(clock) / 1e9
+
+
+def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float]:
+    """Median (wall, process-CPU) seconds of ``call()`` over ``runs`` calls."""
+    for _ in range(warmup):
+        call()
+    walls, cpus = [], []
+    for _ in range(runs):
+        w0, c0 = time.perf_counter(), time.process_time()
+        call()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
 
 
 def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, sparsity: float) -> np.ndarray:
@@ -59,9 +85,8 @@ def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, sp
     return rng.standard_normal((n, k)).astype(np.float32) * mask
 
 
-def ort_dense_seconds(w: np.ndarray, x: np.ndarray, threads: int, runs: int) -> float:
-    """Median seconds of an onnxruntime MatMul(x, W^T) with W^T a constant initializer."""
-    import onnx
+def ort_dense(w: np.ndarray, x: np.ndarray, threads: int, runs: int) -> tuple[float, float]:
+    """onnxruntime MatMul(x, W^T) with W^T a constant initializer (what an exported Linear is)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -79,27 +104,19 @@ def ort_dense_seconds(w: np.ndarray, x: np.ndarray, threads: int, runs: int) -> 
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feed = {"x": x}
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return time_calls(lambda: sess.run(None, feed), runs)
 
 
-def tvm_seconds(w: np.ndarray, x: np.ndarray, block: str, runs: int) -> tuple[float, str, float]:
-    """Median seconds of our kernel (+ its layout/tile and max error vs numpy)."""
+def tvm_bsr(w: np.ndarray, x: np.ndarray, block: str, runs: int) -> tuple[tuple[float, float], str, float]:
+    """(wall, cpu) medians of our kernel, its schedule, and its max error vs numpy."""
     from blockprune.backends.tvm.bsr_kernel import build_bsr_kernel
     from blockprune.bsr import dense_to_bsr
 
     bsr = dense_to_bsr(w, block)
     kernel = build_bsr_kernel(x.shape, w.shape[0], block)
     err = float(np.abs(kernel(x, bsr) - x @ w.T).max())
-    samples = kernel.time(x, bsr, number=3, repeat=runs)
     s = kernel.schedule
-    return float(np.median(samples)), f"{s.layout} {s.isa} TI={s.tile_rows}", err
+    return time_calls(kernel.prepared_call(x, bsr), runs), f"{s.layout} {s.isa} TI={s.tile_rows}", err
 
 
 def cpu_name() -> str:
@@ -112,22 +129,24 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def markdown(rows: list[Row], threads: int, runs: int, header: str) -> str:
+def markdown(rows: list[Row], clock: str, header: str) -> str:
     out = [header, ""]
     for k, n in SHAPES:
         shape_rows = [r for r in rows if (r.k, r.n) == (k, n)]
         if not shape_rows:
             continue
-        dense = [r for r in shape_rows if r.sparsity == 0.0]
-        peak = max(r.useful_gflops for r in dense)
-        ort_t = next(r.seconds for r in shape_rows if r.engine == "onnxruntime dense")
+        peak = max(r.useful_gflops(clock) for r in shape_rows if r.sparsity == 0.0)
+        ort_t = next(r.seconds(clock) for r in shape_rows if r.engine == ORT)
         out += [f"### M={M}, K={k}, N={n} (dense peak measured: {peak:.1f} GFLOP/s)", "",
-                "| engine | block | sparsity | schedule | median ms | useful GFLOP/s | % dense peak | vs ORT dense |",
-                "|---|---|---|---|---:|---:|---:|---:|"]
+                f"| engine | block | sparsity | schedule | {clock} ms | wall ms | useful GFLOP/s | "
+                "% dense peak | vs ORT dense |",
+                "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for r in shape_rows:
+            t = r.seconds(clock)
             out.append(
-                f"| {r.engine} | {r.block or '-'} | {r.sparsity:.0%} | {r.layout or '-'} | {r.seconds * 1e3:.3f} | "
-                f"{r.useful_gflops:.1f} | {100 * r.useful_gflops / peak:.0f}% | {ort_t / r.seconds:.2f}x |"
+                f"| {r.engine} | {r.block or '-'} | {r.sparsity:.0%} | {r.schedule or '-'} | {t * 1e3:.3f} | "
+                f"{r.wall * 1e3:.3f} | {r.useful_gflops(clock):.1f} | {100 * r.useful_gflops(clock) / peak:.0f}% | "
+                f"{ort_t / t:.2f}x |"
             )
         out.append("")
     return "\n".join(out)
@@ -137,9 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="threads for both engines (default 1)")
     ap.add_argument("--runs", type=int, default=25, help="timed runs per measurement (median; >= 20)")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="clock for the GFLOP/s columns (default: cpu with 1 thread, else wall)")
     ap.add_argument("--quick", action="store_true", help="one shape, 75%% only (smoke test)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before tvm starts its thread pool
 
     import onnxruntime
@@ -149,34 +171,36 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [0.75] if args.quick else SPARSITIES
     rng = np.random.default_rng(0)
     rows: list[Row] = []
+
+    def report(row: Row) -> None:
+        rows.append(row)
+        print(f"K={row.k} N={row.n} {row.engine} {row.block} {row.sparsity:.0%}: cpu {row.cpu * 1e3:.3f} ms, "
+              f"wall {row.wall * 1e3:.3f} ms, {row.useful_gflops(clock):.1f} GFLOP/s ({clock}) "
+              f"{row.schedule} err {row.max_err:.1e}", flush=True)
+
     for k, n in shapes:
         x = rng.standard_normal((M, k)).astype(np.float32)
         w_dense = rng.standard_normal((n, k)).astype(np.float32)
-        t = ort_dense_seconds(w_dense, x, args.threads, args.runs)
-        rows.append(Row(k, n, "onnxruntime dense", "", 0.0, t))
-        print(f"K={k} N={n} onnxruntime dense {t * 1e3:.3f} ms {rows[-1].useful_gflops:.1f} GFLOP/s", flush=True)
+        report(Row(k, n, ORT, "", 0.0, *ort_dense(w_dense, x, args.threads, args.runs)))
         for block in BLOCKS:
-            t, sched, err = tvm_seconds(w_dense, x, block, args.runs)
-            rows.append(Row(k, n, "TVM dense GEMM (our kernel, no zeros)", block, 0.0, t, sched))
-            print(f"  {block} dense {t * 1e3:.3f} ms {rows[-1].useful_gflops:.1f} GFLOP/s err {err:.1e}", flush=True)
+            (wall, cpu), sched, err = tvm_bsr(w_dense, x, block, args.runs)
+            report(Row(k, n, TVM_DENSE, block, 0.0, wall, cpu, sched, err))
         for block in BLOCKS:
             for s in sparsities:
                 w = block_sparse_weight(rng, n, k, block, s)
-                t, sched, err = tvm_seconds(w, x, block, args.runs)
-                sparsity = 1.0 - np.count_nonzero(w) / w.size
-                rows.append(Row(k, n, "TVM BSR", block, sparsity, t, sched))
-                print(f"  {block} {sparsity:.0%} {t * 1e3:.3f} ms {rows[-1].useful_gflops:.1f} GFLOP/s "
-                      f"err {err:.1e} [{sched}]", flush=True)
+                (wall, cpu), sched, err = tvm_bsr(w, x, block, args.runs)
+                report(Row(k, n, "TVM BSR", block, 1.0 - np.count_nonzero(w) / w.size, wall, cpu, sched, err))
     header = (
         f"## BSR kernel vs onnxruntime dense\n\n"
-        f"CPU: {cpu_name()} ({os.cpu_count()} cores visible), threads: {args.threads} for both engines "
-        f"(TVM_NUM_THREADS, ORT intra_op_num_threads); medians of {args.runs} timed runs "
-        f"(TVM: time_evaluator, 3 calls per sample; ORT: session.run wall time).\n"
+        f"CPU: {cpu_name()} ({os.cpu_count()} cores visible); threads: {args.threads} for both engines "
+        f"(TVM_NUM_THREADS, ORT intra_op_num_threads); medians of {args.runs} timed calls after 3 warm-up "
+        f"calls; GFLOP/s from the **{clock}** clock (see the benchmark's docstring).\n"
         f"apache-tvm {tvm.__version__}, onnxruntime {onnxruntime.__version__}, numpy {np.__version__}, "
-        f"Python {platform.python_version()}. Weights: random values, blocks pruned uniformly at random.\n"
+        f"Python {platform.python_version()}. Weights: random values, blocks pruned uniformly at random; "
+        f"all TVM results within {max(r.max_err for r in rows):.1e} of numpy.\n"
         f"Useful GFLOP/s = 2*M*K*N*(1-sparsity)/time. Dense peak = best dense GFLOP/s of this shape."
     )
-    table = markdown(rows, args.threads, args.runs, header)
+    table = markdown(rows, clock, header)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table + "\n")
     print("\n" + table)

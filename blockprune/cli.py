@@ -81,6 +81,42 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from blockprune.compress_api import compress_file
+    from blockprune.console import console, human_bytes, kv_table, layer_table
+
+    out = _check_output(args.output)
+    prune = None
+    if args.masks is None and (args.sparsity is not None or args.config):
+        if args.sparsity is None:
+            args.sparsity = 0.5
+        prune = _prune_config(args)
+    res = compress_file(args.model, out, prune=prune, masks_path=args.masks, reorder=args.reorder,
+                        reorder_block=args.reorder_block, form=args.form, break_even=args.break_even,
+                        verify=not args.no_verify, atol=args.atol, progress=True)
+    console.print(layer_table(res.stats, title=f"{out.name}: prunable layers"))
+    rows = [("output", str(res.output)),
+            ("file size", f"{human_bytes(res.input_bytes)} -> {human_bytes(res.output_bytes)} "
+                          f"({res.input_bytes / max(res.output_bytes, 1):.2f}x smaller)"),
+            ("compression rate (paper's count)", f"{res.stats.compression_rate:.2f}x")]
+    for st in res.stages:
+        what = f"{st.seconds:.1f}s"
+        if st.max_abs_diff is not None:
+            what += f", verified: max |diff| {st.max_abs_diff:.2e} (tolerance {args.atol:g})"
+        if st.report is not None and st.report.name == "reorder":
+            d = st.report.details
+            what += f", empty {d['block']} blocks {d['empty_blocks_before']} -> {d['empty_blocks_after']}"
+        if st.report is not None and st.report.name == "compact":
+            what += f", {st.report.changed} block(s) shrunk"
+        if st.report is not None and st.report.name == "block-sparse":
+            what += f", {st.report.changed} layer(s) rewritten to BSR"
+        rows.append((f"stage {st.name}", what))
+        for note in (st.report.notes if st.report else [])[:6]:
+            rows.append(("", note))
+    console.print(kv_table("summary", rows))
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from blockprune.console import console, kv_table, layer_table
     from blockprune.onnx_io import get_meta, load_onnx
@@ -153,6 +189,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
     pr.add_argument("--no-verify", action="store_true", help="write without checking against the reference")
     pr.set_defaults(func=cmd_prune)
+
+    c = sub.add_parser("compress", help="prune/apply masks -> reorder -> compact -> block-sparse rewrite -> verify")
+    c.add_argument("model")
+    c.add_argument("-o", "--output", required=True)
+    c.add_argument("--masks", help="masks.safetensors to apply first")
+    c.add_argument("--block", default="1x32", help="block for pruning and BSR (default 1x32, or as recorded)")
+    c.add_argument("--sparsity", type=_sparsity, default=None, help="prune one-shot first (default: model is already pruned)")
+    c.add_argument("--global", dest="global_ranking", action="store_true")
+    c.add_argument("--include-heads", action="store_true")
+    c.add_argument("--config", help="YAML: per-layer regex -> {block, sparsity}")
+    c.add_argument("--reorder", action=argparse.BooleanOptionalAction, default=True,
+                   help="permute FFN neurons and heads to cluster nonzero blocks (default on)")
+    c.add_argument("--reorder-block", help="target block of the reorder objective (default: the pruning block)")
+    c.add_argument("--form", choices=["auto", "bsr", "compact", "dense"], default="auto")
+    c.add_argument("--break-even", type=float, default=0.6,
+                   help="density at or below which a layer goes block-sparse (default 0.6)")
+    c.add_argument("--atol", type=float, default=1e-4)
+    c.add_argument("--no-verify", action="store_true")
+    c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="per-layer table: shape, block, density, bytes; compression rate")
     i.add_argument("model")

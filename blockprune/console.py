@@ -35,19 +35,28 @@ def human_bytes(n: float) -> str:
 
 
 def layer_table(stats: ModelStats, title: str = "prunable layers") -> Table:
+    """Per-layer table; the form/reason columns appear once a policy has decided forms."""
+    with_forms = any(r.form for r in stats.layers)
     t = Table(title=title, title_justify="left")
-    for col, kw in [("layer", {}), ("shape (out x in)", {"justify": "right"}), ("block", {}),
-                    ("density", {"justify": "right"}), ("nonzero blocks", {"justify": "right"}),
-                    ("bytes", {"justify": "right"}), ("nonzero bytes", {"justify": "right"})]:
+    cols = [("layer", {}), ("shape (out x in)", {"justify": "right"}), ("block", {}),
+            ("density", {"justify": "right"}), ("nonzero blocks", {"justify": "right"}),
+            ("bytes", {"justify": "right"}), ("nonzero bytes", {"justify": "right"})]
+    if with_forms:
+        cols += [("form", {}), ("reason", {"overflow": "fold"})]
+    for col, kw in cols:
         t.add_column(col, **kw)
     for r in stats.layers:
         blocks = f"{r.nonzero_blocks}/{r.total_blocks}" if r.total_blocks else "-"
-        t.add_row(short_name(r.name), f"{r.shape[0]} x {r.shape[1]}", r.block or "-", f"{r.density:.3f}", blocks,
-                  human_bytes(r.bytes), human_bytes(r.nonzero_bytes))
+        row = [short_name(r.name), f"{r.shape[0]} x {r.shape[1]}", r.block or "-", f"{r.density:.3f}", blocks,
+               human_bytes(r.bytes), human_bytes(r.nonzero_bytes)]
+        if with_forms:
+            row += [r.form or "dense", r.reason or ""]
+        t.add_row(*row)
     t.add_section()
-    t.add_row(f"total ({len(stats.layers)} layers)", "", "", f"{stats.density:.3f}", "",
-              human_bytes(sum(r.bytes for r in stats.layers)),
-              human_bytes(sum(r.nonzero_bytes for r in stats.layers)))
+    total = [f"total ({len(stats.layers)} layers)", "", "", f"{stats.density:.3f}", "",
+             human_bytes(sum(r.bytes for r in stats.layers)),
+             human_bytes(sum(r.nonzero_bytes for r in stats.layers))]
+    t.add_row(*(total + (["", ""] if with_forms else [])))
     return t
 
 

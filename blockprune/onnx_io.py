@@ -34,6 +34,12 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
                               "pass the .onnx file itself")
     if path.stat().st_size == 0:
         raise BlockpruneError(f"model file {str(path)!r} is empty", "re-export the model")
+    missing = _missing_external_data(path)
+    if missing:
+        raise BlockpruneError(
+            f"model {str(path)!r} keeps its weights in external data, but {missing!r} is missing beside it",
+            "copy the .onnx file together with its external data file(s), keeping their names",
+        )
     try:
         model = onnx.load(str(path))
     except Exception as exc:  # DecodeError, or missing external data
@@ -59,6 +65,20 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
                 "re-export it with `blockprune export`",
             ) from exc
     return model
+
+
+def _missing_external_data(path: Path) -> str | None:
+    """Name of the first external-data file the model refers to that does not exist, if any."""
+    try:
+        bare = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None  # not loadable at all: the caller reports that
+    for t in bare.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and not (path.parent / loc).is_file():
+                return loc
+    return None
 
 
 def _initializer_bytes(model: onnx.ModelProto) -> int:

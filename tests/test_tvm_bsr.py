@@ -131,6 +131,54 @@ def test_rows_not_divisible_by_the_tile(block):
     check_kernel(x, w, block)
 
 
+@pytest.mark.parametrize("block,k_chunk", [("1x32", 32), ("16x1", 16), ("4x4", 16), ("32x32", 32), ("1x16", 48)])
+def test_k_split_into_passes(block, k_chunk):
+    """Long K is walked in slices (X slice kept in L1); partial sums must add up exactly."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(5)
+    k = 96
+    b = BlockShape.parse(block)
+    w = block_sparse_weight(rng, N, k, block, 0.5, empty_rows=1)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((M, k)).astype(np.float32)
+    bsr = dense_to_bsr(w, block)
+    ptr = bk.chunked_indptr(bsr, k_chunk)
+    assert ptr.shape == (N // b.rows, k // k_chunk + 1)
+    assert (ptr[:, 0] == bsr.indptr[:-1]).all() and (ptr[:, -1] == bsr.indptr[1:]).all()
+    for i, j in [(1, 0), (2, 1), (N // b.rows - 1, k // k_chunk - 1)]:
+        cols = bsr.indices[ptr[i, j]:ptr[i, j + 1]] * b.cols
+        assert ((cols >= j * k_chunk) & (cols < (j + 1) * k_chunk)).all()
+    sch = replace(bk.choose_schedule(M, N, block), k_chunk=k_chunk)
+    y = bk.run_bsr_matmul(x, bsr, bias, schedule=sch)
+    np.testing.assert_allclose(y, x @ w.T + bias, rtol=0, atol=1e-4)
+
+
+def test_kernel_runs_inside_a_relax_module():
+    """How the ONNX->Relax pass uses it: add the PrimFunc, call_tir with the BSR arrays as constants."""
+    from tvm import relax
+
+    rng = np.random.default_rng(9)
+    w = block_sparse_weight(rng, N, K, "1x32", 0.5)
+    bias = rng.standard_normal(N).astype(np.float32)
+    bsr = dense_to_bsr(w, "1x32")
+    preset = targets.resolve_target("host")
+    spec = bk.BSRKernelSpec((2, 8, K), N, bsr.block, bias=True)
+    sch = bk.choose_schedule(spec.m, N, bsr.block, preset, k=K)
+    consts = [relax.const(a) for a in bk.kernel_arrays(bsr, sch)] + [relax.const(bias)]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((2, 8, K), "float32"))
+    with bb.function("main", [x]):
+        gv = bb.add_func(bk.bsr_matmul_primfunc(spec, sch, "bsr_layer0"), "bsr_layer0")
+        with bb.dataflow():
+            y = bb.emit(relax.call_tir(gv, relax.Tuple([x] + consts), out_ty=relax.TensorType((2, 8, N), "float32")))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), preset.target()), tvm.cpu())
+    xv = rng.standard_normal((2, 8, K)).astype(np.float32)
+    np.testing.assert_allclose(vm["main"](tvm.runtime.tensor(xv)).numpy(), xv @ w.T + bias, rtol=0, atol=1e-4)
+
+
 def test_kernel_rejects_a_mismatched_weight():
     kernel = bk.build_bsr_kernel((M, K), N, "4x4")
     other = dense_to_bsr(np.ones((N, K), np.float32), "16x1")

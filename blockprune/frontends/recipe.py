@@ -268,6 +268,7 @@ class LengthGroupedBatches:
         self.seed = seed
         self.mega = mega
         self.epoch = 0
+        self.drop_last = False  # read by accelerate when it shards batches across processes
 
     def __len__(self) -> int:
         return math.ceil(len(self.lengths) / self.batch_size)
@@ -286,22 +287,36 @@ class LengthGroupedBatches:
         yield from batches
 
 
-def make_loaders(cfg: RecipeConfig, data: TaskData, tokenizer: Any, seed: int):
-    """Train and dev ``DataLoader`` s (dynamic padding; dev in file order)."""
-    from torch.utils.data import DataLoader
+@dataclass
+class TokenizedData:
+    """Both splits tokenised once per run (SST-2 train takes a while) and their collator."""
 
-    train_ds = GlueDataset(data.train, tokenizer, data.spec, max_length=cfg.max_length)
-    dev_ds = GlueDataset(data.dev, tokenizer, data.spec, max_length=cfg.max_length)
-    collate = make_collator(tokenizer, data.spec)
-    if cfg.group_by_length:
-        lengths = [len(f["input_ids"]) for f in train_ds.features]
-        train = DataLoader(train_ds, batch_sampler=LengthGroupedBatches(lengths, cfg.batch_size, seed),
-                           collate_fn=collate)
-    else:
-        train = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
-                           generator=torch.Generator().manual_seed(seed))
-    dev = DataLoader(dev_ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate)
-    return train, dev
+    train: GlueDataset
+    dev: GlueDataset
+    collate: Any
+
+    @classmethod
+    def build(cls, cfg: RecipeConfig, data: TaskData, tokenizer: Any) -> "TokenizedData":
+        return cls(GlueDataset(data.train, tokenizer, data.spec, max_length=cfg.max_length),
+                   GlueDataset(data.dev, tokenizer, data.spec, max_length=cfg.max_length),
+                   make_collator(tokenizer, data.spec))
+
+    def train_loader(self, cfg: RecipeConfig, seed: int):
+        """Shuffled (length-grouped by default) batches; a new loader per stage, seeded per stage."""
+        from torch.utils.data import DataLoader
+
+        if cfg.group_by_length:
+            lengths = [len(f["input_ids"]) for f in self.train.features]
+            return DataLoader(self.train, batch_sampler=LengthGroupedBatches(lengths, cfg.batch_size, seed),
+                              collate_fn=self.collate)
+        return DataLoader(self.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=self.collate,
+                          generator=torch.Generator().manual_seed(seed))
+
+    def dev_loader(self, cfg: RecipeConfig):
+        """Dev in file order (dynamic padding)."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.dev, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=self.collate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,9 +368,10 @@ class RunState:
     def done(self, stage: str) -> bool:
         return stage in self.data["stages"]
 
-    def record(self, stage: str, info: dict[str, Any]) -> None:
+    def record(self, stage: str, info: dict[str, Any], write: bool = True) -> None:
         self.data["stages"][stage] = info
-        _write_json(self.path, self.data)
+        if write:
+            _write_json(self.path, self.data)
 
     def get(self, stage: str) -> dict[str, Any] | None:
         return self.data["stages"].get(stage)
@@ -649,9 +665,12 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
 
     # -- setup ---------------------------------------------------------------------------------
     accelerator = _make_accelerator()
-    train_loader, dev_loader = make_loaders(cfg, data, tokenizer, seed=cfg.seed)
-    dev_loader = accelerator.prepare(dev_loader)
-    out.mkdir(parents=True, exist_ok=True)
+    tokenized = TokenizedData.build(cfg, data, tokenizer)
+    dev_loader = accelerator.prepare(tokenized.dev_loader(cfg))
+    # With several processes (multi-GPU) only the main one writes; the others train in step.
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def eval_now() -> dict[str, Any]:
         return evaluate(accelerator, loaded.model.to(accelerator.device), dev_loader, spec)
@@ -661,10 +680,12 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         ev = eval_now()
         snap = snapshot_group_norms(loaded.model, layers)
         ckpt = checkpoint_dir(out, "initial")
-        ckpt.mkdir(parents=True, exist_ok=True)
-        _save_tensors(ckpt / "group_norms.safetensors", snap)
-        state.record("initial", {"eval": ev, "epochs": 0, "seconds": 0.0})
-    norms["initial"] = _load_tensors(checkpoint_dir(out, "initial") / "group_norms.safetensors")
+        if main:
+            _save_tensors(ckpt / "group_norms.safetensors", snap)
+        state.record("initial", {"eval": ev, "epochs": 0, "seconds": 0.0}, write=main)
+        norms["initial"] = snap
+    else:
+        norms["initial"] = _load_tensors(checkpoint_dir(out, "initial") / "group_norms.safetensors")
 
     run, skipped = [], []
     weights_of = "initial"  # the stage whose weights loaded.model holds now
@@ -678,12 +699,14 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             last_done = rec.get("same_weights_as") or stage.name
             norms[stage.name] = norms[last_done] if rec.get("same_weights_as") else \
                 _load_tensors(ckpt / "group_norms.safetensors")
+            if cfg.stop_after == stage.name:
+                break
             continue
         if stage.epochs == 0 and stage.name != "retrain":
             # Nothing to train: the stage's result is the previous one (no copy on disk).
             prev = state.get(last_done)
             state.record(stage.name, {"eval": prev["eval"], "epochs": 0, "same_weights_as": last_done,
-                                      "seconds": 0.0})
+                                      "seconds": 0.0}, write=main)
             norms[stage.name] = norms[last_done]
             run.append(stage.name)
             if cfg.stop_after == stage.name:
@@ -693,7 +716,7 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             _load_weights(loaded, checkpoint_dir(out, last_done))
             weights_of = last_done
         set_seed(cfg.seed + 1000 * (index + 1))
-        train_loader, _ = make_loaders(cfg, data, tokenizer, seed=cfg.seed + index + 1)
+        train_loader = tokenized.train_loader(cfg, seed=cfg.seed + index + 1)
         t0 = time.perf_counter()
         extra: dict[str, dict[str, torch.Tensor]] = {}
         masks = None
@@ -717,8 +740,10 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         loaded.model.eval()
         ev = eval_now()
         snap = snapshot_group_norms(loaded.model, layers)
-        _save_pretrained_atomic(loaded.model, tokenizer, ckpt, extra={"group_norms.safetensors": snap, **extra})
-        state.record(stage.name, {
+        if main:
+            _save_pretrained_atomic(loaded.model, tokenizer, ckpt, extra={"group_norms.safetensors": snap, **extra})
+        accelerator.wait_for_everyone()
+        state.record(stage.name, write=main, info={
             "eval": ev, "epochs": stage.epochs, "lr": stage.lr, "loss": stats.loss, "penalty": stats.penalty,
             "steps": stats.steps, "alpha_refreshes": stats.refreshes, "masked_entries_checked": checked,
             "seconds": time.perf_counter() - t0,
@@ -731,7 +756,7 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
 
     metrics = {k: v["eval"]["score"] for k, v in state.data["stages"].items()}
     metric_name = state.get("initial")["eval"]["metric"]
-    if not state.done("retrain"):
+    if not state.done("retrain") or cfg.stop_after not in (None, "retrain") or not main:
         return RecipeResult(out, False, run, skipped, metrics, metric_name)
 
     # -- finalise: pruned model, ONNX, masks, report -----------------------------------------

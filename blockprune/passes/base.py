@@ -45,6 +45,9 @@ class PassContext:
         self._new_values: dict[str, np.ndarray] = {}
         self._add_nodes: list[Any] = []
         self._remove_nodes: list[Any] = []
+        self._functions: dict[tuple[str, str], Any] = {}
+        self._opsets: dict[str, int] = {}
+        self._forget_shapes = False
 
     # --- metadata -----------------------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
@@ -66,6 +69,19 @@ class PassContext:
         """Defer replacing a constant's values (same name; shape may change)."""
         self._new_values[name] = values
 
+    def pending_values(self, name: str, default: np.ndarray) -> np.ndarray:
+        """Values of a constant as edited so far in this pass (deferred edits included)."""
+        return self._new_values.get(name, default)
+
+    def add_function(self, function: Any, domain: str, version: int = 1) -> None:
+        """Ship a model-local ONNX function (and import its domain) with the rewritten model."""
+        self._functions[(function.domain, function.name)] = function
+        self._opsets[domain] = version
+
+    def forget_shapes(self) -> None:
+        """Drop inferred shapes of inner tensors: a pass that changes widths makes them stale."""
+        self._forget_shapes = True
+
     # --- nodes --------------------------------------------------------------------------------
     def add_node(self, node: Any) -> None:
         self._add_nodes.append(node)
@@ -86,16 +102,31 @@ class PassContext:
             node.outputs.clear()
             node.inputs.clear()
         self.graph.nodes.extend(self._add_nodes)
+        if self._forget_shapes:
+            io = {id(t) for t in self.graph.inputs + self.graph.outputs}
+            for t in self.graph.tensors().values():
+                if not isinstance(t, gs.Constant) and id(t) not in io:
+                    t.shape = None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.graph.cleanup(remove_unused_graph_inputs=False).toposort()
             out = gs.export_onnx(self.graph, do_type_check=False)
         out.ir_version = self.source.ir_version
         out.producer_name = self.source.producer_name or "blockprune"
-        known = {(o.domain, o.version) for o in out.opset_import}
+        domains = {o.domain for o in out.opset_import}
         for o in self.source.opset_import:
-            if o.domain not in {d for d, _ in known}:
+            if o.domain not in domains:
                 out.opset_import.append(o)
+                domains.add(o.domain)
+        for domain, version in self._opsets.items():
+            if domain not in domains:
+                out.opset_import.append(onnx.helper.make_opsetid(domain, version))
+                domains.add(domain)
+        present = {(f.domain, f.name) for f in out.functions}
+        for f in list(self.source.functions) + list(self._functions.values()):
+            if (f.domain, f.name) not in present:
+                out.functions.append(f)
+                present.add((f.domain, f.name))
         for key, value in self.metadata.items():
             set_meta(out, key, value)
         copy_meta(self.source, out)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +45,9 @@ _MAX_ACC_BYTES = 1020  # one accumulator buffer must stay below TVM's 1024-byte 
 # More X rows per tile barely improves FMAs per load (TI/(TI+1) for n-lanes with one weight
 # vector) but their K-long rows must share L1 with the weights streaming by.
 _MAX_TILE_ROWS = 12
+# The TI x k_chunk slice of X a task reuses across its block rows should stay in L1 (32 KB on
+# Zen 3/4 and Cortex-A72/A53, 48-64 KB on newer cores) next to the streaming weights.
+_X_TILE_BYTES = 24 * 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +96,7 @@ class BSRSchedule:
     row_chunk: int  # block rows per parallel task
     slots_per_pass: int = 0  # n-lanes: vectors of a block row accumulated at once (0: all)
     isa: str = ""
+    k_chunk: int = 0  # input features per pass over a block row (0: all of K in one pass)
 
     def __post_init__(self) -> None:
         if self.layout not in ("n-lanes", "k-lanes"):
@@ -117,23 +121,44 @@ def _k_lanes_fits(block: BlockShape, lanes: int) -> bool:
 
 
 def choose_schedule(m: int, n: int, block: "BlockShape | str", target: Any = "host",
-                    isa: VectorISA | None = None) -> BSRSchedule:
+                    isa: VectorISA | None = None, k: int | None = None) -> BSRSchedule:
     """Pick layout and tile sizes for ``M x N`` output with ``r x c`` blocks on ``target``.
 
     ``n-lanes`` whenever a block is at least one vector tall (no reduction, full vectors),
     else ``k-lanes`` when the flattened block fills whole vectors, else ``n-lanes`` with a
-    narrow vector (correct, slower; e.g. 2x2 blocks).
+    narrow vector (correct, slower; e.g. 2x2 blocks). With ``k`` given, a long K is split into
+    passes whose X slice fits L1 (measured on Zen 3 at K=3072: 1x32 at 50% and 4x4 at 90%
+    sparsity ran 1.4x faster in 768-wide slices; 16x1 and 32x32 were unchanged).
     """
     block = BlockShape.parse(block)
     isa = isa or vector_isa(target)
     cores = int(resolve_target(target).config.get("num-cores", 1) or 1)
     r, c, v = block.rows, block.cols, isa.lanes
     nb = max(1, n // r)
-    # enough tasks per core to balance uneven rows, but long enough chunks to reuse the X tile
-    row_chunk = max(1, min(16, nb // (4 * cores)))
-    if r < v and _k_lanes_fits(block, v):
-        return _k_lanes_schedule(m, block, isa, row_chunk)
-    return _n_lanes_schedule(m, block, isa, row_chunk)
+    k_lanes = r < v and _k_lanes_fits(block, v)
+    # Enough tasks per core to balance uneven rows, long enough chunks to reuse the X tile; a
+    # divisor of the block rows so that no task needs a bounds check. k-lanes stages a chunk's
+    # outputs (row_chunk * r floats per X row) in a stack buffer that must stay < 1024 bytes.
+    target_chunk = max(1, min(32, nb // (4 * cores)))
+    if k_lanes:
+        target_chunk = max(1, min(target_chunk, (_MAX_ACC_BYTES // 4) // r))
+    row_chunk = max(d for d in range(1, target_chunk + 1) if nb % d == 0)
+    if k_lanes:
+        sch = _k_lanes_schedule(m, block, isa, row_chunk)
+    else:
+        sch = _n_lanes_schedule(m, block, isa, row_chunk)
+    if k is not None:
+        sch = replace(sch, k_chunk=_k_chunk(k, c, sch.tile_rows))
+    return sch
+
+
+def _k_chunk(k: int, c: int, tile_rows: int) -> int:
+    """Largest divisor of K, a multiple of c, whose TI x k_chunk X slice fits _X_TILE_BYTES."""
+    if tile_rows * k * 4 <= _X_TILE_BYTES:
+        return 0
+    limit = _X_TILE_BYTES // (4 * tile_rows)
+    fits = [d for d in range(c, limit + 1, c) if k % d == 0]
+    return max(fits) if fits else 0
 
 
 def _n_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int) -> BSRSchedule:
@@ -141,7 +166,8 @@ def _n_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int)
 
     Per input feature the tile loads P weight vectors and broadcasts TI inputs for TI*P FMAs,
     so TI*P / (TI + P) is what to maximise; exceeding the register file makes LLVM spill an
-    accumulator inside the loop (seen: 32x32 on AVX2 with 3x4 ran at 55% of 2x6... of 6x2).
+    accumulator inside the loop (seen on AVX2 with 32x32 blocks: a 3x4 tile spilled and ran
+    dense at 41 GFLOP/s, a 6x2 tile at 71-75).
     """
     r, v = block.rows, isa.lanes
     lanes = r if r < v else _pow2_divisor(r, v)
@@ -173,9 +199,10 @@ def _k_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int)
     weights_live = s_row if c < v else r * min(4, c // v)
     best = 1
     for ti in range(1, m + 1):
-        if ti * s_row > min(isa.max_acc, max(group, _MAX_TILE_ROWS)) or ti * s_row + weights_live + 1 > isa.registers:
+        accs = ti * s_row
+        if accs > min(isa.max_acc, max(group, _MAX_TILE_ROWS)) or accs + weights_live + 1 > isa.registers:
             break
-        if (ti * s_row) % group == 0:
+        if accs % group == 0:
             best = ti
     return BSRSchedule("k-lanes", v, best, row_chunk, isa=isa.name)
 
@@ -242,6 +269,22 @@ class _KernelBuilder:
                 f"k-lanes layout needs the block {spec.block} to fill {sch.lanes}-lane vectors",
                 "use choose_schedule(), which falls back to n-lanes for such blocks",
             )
+        if self.nb % sch.row_chunk:
+            raise BlockpruneError(
+                f"row_chunk {sch.row_chunk} does not divide the {self.nb} block rows",
+                "use choose_schedule(), which picks a divisor",
+            )
+        if sch.k_chunk and (sch.k_chunk % self.c or spec.k % sch.k_chunk):
+            raise BlockpruneError(
+                f"k_chunk {sch.k_chunk} must be a multiple of the block width {self.c} and divide K={spec.k}",
+                "use choose_schedule(..., k=K), which picks a valid chunk",
+            )
+        self.nkc = spec.k // sch.k_chunk if sch.k_chunk else 1  # k_chunk == K: one pass
+        if sch.layout == "k-lanes" and sch.row_chunk * self.r * 4 > _MAX_ACC_BYTES:
+            raise BlockpruneError(
+                f"row_chunk {sch.row_chunk} x {self.r} outputs overflow the 1 KB staging buffer",
+                "use a smaller row_chunk (choose_schedule() respects the limit)",
+            )
 
     # ---- small expression helpers ----------------------------------------------------------
     def f32(self, v: float):
@@ -273,7 +316,9 @@ class _KernelBuilder:
                 x_arg = T.arg("X", T.buffer(spec.x_shape, "float32"))
                 self.D = T.arg("data", T.buffer(data_shape, "float32"))
                 self.I = T.arg("indices", T.buffer((nnzb,), "int32"))
-                self.P = T.arg("indptr", T.buffer((self.nb + 1,), "int32"))
+                # block pointers per row (CSR), or per row and K-chunk when K is split
+                p_shape = (self.nb + 1,) if self.nkc == 1 else (self.nb, self.nkc + 1)
+                self.P = T.arg("indptr", T.buffer(p_shape, "int32"))
                 self.B = T.arg("bias", T.buffer((n,), "float32")) if spec.bias else None
                 y_arg = T.arg("Y", T.buffer(spec.y_shape, "float32"))
                 if len(spec.x_shape) == 2:
@@ -288,24 +333,32 @@ class _KernelBuilder:
         T, sch, m = self.T, self.sch, self.spec.m
         ti_main = min(sch.tile_rows, m)
         n_main, tail = m // ti_main, m % ti_main
-        chunks = -(-self.nb // sch.row_chunk)
-        with T.parallel(0, chunks) as ic:
+        with T.parallel(0, self.nb // sch.row_chunk) as ic:
             self._alloc_tiles(ti_main)
             with T.serial(0, n_main) as mo:
-                self._rows_of_chunk(ic, lambda row: self._tile(row, mo * ti_main, ti_main))
+                self._chunk_tile(ic, mo * ti_main, ti_main)
             if tail:
-                self._rows_of_chunk(ic, lambda row: self._tile(row, n_main * ti_main, tail))
+                self._chunk_tile(ic, n_main * ti_main, tail)
 
-    def _rows_of_chunk(self, ic, emit) -> None:
+    def _chunk_tile(self, ic, m0, ti_count: int) -> None:
+        """TI rows of X against every block row of chunk ``ic`` (X tile stays in L1).
+
+        With K split in ``nkc`` passes, each pass re-walks the chunk's rows over one K slice and
+        adds its partial sums to the outputs (Y for n-lanes, the staging rows for k-lanes).
+        """
         T, chunk = self.T, self.sch.row_chunk
-        with T.serial(0, chunk) as ii:
-            row = ic * chunk + ii
-            if self.nb % chunk:
-                with T.If(row < self.nb):
-                    with T.Then():
-                        emit(row)
-            else:
-                emit(row)
+        k_lanes = self.sch.layout == "k-lanes"
+        if self.nkc == 1:
+            with T.serial(0, chunk) as ii:
+                self._tile(ic * chunk + ii, ii, m0, ti_count, None)
+        else:
+            if k_lanes:
+                self._zero_stage(ti_count)
+            with T.serial(0, self.nkc) as kc:
+                with T.serial(0, chunk) as ii:
+                    self._tile(ic * chunk + ii, ii, m0, ti_count, kc)
+        if k_lanes:
+            self._flush_outputs(ic, m0, ti_count)
 
     def _alloc_tiles(self, ti_max: int) -> None:
         """One accumulator buffer per tile row (each well under 1024 bytes: stack, registers)."""
@@ -318,28 +371,39 @@ class _KernelBuilder:
         if sch.layout == "k-lanes":
             group = self._k_geometry()["group"]
             self.red = T.alloc_buffer((max(1, group // 2), sch.lanes), "float32", scope="global")
+            # Reduced sums land lane by lane on column segments of Y; staging them per chunk
+            # (row_chunk * r outputs per X row) turns scattered scalar stores into vector copies.
+            self.stage = [T.alloc_buffer((sch.row_chunk * self.r,), "float32", scope="global")
+                          for _ in range(ti_max)]
 
-    def _tile(self, row, m0, ti_count: int) -> None:
+    def _tile(self, row, ii, m0, ti_count: int, kpass) -> None:
         if self.sch.layout == "n-lanes":
-            self._tile_n_lanes(row, m0, ti_count)
+            self._tile_n_lanes(row, m0, ti_count, kpass)
         else:
-            self._tile_k_lanes(row, m0, ti_count)
+            self._tile_k_lanes(row, ii, m0, ti_count, kpass)
 
-    def _block_loop(self, row):
+    def _block_loop(self, row, kpass):
         P = self.P
-        return self.T.serial(self.load(P, [row]), self.load(P, [row + 1]))
+        if kpass is None:
+            return self.T.serial(self.load(P, [row]), self.load(P, [row + 1]))
+        return self.T.serial(self.load(P, [row, kpass]), self.load(P, [row, kpass + 1]))
 
     # ---- n-lanes ---------------------------------------------------------------------------
-    def _tile_n_lanes(self, row, m0, ti_count: int) -> None:
+    def _tile_n_lanes(self, row, m0, ti_count: int, kpass) -> None:
         T, sch, r, c = self.T, self.sch, self.r, self.c
         L = sch.lanes
         slots = r // L
         per_pass = sch.slots_per_pass or slots
         for p in range(slots // per_pass):
-            for ti in range(ti_count):
-                for s in range(per_pass):
-                    T.buffer_store(self.acc[ti], self.zeros(L), [s, self.ramp(0, L)])
-            with self._block_loop(row) as b:
+            if kpass is None:
+                self._init_acc_n_lanes(row, p, per_pass, ti_count, m0, from_y=False)
+            else:  # first K pass starts from the bias, later passes from the partial Y
+                with T.If(kpass == 0):
+                    with T.Then():
+                        self._init_acc_n_lanes(row, p, per_pass, ti_count, m0, from_y=False)
+                    with T.Else():
+                        self._init_acc_n_lanes(row, p, per_pass, ti_count, m0, from_y=True)
+            with self._block_loop(row, kpass) as b:
                 col = self.load(self.I, [b])
                 kloop = T.unroll(0, c) if c <= 4 else T.serial(0, c)
                 with kloop as kk:
@@ -354,9 +418,21 @@ class _KernelBuilder:
                 for s in range(per_pass):
                     n0 = row * r + (p * per_pass + s) * L
                     val = self.load(self.acc[ti], [s, self.ramp(0, L)])
-                    if self.B is not None:
-                        val = val + self.load(self.B, [self.ramp(n0, L)])
                     T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, L)])
+
+    def _init_acc_n_lanes(self, row, p: int, per_pass: int, ti_count: int, m0, from_y: bool) -> None:
+        """Accumulators start at the bias (or 0), or at Y's partial sums for later K passes."""
+        L = self.sch.lanes
+        for ti in range(ti_count):
+            for s in range(per_pass):
+                n0 = row * self.r + (p * per_pass + s) * L
+                if from_y:
+                    val = self.load(self.Y, [m0 + ti, self.ramp(n0, L)])
+                elif self.B is not None:
+                    val = self.load(self.B, [self.ramp(n0, L)])
+                else:
+                    val = self.zeros(L)
+                self.T.buffer_store(self.acc[ti], val, [s, self.ramp(0, L)])
 
     # ---- k-lanes ---------------------------------------------------------------------------
     def _k_geometry(self) -> dict[str, int]:
@@ -364,7 +440,7 @@ class _KernelBuilder:
         g = v // c if c < v else 1  # block rows sharing one vector
         return {"g": g, "s_row": r // g, "group": min(c, v), "chunks": max(1, c // v)}
 
-    def _tile_k_lanes(self, row, m0, ti_count: int) -> None:
+    def _tile_k_lanes(self, row, ii, m0, ti_count: int, kpass) -> None:
         T, tirx, r, c = self.T, self.tirx, self.r, self.c
         V = self.sch.lanes
         geo = self._k_geometry()
@@ -372,7 +448,7 @@ class _KernelBuilder:
         for ti in range(ti_count):
             for s in range(s_row):
                 T.buffer_store(self.acc[ti], self.zeros(V), [s, self.ramp(0, V)])
-        with self._block_loop(row) as b:
+        with self._block_loop(row, kpass) as b:
             col = self.load(self.I, [b])
             if c >= V:  # each block row: `chunks` vectors of V consecutive input features
                 kloop = T.unroll(0, chunks) if chunks <= 4 else T.serial(0, chunks)
@@ -397,7 +473,7 @@ class _KernelBuilder:
         for start in range(0, len(vecs), group):
             members = vecs[start:start + group]
             self._reduce_group(members)
-            self._store_group(row, m0, members, g)
+            self._stage_group(ii, members, g, accumulate=kpass is not None)
 
     def _reduce_group(self, members: list) -> None:
         """red[0] lane q <- sum of lane-group (q % g) of members[q // g] (g = V / group)."""
@@ -425,30 +501,53 @@ class _KernelBuilder:
         if level == 0:  # group of one vector (cannot happen with group >= 2, kept for safety)
             T.buffer_store(self.red, srcs[0], [0, self.ramp(0, V)])
 
-    def _store_group(self, row, m0, members: list, g: int) -> None:
-        """Write red[0]'s lanes to Y, as vectors where lanes land on consecutive outputs."""
+    def _stage_group(self, ii, members: list, g: int, accumulate: bool) -> None:
+        """Write red[0]'s lanes to the staging rows, as vectors where lanes are consecutive."""
         T, V = self.T, self.sch.lanes
-        targets = []  # (lane, ti, n_offset)
+        targets = []  # (lane, ti, output offset inside the block row)
         for q in range(V):
             mem = members[q // g]
-            if mem is None:
-                continue
-            ti, s = mem
-            targets.append((q, ti, s * g + q % g))
+            if mem is not None:
+                ti, s = mem
+                targets.append((q, ti, s * g + q % g))
         runs: list[list[tuple[int, int, int]]] = []
         for t in targets:
-            if runs and runs[-1][-1][1] == t[1] and runs[-1][-1][0] + 1 == t[0] and runs[-1][-1][2] + 1 == t[2]:
+            last = runs[-1][-1] if runs else None
+            if last and last[1] == t[1] and last[0] + 1 == t[0] and last[2] + 1 == t[2]:
                 runs[-1].append(t)
             else:
                 runs.append([t])
         for run in runs:
             q0, ti, off = run[0]
-            lanes = len(run)
-            n0 = row * self.r + off
-            val = self.load(self.red, [0, self.ramp(q0, lanes)])
-            if self.B is not None:
-                val = val + self.load(self.B, [self.ramp(n0, lanes)])
-            T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, lanes)])
+            idx = [self.ramp(ii * self.r + off, len(run))]
+            val = self.load(self.red, [0, self.ramp(q0, len(run))])
+            if accumulate:
+                val = self.load(self.stage[ti], idx) + val
+            T.buffer_store(self.stage[ti], val, idx)
+
+    def _zero_stage(self, ti_count: int) -> None:
+        width, V = self.sch.row_chunk * self.r, self.sch.lanes
+        for ti in range(ti_count):
+            for j0, lanes in self._vector_spans(width, V):
+                self.T.buffer_store(self.stage[ti], self.zeros(lanes), [self.ramp(j0, lanes)])
+
+    @staticmethod
+    def _vector_spans(width: int, v: int) -> list[tuple[int, int]]:
+        """(start, lanes) covering [0, width): full vectors, then single lanes."""
+        full = width - width % v
+        return [(j, v) for j in range(0, full, v)] + [(j, 1) for j in range(full, width)]
+
+    def _flush_outputs(self, ic, m0, ti_count: int) -> None:
+        """Copy the staged outputs of a chunk to Y (+ bias), one vector at a time."""
+        T, V = self.T, self.sch.lanes
+        width = self.sch.row_chunk * self.r
+        n0 = ic * width
+        for ti in range(ti_count):
+            for j0, lanes in self._vector_spans(width, V):
+                val = self.load(self.stage[ti], [self.ramp(j0, lanes)])
+                if self.B is not None:
+                    val = val + self.load(self.B, [self.ramp(n0 + j0, lanes)])
+                T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0 + j0, lanes)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,10 +561,33 @@ def pack_block_data(bsr: BSRMatrix, schedule: BSRSchedule) -> np.ndarray:
     return np.ascontiguousarray(bsr.data.reshape(-1, r * c), dtype=np.float32)
 
 
+def chunked_indptr(bsr: BSRMatrix, k_chunk: int) -> np.ndarray:
+    """Block pointers per row-block and K slice: ``[out/r, K/k_chunk + 1]``.
+
+    Blocks are sorted by column inside a row, so the blocks of slice j of row i are
+    ``ptr[i, j] : ptr[i, j + 1]``, with ``ptr[i, 0] = indptr[i]`` and ``ptr[i, -1] = indptr[i+1]``.
+    """
+    nkc = bsr.shape[1] // k_chunk
+    rows = np.repeat(np.arange(bsr.block_rows), bsr.row_nnzb())
+    slices = (bsr.indices.astype(np.int64) * bsr.block.cols) // k_chunk
+    counts = np.zeros((bsr.block_rows, nkc), dtype=np.int64)
+    np.add.at(counts, (rows, slices), 1)
+    ptr = np.empty((bsr.block_rows, nkc + 1), dtype=np.int32)
+    ptr[:, 0] = bsr.indptr[:-1]
+    ptr[:, 1:] = bsr.indptr[:-1, None] + np.cumsum(counts, axis=1)
+    return ptr
+
+
 def kernel_arrays(bsr: BSRMatrix, schedule: BSRSchedule) -> list[np.ndarray]:
-    """``[data, indices, indptr]`` as the kernel takes them (after X, before bias and Y)."""
-    return [pack_block_data(bsr, schedule), np.ascontiguousarray(bsr.indices),
-            np.ascontiguousarray(bsr.indptr)]
+    """``[data, indices, indptr]`` as the kernel takes them (after X, before bias and Y).
+
+    ``indptr`` is the CSR row pointer, or :func:`chunked_indptr` when the schedule splits K.
+    """
+    if schedule.k_chunk and schedule.k_chunk < bsr.shape[1]:
+        ptr = chunked_indptr(bsr, schedule.k_chunk)
+    else:
+        ptr = np.ascontiguousarray(bsr.indptr)
+    return [pack_block_data(bsr, schedule), np.ascontiguousarray(bsr.indices), ptr]
 
 
 @dataclass
@@ -519,6 +641,12 @@ class BSRKernel:
         self._module[self.name](*args, y)
         return y.numpy()
 
+    def prepared_call(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None):
+        """A no-argument callable running the kernel on tensors converted once (for timing)."""
+        args, y = self._args(x, bsr, bias)
+        func = self._module[self.name]
+        return lambda: func(*args, y)
+
     def time(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
              number: int = 10, repeat: int = 20) -> list[float]:
         """Seconds per call, ``repeat`` samples each averaging ``number`` calls (TVM's timer)."""
@@ -548,7 +676,7 @@ def build_bsr_kernel(x_shape: Sequence[int], n: int, block: "BlockShape | str", 
     preset = resolve_target(target)
     spec = BSRKernelSpec(tuple(int(d) for d in x_shape), int(n), BlockShape.parse(block), bool(bias))
     spec.check()
-    schedule = schedule or choose_schedule(spec.m, spec.n, spec.block, preset)
+    schedule = schedule or choose_schedule(spec.m, spec.n, spec.block, preset, k=spec.k)
     executable = _compile_cached(spec, schedule, preset.to_json(), name)
     return BSRKernel(spec, schedule, preset, name, executable)
 

@@ -1,0 +1,149 @@
+"""Compact: remove dead FFN neurons and dead attention heads, leaving a smaller dense graph.
+
+This is the structured form any runtime speeds up (nn_pruning's "filled" models). Removal is
+exact:
+
+* FFN neuron j is dead when its ffn_out column is all zero (it adds nothing), or when its
+  ffn_in row is all zero: it then outputs the constant ``act(b1[j])`` whatever the input, so
+  ``act(b1[j]) * W2[:, j]`` is folded into ffn_out's bias and the neuron removed. ``act`` is
+  evaluated by running the graph's own activation nodes in onnxruntime, not re-implemented.
+* Head h is dead when its attention-output columns are all zero, or when its value rows and
+  value bias are all zero (its context is then zero). Its q, k, v rows and biases and its output
+  columns are removed; the Reshape infers the head count, so nothing else changes.
+
+At least one neuron and one head stay in each block so no tensor becomes empty.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from blockprune.passes.base import Pass, PassContext, PassReport
+from blockprune.passes.find_weights import find_weights_in_graph, require_weights
+from blockprune.passes.layers_meta import record_layers
+from blockprune.passes.patterns import FFNMatch, match_attentions, match_ffns
+from blockprune.passes.weight_edit import current_values, exclusive, out_in, require_float32, take
+
+
+def evaluate_activation(ctx: PassContext, m: FFNMatch, x: np.ndarray) -> np.ndarray:
+    """Run the FFN's activation nodes on a 1-D input with onnxruntime."""
+    import onnx_graphsurgeon as gs
+    import onnxruntime as ort
+
+    inp = gs.Variable("act_in", dtype=np.float32, shape=[1, 1, x.size])
+    out = gs.Variable("act_out", dtype=np.float32, shape=None)
+    nodes = []
+    mapping = {id(m.act_input): inp, id(m.act_output): out}
+
+    def mapped(t):
+        if isinstance(t, gs.Constant):
+            return gs.Constant(f"c{len(mapping)}_{t.name}", np.asarray(t.values))
+        if id(t) not in mapping:
+            mapping[id(t)] = gs.Variable(f"t{len(mapping)}", dtype=np.float32)
+        return mapping[id(t)]
+
+    for n in m.act_nodes:
+        nodes.append(gs.Node(n.op, attrs=dict(n.attrs), inputs=[mapped(t) for t in n.inputs],
+                             outputs=[mapped(t) for t in n.outputs]))
+    if not nodes:  # ffn_in feeds ffn_out directly: identity activation
+        return x.astype(np.float32)
+    g = gs.Graph(nodes=nodes, inputs=[inp], outputs=[out], opset=ctx.graph.opset)
+    g.toposort()
+    model = gs.export_onnx(g)
+    model.ir_version = min(model.ir_version, 10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"act_in": x.reshape(1, 1, -1).astype(np.float32)})[0].reshape(-1)
+
+
+class Compact(Pass):
+    name = "compact"
+
+    def __init__(self, ffn: bool = True, heads: bool = True) -> None:
+        self.ffn = ffn
+        self.heads = heads
+
+    def transform(self, ctx: PassContext) -> PassReport:
+        weights = require_weights(find_weights_in_graph(ctx.graph, {
+            "param_map": ctx.meta("param_map", {}), "architecture": ctx.meta("architecture")}))
+        report = PassReport(self.name)
+        skipped: dict[str, str] = {}
+        removed: dict[str, dict] = {}
+        layers_meta: dict[str, dict] = {}
+        if self.ffn:
+            ffns, skipped_ffn = match_ffns(ctx.graph, weights)
+            skipped.update(skipped_ffn)
+            for m in ffns:
+                key = f"layer {m.layer} ffn"
+                why = exclusive(m.ffn_in) or exclusive(m.ffn_out)
+                if why:
+                    skipped[key] = why
+                    continue
+                require_float32(m.ffn_in)
+                require_float32(m.ffn_out)
+                report.matched += 1
+                w1, w2 = out_in(ctx, m.ffn_in), out_in(ctx, m.ffn_out)
+                dead_out = ~(w2 != 0).any(axis=0)
+                dead_in = ~(w1 != 0).any(axis=1) & ~dead_out
+                if dead_in.any() and m.out_bias is None:
+                    dead_in[:] = False  # nowhere to fold the constant activation
+                    skipped[key + " (constant neurons)"] = "ffn_out has no bias to fold constant neurons into"
+                keep = ~(dead_out | dead_in)
+                if not keep.any():
+                    first = int(np.argmax(dead_out)) if dead_out.any() else 0
+                    keep[first] = True
+                    dead_in[first] = False
+                if keep.all():
+                    continue
+                if dead_in.any():
+                    b1 = current_values(ctx, m.ffn_in.bias)
+                    const_act = evaluate_activation(ctx, m, b1[dead_in])
+                    b2 = current_values(ctx, m.out_bias).astype(np.float64)
+                    b2 = b2 + w2[:, dead_in].astype(np.float64) @ const_act.astype(np.float64)
+                    ctx.replace_values(m.out_bias.name, b2.astype(np.float32))
+                index = np.flatnonzero(keep)
+                take(ctx, m.ffn_in, "out", index)
+                take(ctx, m.ffn_out, "in", index)
+                removed[key] = {"neurons_before": int(keep.size), "neurons_after": int(index.size),
+                                "folded_constant_neurons": int(dead_in.sum())}
+                for lm, shape in ((m.ffn_in, (index.size, w1.shape[1])), (m.ffn_out, (w2.shape[0], index.size))):
+                    layers_meta[lm.weight.initializer] = {"compacted": [list(lm.weight.shape), list(shape)]}
+                report.changed += 1
+        if self.heads:
+            atts, skipped_att = match_attentions(ctx.graph, weights)
+            skipped.update(skipped_att)
+            for m in atts:
+                key = f"layer {m.layer} heads"
+                why = next(filter(None, (exclusive(x) for x in (m.q, m.k, m.v, m.out))), None)
+                if why:
+                    skipped[key] = why
+                    continue
+                for x in (m.q, m.k, m.v, m.out):
+                    require_float32(x)
+                report.matched += 1
+                d, h = m.head_dim, m.num_heads
+                wv, wo = out_in(ctx, m.v), out_in(ctx, m.out)
+                bv = current_values(ctx, m.v.bias)
+                dead = np.array([
+                    not (wo[:, i * d:(i + 1) * d] != 0).any()
+                    or (not (wv[i * d:(i + 1) * d] != 0).any() and not (bv[i * d:(i + 1) * d] != 0).any())
+                    for i in range(h)])
+                if dead.all():
+                    dead[0] = False
+                if not dead.any():
+                    continue
+                rows = np.concatenate([np.arange(i * d, (i + 1) * d) for i in range(h) if not dead[i]])
+                for x in (m.q, m.k, m.v):
+                    take(ctx, x, "out", rows)
+                    layers_meta[x.weight.initializer] = {"compacted": [list(x.weight.shape), [rows.size, x.weight.shape[1]]]}
+                take(ctx, m.out, "in", rows)
+                layers_meta[m.out.weight.initializer] = {"compacted": [list(m.out.weight.shape), [m.out.weight.shape[0], rows.size]]}
+                removed[key] = {"heads_before": int(h), "heads_after": int(h - dead.sum()),
+                                "removed": [int(i) for i in np.flatnonzero(dead)]}
+                report.changed += 1
+        if report.changed:
+            ctx.forget_shapes()
+            record_layers(ctx, layers_meta)
+            ctx.set_meta("compacted", {**(ctx.meta("compacted", {}) or {}), **removed})
+        report.details.update(removed=removed, skipped=skipped)
+        report.notes = [f"{k}: left alone ({v})" for k, v in skipped.items()]
+        return report
