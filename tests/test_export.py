@@ -104,3 +104,16 @@ def test_external_data_when_forced(exports, tmp_path):
     again = load_onnx(out)
     assert len(again.graph.initializer) == len(model.graph.initializer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+
+
+def test_regression_head(tmp_path):
+    from blockprune.models.export import export_onnx
+    from blockprune.models.zoo import load_model
+
+    loaded = load_model("roberta-tiny", head="regression")
+    res = export_onnx(loaded, tmp_path / "r.onnx", exporter="legacy")
+    feeds = make_feeds(res.model, batch=2, seq=10, seed=3)
+    got = _ort(res.path).run(None, feeds)[0]
+    assert got.shape == (2, 1)
+    assert np.max(np.abs(got - torch_reference(loaded, feeds))) < 1e-4
+    assert get_meta(res.model, "head") == "regression"

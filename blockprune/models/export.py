@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,8 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 def _torch_export(wrapper, args, names, out_key, exporter: str, opset: int) -> onnx.ModelProto:
     import torch
 
+    # torch.onnx warns about optional torchvision ops it cannot register: noise for our users
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     axes = {n: {0: "batch", 1: "sequence"} for n in [*names, out_key]}
     if out_key == "logits":
         axes[out_key] = {0: "batch"}
