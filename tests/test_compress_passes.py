@@ -277,7 +277,8 @@ def _to_fp16(model):
     m.CopyFrom(model)
     for t in m.graph.initializer:
         if t.data_type == onnx.TensorProto.FLOAT:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+            with np.errstate(over="ignore"):  # the additive mask constant (-3.4e38) becomes -inf: fine
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
     for n in m.graph.node:
         for a in n.attribute:
             if n.op_type == "Cast" and a.name == "to" and a.i == onnx.TensorProto.FLOAT:

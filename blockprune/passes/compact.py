@@ -21,8 +21,8 @@ import numpy as np
 from blockprune.passes.base import Pass, PassContext, PassReport
 from blockprune.passes.find_weights import find_weights_in_graph, require_weights
 from blockprune.passes.layers_meta import record_layers
-from blockprune.passes.patterns import FFNMatch, match_attentions, match_ffns
-from blockprune.passes.weight_edit import current_values, exclusive, out_in, require_float32, take
+from blockprune.passes.patterns import FFNMatch
+from blockprune.passes.weight_edit import current_values, editable_attentions, editable_ffns, out_in, take
 
 
 def evaluate_activation(ctx: PassContext, m: FFNMatch, x: np.ndarray) -> np.ndarray:
@@ -70,16 +70,10 @@ class Compact(Pass):
         removed: dict[str, dict] = {}
         layers_meta: dict[str, dict] = {}
         if self.ffn:
-            ffns, skipped_ffn = match_ffns(ctx.graph, weights)
+            ffns, skipped_ffn = editable_ffns(ctx.graph, weights)
             skipped.update(skipped_ffn)
             for m in ffns:
                 key = f"layer {m.layer} ffn"
-                why = exclusive(m.ffn_in) or exclusive(m.ffn_out)
-                if why:
-                    skipped[key] = why
-                    continue
-                require_float32(m.ffn_in)
-                require_float32(m.ffn_out)
                 report.matched += 1
                 w1, w2 = out_in(ctx, m.ffn_in), out_in(ctx, m.ffn_out)
                 dead_out = ~(w2 != 0).any(axis=0)
@@ -109,16 +103,10 @@ class Compact(Pass):
                     layers_meta[lm.weight.initializer] = {"compacted": [list(lm.weight.shape), list(shape)]}
                 report.changed += 1
         if self.heads:
-            atts, skipped_att = match_attentions(ctx.graph, weights)
+            atts, skipped_att = editable_attentions(ctx.graph, weights)
             skipped.update(skipped_att)
             for m in atts:
                 key = f"layer {m.layer} heads"
-                why = next(filter(None, (exclusive(x) for x in (m.q, m.k, m.v, m.out))), None)
-                if why:
-                    skipped[key] = why
-                    continue
-                for x in (m.q, m.k, m.v, m.out):
-                    require_float32(x)
                 report.matched += 1
                 d, h = m.head_dim, m.num_heads
                 wv, wo = out_in(ctx, m.v), out_in(ctx, m.out)

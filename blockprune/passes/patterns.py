@@ -143,13 +143,16 @@ def _elementwise_region(start: Any, end: Any, graph_outputs: set[int] = frozense
     return list(region.values()), None
 
 
+_NO_ROLES = {"model": "no layer roles in metadata (export the model with `blockprune export`)"}
+
+
 def match_ffns(graph: Any, weights: list[LinearWeight]) -> tuple[list[FFNMatch], dict[str, str]]:
     """All provably free FFN blocks, and for the others layer -> reason."""
     nodes = {n.name: n for n in graph.nodes}
     found, skipped = [], {}
     layers = _layers(weights)
     if not layers:
-        return [], {"model": "no layer roles in metadata (export the model with `blockprune export`)"}
+        return [], dict(_NO_ROLES)
     for idx, roles in sorted(layers.items()):
         key = f"layer {idx} ffn"
         if "ffn_in" not in roles or "ffn_out" not in roles:
@@ -177,7 +180,7 @@ def match_attentions(graph: Any, weights: list[LinearWeight]) -> tuple[list[Atte
     found, skipped = [], {}
     layers = _layers(weights)
     if not layers:
-        return [], {"model": "no layer roles in metadata (export the model with `blockprune export`)"}
+        return [], dict(_NO_ROLES)
     for idx, roles in sorted(layers.items()):
         key = f"layer {idx} attention"
         if not all(r in roles for r in ("q", "k", "v", "attn_out")):

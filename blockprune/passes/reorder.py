@@ -23,8 +23,7 @@ import numpy as np
 from blockprune.blocks import BlockShape
 from blockprune.passes.base import Pass, PassContext, PassReport
 from blockprune.passes.find_weights import find_weights_in_graph, require_weights
-from blockprune.passes.patterns import match_attentions, match_ffns
-from blockprune.passes.weight_edit import empty_blocks, exclusive, out_in, require_float32, take
+from blockprune.passes.weight_edit import editable_attentions, editable_ffns, empty_blocks, out_in, take
 
 
 def _segment_pattern(w_out_in: np.ndarray, width: int) -> np.ndarray:
@@ -99,15 +98,9 @@ class Reorder(Pass):
                            for w in weights)
         report = PassReport(self.name, details={"block": str(self.block)})
         perms: dict[str, list[int]] = {}
-        ffns, skipped = match_ffns(ctx.graph, weights)
+        ffns, skipped = editable_ffns(ctx.graph, weights)
         for m in ffns:
             key = f"layer {m.layer} ffn"
-            why = exclusive(m.ffn_in) or exclusive(m.ffn_out)
-            if why:
-                skipped[key] = why
-                continue
-            require_float32(m.ffn_in)
-            require_float32(m.ffn_out)
             p, before, after = ffn_permutation(out_in(ctx, m.ffn_in), out_in(ctx, m.ffn_out), self.block)
             report.matched += 1
             if after > before:
@@ -116,16 +109,10 @@ class Reorder(Pass):
                 perms[key] = p.tolist()
                 report.changed += 1
         if self.heads:
-            atts, skipped_att = match_attentions(ctx.graph, weights)
+            atts, skipped_att = editable_attentions(ctx.graph, weights)
             skipped.update(skipped_att)
             for m in atts:
                 key = f"layer {m.layer} heads"
-                why = next(filter(None, (exclusive(x) for x in (m.q, m.k, m.v, m.out))), None)
-                if why:
-                    skipped[key] = why
-                    continue
-                for x in (m.q, m.k, m.v, m.out):
-                    require_float32(x)
                 qkv = [out_in(ctx, x) for x in (m.q, m.k, m.v)]
                 p, before, after = head_permutation(qkv, out_in(ctx, m.out), m.head_dim, self.block)
                 report.matched += 1

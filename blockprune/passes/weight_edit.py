@@ -11,7 +11,7 @@ import numpy as np
 
 from blockprune.errors import BlockpruneError
 from blockprune.passes.base import PassContext
-from blockprune.passes.patterns import LinearMatch
+from blockprune.passes.patterns import AttentionMatch, FFNMatch, LinearMatch, match_attentions, match_ffns
 
 
 def current_values(ctx: PassContext, tensor) -> np.ndarray:
@@ -65,3 +65,28 @@ def empty_blocks(w_out_in: np.ndarray, block) -> int:
     from blockprune.blocks import block_keep_from_mask
 
     return int((~block_keep_from_mask(w_out_in != 0, block)).sum())
+
+
+def _editable(matches, parts, kind: str, skipped: dict[str, str]):
+    ok = []
+    for m in matches:
+        why = next(filter(None, (exclusive(x) for x in parts(m))), None)
+        if why:
+            skipped[f"layer {m.layer} {kind}"] = why
+            continue
+        for x in parts(m):
+            require_float32(x)
+        ok.append(m)
+    return ok, skipped
+
+
+def editable_ffns(graph, weights) -> tuple[list[FFNMatch], dict[str, str]]:
+    """FFN blocks that are provably free to permute/shrink and whose constants are ours alone."""
+    found, skipped = match_ffns(graph, weights)
+    return _editable(found, lambda m: (m.ffn_in, m.ffn_out), "ffn", skipped)
+
+
+def editable_attentions(graph, weights) -> tuple[list[AttentionMatch], dict[str, str]]:
+    """Attention blocks whose heads are provably free to permute/remove, constants unshared."""
+    found, skipped = match_attentions(graph, weights)
+    return _editable(found, lambda m: (m.q, m.k, m.v, m.out), "heads", skipped)
