@@ -202,6 +202,15 @@ def test_schedules_follow_the_vector_unit():
     assert s.lanes == 16 and s.tile_rows * s.slots_per_pass <= avx512.max_acc
 
 
+@pytest.mark.parametrize("block", ["1x32", "16x1"])
+def test_avx512_kernels_compile_to_zmm_fmas(block):
+    """This host may lack AVX-512; compiling for znver5 still checks the 16-lane schedules."""
+    kernel = bk.build_bsr_kernel((M, K), N, block, target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    assert kernel.schedule.isa == "avx512" and kernel.schedule.lanes == 16
+    asm = kernel.assembly()
+    assert "vfmadd231ps" in asm and "zmm" in asm
+
+
 def test_unknown_target_lists_the_known_names():
     with pytest.raises(BlockpruneError) as err:
         targets.resolve_target("cortex-a99")

@@ -16,14 +16,20 @@ Two layouts, chosen per block shape and target (:func:`choose_schedule`):
   would be 1-4 lanes wide. Instead vectors run along the flattened block ``[r, c]`` (stored
   as is), i.e. along input features, and each output is a sum over lanes. The horizontal sums
   are done for ``c`` accumulators at once by a shuffle tree (even+odd lanes of two vectors,
-  log2(c) levels), which costs a few instructions per output instead of one per lane.
+  log2(c) levels; LLVM turns it into vhaddps on x86), a few instructions per output instead
+  of one per lane. The sums are staged per task and copied to ``Y`` as vectors.
 
 Common to both (see tvm-notes): parallel over chunks of block rows; inside a task, a tile of
 ``TI`` input rows is kept in L1 while the chunk's block rows stream by; accumulators are
 separate small ``global``-scope buffers (< 1024 bytes each) so TVM makes them stack allocas
 and LLVM keeps them in registers (a ``local`` or larger buffer becomes a heap workspace with a
-load/store around every FMA). ``M`` is static; a remainder of ``M % TI`` rows gets its own,
-narrower tile. ``nnzb`` is symbolic, so one compiled kernel serves every layer of a shape.
+load/store around every FMA). A long ``K`` is walked in slices (``k_chunk``) so the X slice
+stays in L1; the row pointers are then per row and slice (:func:`chunked_indptr`). ``M`` is
+static; a remainder of ``M % TI`` rows gets its own, narrower tile. ``nnzb`` is symbolic, so
+one compiled kernel serves every layer of a shape.
+
+Kernel signature: ``name(X, data, indices, indptr[, bias], Y)`` with the middle arrays from
+:func:`kernel_arrays` (destination-passing, as ``relax.call_tir`` wants).
 """
 
 from __future__ import annotations
