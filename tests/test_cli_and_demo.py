@@ -55,6 +55,9 @@ def test_demo_on_bundled_minilm(minilm_demo):
     assert s["export_max_abs_diff"] < 1e-4
     # one-shot 50% moves the embeddings a lot but not to random: cosine is a real number in (0, 1)
     assert 0.0 < s["embedding_cosine_min"] <= s["embedding_cosine_mean"] < 1.0
+    sizes = s["file_bytes"]
+    assert sizes["compressed"] < sizes["pruned"] <= sizes["dense"]
+    assert s["compressed_max_abs_diff"] <= 1e-4 and sum(s["compressed_forms"].values()) == 36
     model = onnx.load(s["pruned_model"])
     assert get_meta(model, "source") == "bundled:minilm"
     assert {v["block"] for v in get_meta(model, "layers").values()} == {"1x32"}
