@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
+    from blockprune.backends.tvm.cli import add_backend_parsers  # compile, run, bench (TVM imported lazily)
+
+    add_backend_parsers(sub)
+
     d = sub.add_parser("demo", help="the main job on the bundled MiniLM")
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--block", default="1x32")

@@ -152,6 +152,18 @@ def _preset_from_config(config: Mapping[str, Any], name: str = "custom") -> Targ
                         config=dict(config), arch="x86_64")
 
 
+def _plain(value: Any) -> Any:
+    """TVM containers (ffi Array/String/Int) -> JSON-able Python values."""
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "__iter__"):
+        return [_plain(v) for v in value]
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def resolve_target(name_or_json: "str | Mapping[str, Any] | TargetPreset | Any") -> TargetPreset:
     """A preset from a name (``cortex-a72``), a JSON string/dict, a preset or a tvm Target.
 
@@ -177,7 +189,8 @@ def resolve_target(name_or_json: "str | Mapping[str, Any] | TargetPreset | Any")
     # a tvm.target.Target: round-trip through its JSON-able dict
     export = getattr(name_or_json, "export", None)
     if callable(export):
-        config = {k: v for k, v in dict(export()).items() if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores")}
+        config = {k: _plain(v) for k, v in dict(export()).items()
+                  if k in ("kind", "mtriple", "mcpu", "mattr", "num-cores")}
         return _preset_from_config(config)
     raise BlockpruneError(
         f"cannot interpret {name_or_json!r} as a target",

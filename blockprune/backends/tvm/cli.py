@@ -1,0 +1,122 @@
+"""``blockprune compile | run | bench``: the TVM CPU backend on the command line.
+
+Wired into ``blockprune/cli.py`` by ``add_backend_parsers(sub)``. Handlers import TVM lazily so
+``blockprune --help`` stays fast; errors are ``BlockpruneError`` (exit 2 in the main CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from blockprune.errors import BlockpruneError
+
+
+def _target_help() -> str:
+    from .targets import preset_names
+
+    return f"one of {', '.join(preset_names())}, or a TVM target JSON dict (default x86-64)"
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from blockprune.console import console
+
+    from .compile import compile_model
+
+    with console.status(f"compiling {args.model} for {args.target} (batch {args.batch}, seq {args.seq})"):
+        res = compile_model(args.model, args.output, target=args.target, batch=args.batch, seq=args.seq,
+                            lower_dense_below=args.bsr_below, dense_block=args.bsr_block)
+    m = res.manifest
+    bsr = [layer for layer in m.layers if layer["form"] == "bsr"]
+    console.print(f"wrote {res.directory}/{m.library} + manifest.json for {m.target_name} ({m.arch}): "
+                  f"{len(bsr)} block-sparse layers in {m.kernels} kernels, "
+                  f"{len(m.layers) - len(bsr)} dense layers")
+    return 0
+
+
+def _parse_rpc(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise BlockpruneError(f"--rpc {text!r} is not HOST:PORT", "e.g. --rpc 192.168.1.20:9090")
+    return host, int(port)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from blockprune.console import console
+
+    from .runner import compare_with_onnx, run_artifact
+
+    res = run_artifact(args.artifact, args.inputs, expect_target=args.target, model=args.compare)
+    console.print(f"ran {args.artifact} ({res.how}) in {res.seconds * 1e3:.1f} ms")
+    for name, arr in res.outputs.items():
+        console.print(f"  {name}: shape {list(arr.shape)} {arr.dtype}, mean {float(np.mean(arr)):.6g}")
+    if args.output:
+        from blockprune.io import atomic_path
+
+        with atomic_path(args.output, suffix=".npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **res.outputs)
+        console.print(f"wrote outputs to {args.output}")
+    if args.compare:
+        diffs = compare_with_onnx(res, args.compare)
+        for name, d in diffs.items():
+            console.print(f"  vs onnxruntime {name}: max |diff| {d:.3e}")
+        if args.atol is not None and max(diffs.values(), default=0.0) > args.atol:
+            raise BlockpruneError(f"TVM and onnxruntime differ by {max(diffs.values()):.3e} > {args.atol:g}",
+                                  "check the model and the target; report a bug if it persists")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from blockprune.console import console
+
+    if args.rpc:
+        from .rpc import bench_rpc
+
+        host, port = _parse_rpc(args.rpc)
+        times = bench_rpc(args.artifact, host, port, number=args.number, repeat=args.repeat)
+        where = f"over RPC at {args.rpc}"
+    else:
+        from .runner import bench_artifact
+
+        times = bench_artifact(args.artifact, number=args.number, repeat=args.repeat)
+        where = "on this host"
+    ms = sorted(t * 1e3 for t in times)
+    console.print(f"{args.artifact} {where}: median {ms[len(ms) // 2]:.3f} ms, min {ms[0]:.3f} ms "
+                  f"({args.repeat} x {args.number} calls)")
+    if args.json:
+        print(json.dumps({"artifact": args.artifact, "where": where, "seconds": times}))
+    return 0
+
+
+def add_backend_parsers(sub) -> None:
+    """Add ``compile``, ``run`` and ``bench`` to the main CLI's subparsers."""
+    c = sub.add_parser("compile", help="compile an ONNX model with TVM for a CPU target (x86-64, aarch64, ...)")
+    c.add_argument("model", help="ONNX model: dense, compacted or block-sparse")
+    c.add_argument("-o", "--output", required=True, help="artifact directory (model.so + manifest.json)")
+    c.add_argument("--target", default="x86-64", help=_target_help())
+    c.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    c.add_argument("--seq", type=int, default=128, help="static sequence length (default 128)")
+    c.add_argument("--bsr-below", type=float, default=None, metavar="DENSITY",
+                   help="also lower dense MatMul weights with at most this fraction of non-zero blocks to BSR")
+    c.add_argument("--bsr-block", default=None, help="block shape for --bsr-below, e.g. 16x1")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run a compiled artifact once (aarch64 ones under qemu)")
+    r.add_argument("artifact", help="directory written by blockprune compile")
+    r.add_argument("--inputs", default=None, help=".npz with one array per input (default: random valid inputs)")
+    r.add_argument("--compare", default=None, metavar="MODEL.onnx", help="also run onnxruntime and print max |diff|")
+    r.add_argument("--atol", type=float, default=None, help="with --compare: fail when the diff exceeds this")
+    r.add_argument("--target", default=None, help="refuse the artifact unless it was built for this target")
+    r.add_argument("-o", "--output", default=None, help="write the outputs to this .npz")
+    r.set_defaults(func=cmd_run)
+
+    b = sub.add_parser("bench", help="time a compiled artifact here, or on a board over TVM RPC")
+    b.add_argument("artifact")
+    b.add_argument("--rpc", default=None, metavar="HOST:PORT", help="a TVM RPC server on the target board")
+    b.add_argument("--number", type=int, default=10)
+    b.add_argument("--repeat", type=int, default=5)
+    b.add_argument("--json", action="store_true", help="also print the timings as JSON")
+    b.set_defaults(func=cmd_bench)

@@ -1,0 +1,116 @@
+"""ONNX model -> compiled TVM artifact directory (shared library + manifest) for a CPU target.
+
+Why our own pipeline: TVM's default CPU pipeline schedules nothing (tvm-notes), so the dense
+ops get the schedules of ``cpu_schedules.apply_cpu_schedules`` between legalisation and
+lowering; the BSR kernels arrive already scheduled (marked ``tirx.is_scheduled``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from blockprune.errors import BlockpruneError
+
+from .artifact import LIBRARY, Manifest, atomic_dir, sha256_file, versions
+from .importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, import_onnx
+from .targets import TargetPreset, export_fcompile, find_cross_compiler, resolve_target
+
+
+def _cpu_schedules():
+    """The dense-op scheduler if its module exists, else None (unscheduled but correct).
+
+    ``BLOCKPRUNE_TVM_CPU_SCHEDULES=0`` turns it off: to tell a schedule bug from an import bug.
+    """
+    if os.environ.get("BLOCKPRUNE_TVM_CPU_SCHEDULES", "1") == "0":
+        return None
+    try:
+        from blockprune.backends.tvm.cpu_schedules import apply_cpu_schedules
+    except ImportError:
+        return None
+    return apply_cpu_schedules
+
+
+def build_pipeline(target):
+    """dispatch -> legalize/fuse -> our dense schedules -> dataflow lowering -> finalize."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    schedule = _cpu_schedules()
+
+    @tvm.transform.module_pass(opt_level=0, name="blockprune_cpu_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
+                                           + cpu_generic.legalize_passes(target))(mod)
+            if schedule is not None:
+                mod = schedule(mod, target)
+            mod = tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target)
+                                           + cpu_generic.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
+
+
+def compile_relax(mod, preset: TargetPreset):
+    """Relax module -> tvm Executable for ``preset``."""
+    import tvm
+
+    target = preset.target()
+    return tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target))
+
+
+@dataclass
+class CompileResult:
+    directory: Path
+    manifest: Manifest
+    imported: ImportResult
+
+
+def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto, dict[str, Any]]:
+    if isinstance(model, onnx.ModelProto):
+        data = model.SerializeToString()
+        import hashlib
+
+        return model, {"path": None, "sha256": hashlib.sha256(data).hexdigest()}
+    from blockprune.onnx_io import load_onnx
+
+    path = Path(model)
+    if not path.is_file():
+        raise BlockpruneError(f"model {path} not found", "pass the path of an .onnx file")
+    return load_onnx(path), {"path": str(path.resolve()), "sha256": sha256_file(path)}
+
+
+def compile_model(model: "str | os.PathLike | onnx.ModelProto", out_dir: str | os.PathLike,
+                  target: Any = "x86-64", batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
+                  lower_dense_below: float | None = None, dense_block: str | None = None) -> CompileResult:
+    """Compile ``model`` for ``target`` into ``out_dir`` (``model.so`` + ``manifest.json``), atomically.
+
+    Cross targets are linked with their cross compiler (checked first, before any work).
+    """
+    preset = resolve_target(target)
+    find_cross_compiler(preset)  # fail early, naming the package, when it is missing
+    proto, source = _load(model)
+    imported = import_onnx(proto, batch, seq, preset, lower_dense_below, dense_block)
+    executable = compile_relax(imported.mod, preset)
+    manifest = Manifest(
+        target={"name": preset.name, "arch": preset.arch, "config": dict(preset.config)},
+        inputs=[i.to_json() for i in imported.inputs],
+        outputs=[o.to_json() for o in imported.outputs],
+        source=source, batch=batch, seq=seq,
+        layers=[layer.to_json() for layer in imported.layers],
+        versions=versions(), library=LIBRARY, kernels=imported.kernels,
+    )
+    with atomic_dir(out_dir) as tmp:
+        fcompile = export_fcompile(preset)
+        lib = str(tmp / LIBRARY)
+        if fcompile is None:
+            executable.export_library(lib)
+        else:
+            executable.export_library(lib, fcompile=fcompile)
+        manifest.write(tmp)
+    return CompileResult(Path(out_dir), manifest, imported)
