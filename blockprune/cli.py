@@ -216,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_inspect)
 
     from blockprune.backends.tvm.cli import add_backend_parsers  # compile, run, bench (TVM imported lazily)
+    from blockprune.backends.tvm.gpu_cli import add_gpu_parsers  # verify; mali/adreno in compile/run/bench
 
     add_backend_parsers(sub)
+    add_gpu_parsers(sub)
+
+    from blockprune.report_cli import add_report_parser  # report: one run rendered to Markdown
+
+    add_report_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the bundled MiniLM")
     d.add_argument("--workdir", default="runs/demo")

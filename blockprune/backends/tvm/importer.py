@@ -227,6 +227,38 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
 # ---------------------------------------------------------------------------------------------
 # Relax side
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KernelPlan:
+    """What one BSR layer becomes: a (shared) PrimFunc and the constant arrays passed to it.
+
+    Why a hook: the CPU and the GPU kernels share the placeholder mechanism but not the kernel,
+    its schedule or its array layout; a chooser ``(spec, bsr) -> KernelPlan`` picks them per
+    target. Layers whose ``key`` is equal share one PrimFunc.
+    """
+
+    key: Any  # hashable: equal keys share a PrimFunc
+    build: Any  # name -> tvm PrimFunc
+    arrays: list  # numpy arrays passed after X
+    schedule: dict[str, Any]  # goes into the manifest
+    prefix: str = "bsr_matmul"  # PrimFunc name prefix
+
+
+BSRKernelChooser = Any  # Callable[[bk.BSRKernelSpec, BSRMatrix], KernelPlan]
+
+
+def cpu_kernel_chooser(preset: TargetPreset):
+    """The CPU BSR kernel of :mod:`.bsr_kernel`, scheduled for ``preset``."""
+
+    def choose(spec: bk.BSRKernelSpec, bsr: BSRMatrix) -> KernelPlan:
+        sch = bk.choose_schedule(spec.m, spec.n, bsr.block, preset, k=bsr.shape[1])
+        return KernelPlan(
+            (spec, sch), lambda name: bk.bsr_matmul_primfunc(spec, sch, name), bk.kernel_arrays(bsr, sch),
+            {"layout": sch.layout, "lanes": sch.lanes, "tile_rows": sch.tile_rows,
+             "row_chunk": sch.row_chunk, "k_chunk": sch.k_chunk, "isa": sch.isa})
+
+    return choose
+
+
 def _marker(const) -> int | None:
     """Layer id of a placeholder constant, None for a real weight (reads two floats)."""
     value = const.value
@@ -238,12 +270,14 @@ def _marker(const) -> int | None:
     return int(flat[1]) if flat.size > 1 else 0
 
 
-def _substitute(mod, pending: list[_Pending], preset: TargetPreset):
+def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
+                bsr_kernel: "BSRKernelChooser | None" = None):
     """Rewrite each marked ``matmul(x, P)`` into ``call_tir(bsr_kernel, x, data, indices, indptr)``."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
+    choose = bsr_kernel or cpu_kernel_chooser(preset)
     by_id = {p.index: p for p in pending}
     kernels: dict[tuple, Any] = {}
     done: set[int] = set()
@@ -264,19 +298,17 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset):
             item = by_id[idx]
             x = call.args[0]
             x_shape = tuple(int(d) for d in x.ty.shape.values)
-            n, k = item.bsr.shape
+            n, _ = item.bsr.shape
             spec = bk.BSRKernelSpec(x_shape, n, item.bsr.block)
-            sch = bk.choose_schedule(spec.m, n, item.bsr.block, preset, k=k)
-            key = (spec, sch)
-            if key not in kernels:
-                name = f"bsr_matmul{len(kernels)}"
-                func = bk.bsr_matmul_primfunc(spec, sch, name).with_attr("tirx.is_scheduled", True)
-                kernels[key] = (self.builder_.add_func(func, name), name)
-            gv, name = kernels[key]
+            plan = choose(spec, item.bsr)
+            if plan.key not in kernels:
+                name = f"{plan.prefix}{len(kernels)}"
+                func = plan.build(name).with_attr("tirx.is_scheduled", True)
+                kernels[plan.key] = (self.builder_.add_func(func, name), name)
+            gv, name = kernels[plan.key]
             item.layer.kernel = name
-            item.layer.schedule = {"layout": sch.layout, "lanes": sch.lanes, "tile_rows": sch.tile_rows,
-                                   "row_chunk": sch.row_chunk, "k_chunk": sch.k_chunk, "isa": sch.isa}
-            consts = [relax.const(a) for a in bk.kernel_arrays(item.bsr, sch)]
+            item.layer.schedule = plan.schedule
+            consts = [relax.const(a) for a in plan.arrays]
             done.add(idx)
             return relax.call_tir(gv, relax.Tuple([x, *consts]),
                                   out_ty=relax.TensorType(spec.y_shape, "float32"))
@@ -298,11 +330,14 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset):
 
 def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
                 target: Any = "host", lower_dense_below: float | None = None,
-                dense_block: str | BlockShape | None = None) -> ImportResult:
+                dense_block: str | BlockShape | None = None,
+                bsr_kernel: BSRKernelChooser | None = None) -> ImportResult:
     """ONNX model -> Relax IRModule with static ``batch x seq`` inputs and BSR kernels in place.
 
     ``lower_dense_below``: dense MatMul weights whose fraction of non-zero ``dense_block`` blocks
     is at most this are lowered to BSR kernels too (pruned but not rewritten models).
+    ``bsr_kernel``: a chooser ``(spec, bsr) -> KernelPlan`` replacing the CPU kernel (the GPU
+    backend passes its own; ``target`` is then not interpreted here).
     """
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
@@ -312,7 +347,7 @@ def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = D
     if lower_dense_below is not None and dense_block is None:
         raise BlockpruneError("lowering sparse dense weights needs a block shape",
                               "pass dense_block (e.g. --bsr-block 16x1) with the density threshold")
-    preset = resolve_target(target)
+    preset = resolve_target(target) if bsr_kernel is None else None
     prepared, pending, dense = prepare_onnx(model, lower_dense_below, dense_block)
     check_supported(prepared)
     inputs = static_inputs(prepared, batch, seq)
@@ -324,7 +359,7 @@ def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = D
                               "re-export the model without the operator") from None
     nkernels = 0
     if pending:
-        mod, nkernels = _substitute(mod, pending, preset)
+        mod, nkernels = _substitute(mod, pending, preset, bsr_kernel)
     outputs = _outputs(mod, [o.name for o in prepared.graph.output])
     layers = [p.layer for p in pending] + dense
     return ImportResult(mod, inputs, outputs, layers, nkernels)

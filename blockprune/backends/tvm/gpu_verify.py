@@ -1,0 +1,309 @@
+"""Verify every OpenCL kernel of a whole-model GPU build on PoCL against a CPU build of the same PrimFunc.
+
+Why kernel by kernel: no TVM runtime with OpenCL exists here (tvm-notes), so the compiled
+``model.so`` cannot run; what can run is the generated OpenCL C, one kernel at a time, on
+PoCL through pyopencl (:mod:`.opencl_verify`). For each PrimFunc of the GPU-scheduled module
+the reference is the same computation compiled for ``llvm``:
+
+* dense ops scheduled by dlight: the *unscheduled* PrimFunc (plain loops, no schedule that
+  could hide a bug);
+* BSR kernels: :func:`.bsr_gpu_kernel.bsr_reference_primfunc` (same signature, serial loops),
+  run with the real ``data``/``indices``/``indptr`` constants of *every* layer that calls the
+  kernel (random index arrays would read out of bounds and test nothing).
+
+Other float buffers get uniform(-1, 1) values, integer ones (token ids, masks) values in
+{0, 1}: in bounds for any gather over an axis of at least 2. The module checked is rebuilt
+from the artifact's source model with the options in its manifest through the very functions
+compile uses (:func:`.gpu_compile.import_for_gpu`, :func:`.gpu_compile.schedule_for_gpu`), so
+it is the module that was compiled.
+
+Tolerance per kernel: ``atol + rtol * max|reference|`` (defaults ``1e-5`` and ``1e-4``): the
+GPU schedules reorder float32 sums of up to a few thousand terms (a few ulps each) and PoCL's
+``exp``/``erf`` differ from LLVM's by an ulp; a wrong index or a race gives errors of order 1.
+PoCL timings say nothing about a phone; they are not reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from blockprune.errors import BlockpruneError
+
+from . import opencl_verify as ov
+from .artifact import MANIFEST, Manifest
+from .gpu_compile import GPU_PREFIX, KERNELS_CL, GPUImport, import_for_gpu, kernel_names, schedule_for_gpu
+from .gpu_targets import LaunchConfig, resolve_gpu_target
+from .importer import DEFAULT_BATCH, DEFAULT_SEQ
+
+DEFAULT_RTOL, DEFAULT_ATOL = 1e-4, 1e-5
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One OpenCL kernel: where it came from, how it launches, how far it is from the CPU."""
+
+    func: str  # PrimFunc name
+    kernel: str  # OpenCL kernel name
+    kind: str  # "bsr" or "dense (dlight)"
+    launch: LaunchConfig
+    runs: int  # input sets checked (BSR: one per layer using the kernel)
+    max_abs_diff: float
+    tolerance: float  # the largest tolerance over the runs (scale from each run's reference)
+
+    @property
+    def ok(self) -> bool:
+        return bool(np.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.tolerance)
+
+
+@dataclass
+class VerifyReport:
+    target: str
+    rows: list[KernelRow]
+    missing: list[str] = field(default_factory=list)  # kernels of the artifact's kernels.cl not verified
+    artifact_kernels: int | None = None  # distinct kernels in kernels.cl (artifact directories)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.rows) and all(r.ok for r in self.rows) and not self.missing
+
+    @property
+    def failed(self) -> list[KernelRow]:
+        return [r for r in self.rows if not r.ok]
+
+    def table(self) -> str:
+        return format_rows(self.rows)
+
+
+def format_rows(rows: list[KernelRow]) -> str:
+    """Markdown table (no timing column: PoCL time is not a phone's)."""
+    lines = ["| function | kernel | kind | grid (x,y,z) | work-group (x,y,z) | local mem | runs | max abs diff "
+             "| tolerance | ok |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.func} | {r.kernel} | {r.kind} | {r.launch.grid} | {r.launch.block} | "
+                     f"{r.launch.local_bytes} B | {r.runs} | {r.max_abs_diff:.2e} | {r.tolerance:.1e} "
+                     f"| {'yes' if r.ok else 'NO'} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# what to verify
+# ---------------------------------------------------------------------------------------------
+def _from_artifact(directory: Path, target: Any) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """The source model and the compile options of an artifact; refuses a mismatch clearly."""
+    from blockprune.onnx_io import load_onnx
+
+    from .artifact import sha256_file
+
+    manifest = Manifest.read(directory)
+    if manifest.target.get("device") != "opencl":
+        raise BlockpruneError(f"{directory} was compiled for {manifest.target_name!r}, not for an OpenCL GPU",
+                              "compile it with --target mali or --target adreno first")
+    if target is not None and resolve_gpu_target(target).name != manifest.target_name:
+        raise BlockpruneError(f"{directory} was compiled for {manifest.target_name!r}, not "
+                              f"{resolve_gpu_target(target).name!r}",
+                              f"pass --target {manifest.target_name}, or recompile for the other GPU")
+    path = manifest.source.get("path")
+    if not path or not Path(path).is_file():
+        raise BlockpruneError(f"the source model of {directory} ({path}) is not at hand",
+                              "verify the ONNX model itself: blockprune verify --target "
+                              f"{manifest.target_name} MODEL.onnx")
+    if sha256_file(path) != manifest.source.get("sha256"):
+        raise BlockpruneError(f"{path} changed since {directory} was compiled (sha256 differs)",
+                              "recompile the artifact, or verify the model file itself")
+    gpu = manifest.target.get("gpu", {})
+    options = {"target": manifest.target.get("config") if manifest.target_name == "custom" else manifest.target_name,
+               "batch": manifest.batch, "seq": manifest.seq, **gpu}
+    return load_onnx(path), options
+
+
+def _resolve_source(source: Any, target: Any, batch: int | None, seq: int | None):
+    if isinstance(source, onnx.ModelProto):
+        model, options = source, {}
+    else:
+        path = Path(source)
+        if path.is_dir() and (path / MANIFEST).is_file():
+            model, options = _from_artifact(path, target)
+        elif path.is_file():
+            from blockprune.onnx_io import load_onnx
+
+            model, options = load_onnx(path), {}
+        else:
+            raise BlockpruneError(f"{path} is neither a GPU artifact directory nor an ONNX model",
+                                  "pass the directory written by blockprune compile --target mali, or an .onnx file")
+    if "target" not in options:
+        if target is None:
+            raise BlockpruneError("no GPU target given for a model file", "pass --target mali or --target adreno")
+        options["target"] = target
+    options.setdefault("batch", DEFAULT_BATCH if batch is None else batch)
+    options.setdefault("seq", DEFAULT_SEQ if seq is None else seq)
+    return model, options
+
+
+# ---------------------------------------------------------------------------------------------
+# modules and inputs
+# ---------------------------------------------------------------------------------------------
+def _prim_funcs(mod) -> dict[str, Any]:
+    import tvm
+
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+def bsr_layer_arrays(relax_mod, kernel_names: set[str]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """``kernel -> [{"data", "indices", "indptr"[, "bias"]}]``, one per call in ``main`` (the layers).
+
+    Read from the constants the importer bound to each ``call_tir``: the model's own arrays.
+    """
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    out: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in kernel_names}
+    names = ("data", "indices", "indptr", "bias")
+    for gv, func in relax_mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in func.body.blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+                    continue
+                callee = value.args[0].name_hint
+                if callee not in out:
+                    continue
+                consts = [a for a in value.args[1].fields[1:]]
+                if not all(isinstance(c, tvm.ir.expr.Constant) for c in consts):
+                    raise BlockpruneError(f"the BSR arrays of a call to {callee} are not constants",
+                                          "this is a bug in the GPU import; report it with the model")
+                out[callee].append({n: c.value.numpy() for n, c in zip(names, consts)})
+    return out
+
+
+def _dense_inputs(func, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Arrays for a static-shape PrimFunc: uniform(-1, 1) floats, integers in {0, 1}.
+
+    {0, 1} keeps token ids, masks and gather indices in bounds for any axis of at least 2.
+    """
+    arrays = {}
+    for name, shape, dtype in ov._param_buffers(func):
+        try:
+            dims = tuple(int(d) for d in shape)
+        except TypeError:
+            raise BlockpruneError(f"{name} of a dense PrimFunc has a symbolic shape {shape}",
+                                  "the GPU backend compiles static shapes only (fix batch and seq)") from None
+        dt = np.dtype(dtype)
+        values = rng.uniform(-1.0, 1.0, size=dims) if dt.kind == "f" else rng.integers(0, 2, size=dims)
+        arrays[name] = np.asarray(values, dtype=dt)
+    return arrays
+
+
+@dataclass
+class GPUModules:
+    """The scheduled PrimFuncs, their CPU references and the inputs BSR kernels need."""
+
+    gpu: Any  # tvm.IRModule of GPU-scheduled PrimFuncs
+    ref: Any  # same names, CPU reference PrimFuncs
+    bsr_inputs: dict[str, list[dict[str, np.ndarray]]]
+    gpu_import: GPUImport
+
+
+def gpu_modules(model: onnx.ModelProto, target: Any = "mali", batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
+                **options: Any) -> GPUModules:
+    """Import and schedule ``model`` exactly as compile does; pair each PrimFunc with its reference."""
+    import tvm
+
+    from .bsr_gpu_kernel import bsr_reference_primfunc
+
+    gpu_import = import_for_gpu(model, target, batch, seq, **options)
+    scheduled, unscheduled = schedule_for_gpu(gpu_import.imported.mod, gpu_import.preset)
+    gpu_funcs = _prim_funcs(scheduled)
+    ref_funcs = _prim_funcs(unscheduled)
+    for name, (spec, _) in gpu_import.kernel_specs.items():
+        ref_funcs[name] = bsr_reference_primfunc(spec, name)
+    bsr = bsr_layer_arrays(scheduled, set(gpu_import.kernel_specs))
+    return GPUModules(tvm.IRModule(gpu_funcs), tvm.IRModule(ref_funcs), bsr, gpu_import)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+def verify_modules(mods: GPUModules, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                   seed: int = 0) -> list[KernelRow]:
+    """Run each PrimFunc's kernels on PoCL and its reference on llvm; one row per kernel."""
+    ov._opencl_context()  # fail early, naming pocl-opencl-icd
+    preset = mods.gpu_import.preset
+    lowered = ov.lower_for_opencl(mods.gpu, preset)
+    cpu = ov.compile_reference(mods.ref)
+    rng = np.random.default_rng(seed)
+    rows: list[KernelRow] = []
+    for name, func in _prim_funcs(mods.gpu).items():
+        is_bsr = name in mods.gpu_import.kernel_specs
+        input_sets = mods.bsr_inputs.get(name, []) if is_bsr else [None]
+        if is_bsr and not input_sets:
+            continue  # a kernel no layer calls (cannot happen after import; nothing to run)
+        if name not in lowered.launches:
+            raise BlockpruneError(f"cannot derive the launch configuration of {name!r}: it launches no GPU kernel",
+                                  "schedule it for the GPU; unscheduled loops would stay on the host")
+        order = [p[0] for p in ov._param_buffers(func)]
+        per_kernel: dict[str, dict[str, Any]] = {}
+        for given in input_sets:
+            if is_bsr:  # real BSR arrays; X and Y random (nnzb is symbolic: bound from them)
+                given = {k: v for k, v in given.items() if k in order}
+                arrays, env = ov._bind_inputs(name, func, given, rng)
+            else:
+                arrays, env = _dense_inputs(func, rng), {}
+            gpu_out, launched = ov.run_on_opencl(lowered, name, arrays, env, preset)
+            cpu_out = ov.run_on_cpu(cpu, name, arrays, order)
+            diff, scale = _compare(gpu_out, cpu_out)
+            for kernel, config, _ in launched:
+                row = per_kernel.setdefault(kernel, {"launch": config, "runs": 0, "diff": 0.0, "tol": 0.0})
+                row["runs"] += 1
+                row["diff"] = max(row["diff"], diff)
+                row["tol"] = max(row["tol"], atol + rtol * scale)
+        for kernel, r in per_kernel.items():
+            rows.append(KernelRow(name, kernel, "bsr" if is_bsr else "dense (dlight)", r["launch"], r["runs"],
+                                  r["diff"], r["tol"]))
+    return rows
+
+
+def _compare(gpu_out: dict[str, np.ndarray], cpu_out: dict[str, np.ndarray]) -> tuple[float, float]:
+    """Max |GPU - CPU| over every buffer, and max |reference| over the float ones."""
+    diff, scale = 0.0, 0.0
+    for pname, ref in cpu_out.items():
+        if not ref.size:
+            continue
+        got = gpu_out[pname].astype(np.float64)
+        d = np.abs(got - ref.astype(np.float64))
+        diff = max(diff, float(np.nanmax(d)) if np.isfinite(d).all() else float("inf"))
+        if ref.dtype.kind == "f":
+            scale = max(scale, float(np.max(np.abs(ref))))
+    return diff, scale
+
+
+def verify_artifact_kernels(source: "str | os.PathLike | onnx.ModelProto", target: Any = None, *,
+                            batch: int | None = None, seq: int | None = None, rtol: float = DEFAULT_RTOL,
+                            atol: float = DEFAULT_ATOL, seed: int = 0) -> VerifyReport:
+    """Per-kernel PoCL-vs-CPU table for an artifact directory (its source model and options) or a model.
+
+    ``target`` is required for a model and, for an artifact, must be the one it was built for.
+    """
+    ov._opencl_context()  # before any import work: no platform -> the install hint
+    model, options = _resolve_source(source, target, batch, seq)
+    mods = gpu_modules(model, **options)
+    rows = verify_modules(mods, rtol=rtol, atol=atol, seed=seed)
+    report = VerifyReport(mods.gpu_import.preset.name, rows)
+    if not isinstance(source, onnx.ModelProto) and (Path(source) / KERNELS_CL).is_file():
+        # every kernel the artifact ships must be among those just verified (same build)
+        shipped = kernel_names((Path(source) / KERNELS_CL).read_text())
+        report.artifact_kernels = len(shipped)
+        report.missing = sorted(shipped - {r.kernel for r in rows})
+    return report
+
+
+__all__ = ["KernelRow", "VerifyReport", "verify_artifact_kernels", "gpu_modules", "verify_modules",
+           "bsr_layer_arrays", "format_rows", "GPU_PREFIX"]
