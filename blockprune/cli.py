@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_inspect)
 
+    from blockprune.frontends.train_cli import add_train_parser  # train: learn masks on GLUE (torch, lazily)
+
+    add_train_parser(sub)
+
     from blockprune.backends.tvm.cli import add_backend_parsers  # compile, run, bench (TVM imported lazily)
     from blockprune.backends.tvm.gpu_cli import add_gpu_parsers  # verify; mali/adreno in compile/run/bench
 
