@@ -34,6 +34,8 @@ from typing import Callable
 
 import numpy as np
 
+from blockprune.bench_timing import time_calls
+
 M = 128
 SHAPES = [(768, 3072), (3072, 768), (768, 768)]
 BLOCKS = ["1x32", "16x1", "4x4", "32x32"]
@@ -60,19 +62,6 @@ class Row:
 
     def useful_gflops(self, clock: str) -> float:
         return 2.0 * M * self.k * self.n * (1.0 - self.sparsity) / self.seconds(clock) / 1e9
-
-
-def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float]:
-    """Median (wall, process-CPU) seconds of ``call()`` over ``runs`` calls."""
-    for _ in range(warmup):
-        call()
-    walls, cpus = [], []
-    for _ in range(runs):
-        w0, c0 = time.perf_counter(), time.process_time()
-        call()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return float(np.median(walls)), float(np.median(cpus))
 
 
 def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, sparsity: float) -> np.ndarray:

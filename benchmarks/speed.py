@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from blockprune.bench_timing import time_calls
+
 RESULTS = Path(__file__).resolve().parent / "results"
 M_DEFAULT = 128
 
@@ -72,19 +74,6 @@ def break_even_density(densities: Sequence[float], bsr_seconds: Sequence[float],
             frac = (t_hi - dense_seconds) / (t_hi - t_lo)
             return float(d_hi + frac * (d_lo - d_hi))
     return None
-
-
-def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float]:
-    """Median (wall, process-CPU) seconds of ``call()`` over ``runs`` calls."""
-    for _ in range(warmup):
-        call()
-    walls, cpus = [], []
-    for _ in range(runs):
-        w0, c0 = time.perf_counter(), time.process_time()
-        call()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-    return float(np.median(walls)), float(np.median(cpus))
 
 
 @dataclass

@@ -1,0 +1,26 @@
+"""Timing for benchmarks: medians of wall and process-CPU time.
+
+Why both clocks: on a shared machine the wall clock measures the neighbours too; process-CPU time
+is steadier for single-threaded runs, while wall time is the one that counts with several
+threads. Benchmarks report which clock they use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+
+def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[float, float]:
+    """Median (wall, process-CPU) seconds of ``call()`` over ``runs`` calls."""
+    for _ in range(warmup):
+        call()
+    walls, cpus = [], []
+    for _ in range(runs):
+        w0, c0 = time.perf_counter(), time.process_time()
+        call()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+    return float(np.median(walls)), float(np.median(cpus))
