@@ -43,6 +43,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from blockprune.backends.tvm.calibrate import (  # noqa: E402  (shared with `blockprune calibrate`)
+    block_sparse_weight, break_even_density, bsr_call, tvm_dense_call)
 from blockprune.bench_timing import time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,28 +54,6 @@ M_DEFAULT = 128
 # --------------------------------------------------------------------------------------------
 # Pure logic (unit-tested): break-even interpolation and timing statistics
 # --------------------------------------------------------------------------------------------
-
-
-def break_even_density(densities: Sequence[float], bsr_seconds: Sequence[float], dense_seconds: float) -> float | None:
-    """The density at which the BSR kernel takes as long as the dense path.
-
-    Why interpolate: the sweep is coarse (steps of 0.1) and the policy needs one threshold.
-    Points are sorted by density; walking from dense to sparse, the first pair where BSR goes
-    from slower (or equal) to faster than dense brackets the crossing, and the crossing is
-    interpolated linearly in time. Returns the highest tested density when BSR is already faster
-    there (break-even at or above it; a lower bound) and None when BSR never beats dense.
-    """
-    if len(densities) != len(bsr_seconds) or not densities:
-        raise ValueError("densities and bsr_seconds must be non-empty and of equal length")
-    pts = sorted(zip(densities, bsr_seconds), key=lambda p: -p[0])
-    if pts[0][1] < dense_seconds:
-        return float(pts[0][0])
-    for (d_hi, t_hi), (d_lo, t_lo) in zip(pts, pts[1:]):
-        if t_hi >= dense_seconds > t_lo:
-            # t(d) linear between the points; solve t(d) = dense_seconds
-            frac = (t_hi - dense_seconds) / (t_hi - t_lo)
-            return float(d_hi + frac * (d_lo - d_hi))
-    return None
 
 
 @dataclass
@@ -132,50 +112,11 @@ def _ort_options(threads: int):
 
 
 def _tvm_matmul(wt: np.ndarray, x: np.ndarray) -> Callable[[], object]:
-    """The TVM dense path for one Linear: Relax matmul with a constant weight, compiled with the
-    project's pipeline (so the dense CPU schedules apply when their module is present)."""
-    import tvm
-    from tvm import relax
-
-    from blockprune.backends.tvm.compile import compile_relax
-    from blockprune.backends.tvm.targets import resolve_target
-
-    bb = relax.BlockBuilder()
-    xv = relax.Var(name="x", ty=relax.TensorType(shape=list(x.shape), dtype="float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = bb.emit(relax.op.matmul(xv, relax.const(np.ascontiguousarray(wt))))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    ex = compile_relax(bb.get(), resolve_target("host"))
-    vm = relax.VirtualMachine(ex, tvm.cpu())
-    xt = tvm.runtime.tensor(x)
-    got = vm["main"](xt).numpy()
-    err = float(np.abs(got - x @ wt).max())
-    if err > 1e-2:
-        raise RuntimeError(f"TVM dense matmul differs from numpy by {err}")
-    fn = vm["main"]
-    return lambda: fn(xt)
-
-
-def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, density: float) -> np.ndarray:
-    """W[n, k] keeping round(density * blocks) blocks chosen uniformly at random."""
-    r, c = (int(v) for v in block.split("x"))
-    gr, gc = n // r, k // c
-    keep = np.zeros(gr * gc, dtype=bool)
-    keep[rng.permutation(gr * gc)[: max(1, round(density * gr * gc))]] = True
-    mask = np.repeat(np.repeat(keep.reshape(gr, gc), r, 0), c, 1)
-    return rng.standard_normal((n, k)).astype(np.float32) * mask
+    return tvm_dense_call(wt, x)
 
 
 def _bsr_call(w: np.ndarray, x: np.ndarray, block: str) -> tuple[Callable[[], object], float]:
-    from blockprune.backends.tvm.bsr_kernel import build_bsr_kernel
-    from blockprune.bsr import dense_to_bsr
-
-    bsr = dense_to_bsr(w, block)
-    kernel = build_bsr_kernel(x.shape, w.shape[0], block)
-    err = float(np.abs(kernel(x, bsr) - x @ w.T).max())
-    return kernel.prepared_call(x, bsr), err
+    return bsr_call(w, x, block)
 
 
 @dataclass

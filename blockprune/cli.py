@@ -91,8 +91,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if args.sparsity is None:
             args.sparsity = 0.5
         prune = _prune_config(args)
+    break_even = args.break_even
+    if args.break_even_file:
+        from blockprune.backends.tvm.calibrate import BreakEvenTable
+
+        break_even = BreakEvenTable.load(args.break_even_file)
     res = compress_file(args.model, out, prune=prune, masks_path=args.masks, reorder=args.reorder,
-                        reorder_block=args.reorder_block, form=args.form, break_even=args.break_even,
+                        reorder_block=args.reorder_block, form=args.form, break_even=break_even,
                         verify=not args.no_verify, atol=args.atol, progress=True)
     console.print(layer_table(res.stats, title=f"{out.name}: prunable layers"))
     rows = [("output", str(res.output)),
@@ -205,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--form", choices=["auto", "bsr", "compact", "dense"], default="auto")
     c.add_argument("--break-even", type=float, default=0.6,
                    help="density at or below which a layer goes block-sparse (default 0.6)")
+    c.add_argument("--break-even-file", help="measured break-evens from `blockprune calibrate` (overrides --break-even)")
     c.add_argument("--atol", type=float, default=1e-4)
     c.add_argument("--no-verify", action="store_true")
     c.set_defaults(func=cmd_compress)

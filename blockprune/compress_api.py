@@ -47,7 +47,7 @@ class CompressResult:
 
 def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, masks: MaskSet | None = None,
                    reorder: bool = True, reorder_block: str | BlockShape | None = None, form: str = "auto",
-                   break_even: float = DEFAULT_BREAK_EVEN, verify: bool = True, atol: float = DEFAULT_ATOL,
+                   break_even: "float | object" = DEFAULT_BREAK_EVEN, verify: bool = True, atol: float = DEFAULT_ATOL,
                    progress: bool = False) -> CompressResult:
     from blockprune.errors import BlockpruneError
     from tqdm.auto import tqdm

@@ -252,3 +252,22 @@ def test_aarch64_cross_compile_gives_a_neon_elf(tmp_path):
     assert struct.unpack("<H", header[18:20])[0] == 183  # e_machine = EM_AARCH64
     with pytest.raises(BlockpruneError, match="cannot run here"):
         kernel(np.zeros((M, K), np.float32), dense_to_bsr(np.ones((N, K), np.float32), "1x32"), np.zeros(N))
+
+
+def test_android_preset_needs_an_ndk(monkeypatch, tmp_path):
+    """The Android preset says clearly that it needs an NDK, and finds one where ANDROID_NDK_HOME points."""
+    from blockprune.backends.tvm.targets import find_cross_compiler, get_preset
+
+    for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    preset = get_preset("android-arm64")
+    assert preset.config["mtriple"] == "aarch64-linux-android" and preset.is_cross
+    with pytest.raises(BlockpruneError, match="needs the Android NDK") as exc:
+        find_cross_compiler(preset)
+    assert "ANDROID_NDK_HOME" in exc.value.fix
+    fake = tmp_path / "ndk" / "toolchains" / "llvm" / "prebuilt" / "linux-x86_64" / "bin"
+    fake.mkdir(parents=True)
+    (fake / preset.cross_compiler).write_text("#!/bin/sh\n")
+    monkeypatch.setenv("ANDROID_NDK_HOME", str(tmp_path / "ndk"))
+    assert find_cross_compiler(preset) == str(fake / preset.cross_compiler)

@@ -5,9 +5,15 @@ removed by the Compact pass, recorded as ``compacted`` in the layer's metadata).
 a pruned layer is a break-even density: below it BSR beats dense; the default is a parameter for
 now (the TVM backends measure break-evens per target and will feed them here). The decision and
 its reason go into metadata ``blockprune.layers`` for `blockprune inspect` and the backends.
+
+``break_even`` is a number, or a measured table from the backend's calibration
+(``blockprune.backends.tvm.calibrate.BreakEvenTable``; any object with
+``lookup(out, in, block) -> (density, source)``), so that passes never import a backend.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -24,10 +30,13 @@ DEFAULT_BREAK_EVEN = 0.6
 class Policy(Pass):
     name = "policy"
 
-    def __init__(self, form: str = "auto", break_even: float = DEFAULT_BREAK_EVEN,
+    def __init__(self, form: str = "auto", break_even: "float | Any" = DEFAULT_BREAK_EVEN,
                  block: str | BlockShape | None = None) -> None:
         if form not in FORMS:
             raise BlockpruneError(f"unknown form {form!r}", f"use one of: {', '.join(FORMS)}")
+        self.table = break_even if hasattr(break_even, "lookup") else None
+        if self.table is not None:
+            break_even = DEFAULT_BREAK_EVEN
         if not 0.0 < break_even <= 1.0:
             raise BlockpruneError(f"break-even density {break_even} is outside (0, 1]",
                                   "give the density below which block-sparse beats dense, e.g. 0.6")
@@ -58,10 +67,14 @@ class Policy(Pass):
                 form, why = "dense", f"block {block} does not divide {oi.shape[0]}x{oi.shape[1]}"
             elif self.form == "bsr":
                 form, why = "bsr", "--form bsr"
-            elif density <= self.break_even:
-                form, why = "bsr", f"density {density:.2f} <= break-even {self.break_even:.2f}"
             else:
-                form, why = "dense", f"density {density:.2f} > break-even {self.break_even:.2f}"
+                be, src = (self.table.lookup(oi.shape[0], oi.shape[1], str(block)) if self.table is not None
+                           else (self.break_even, "parameter"))
+                src = "" if src == "parameter" else f" ({src})"
+                if density <= be:
+                    form, why = "bsr", f"density {density:.2f} <= break-even {be:.2f}{src}"
+                else:
+                    form, why = "dense", f"density {density:.2f} > break-even {be:.2f}{src}"
             if prefix:
                 why = f"compacted {info['compacted'][0]} -> {info['compacted'][1]}; " + why
             decisions[w.initializer] = {"form": prefix + form, "reason": why, "density": density}

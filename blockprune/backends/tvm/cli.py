@@ -91,8 +91,52 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape_list(text: str) -> list[tuple[int, int]]:
+    from blockprune.errors import BlockpruneError
+
+    shapes = []
+    for part in text.split(","):
+        try:
+            out_f, in_f = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise BlockpruneError(f"layer shape {part!r} is not OUTxIN", "e.g. --shapes 3072x768,768x3072,768x768")
+        shapes.append((out_f, in_f))
+    return shapes
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from blockprune.backends.tvm.calibrate import calibrate
+    from blockprune.console import console, kv_table
+
+    if args.model:
+        from blockprune.onnx_io import load_onnx
+        from blockprune.passes.find_weights import find_weights, require_weights
+
+        shapes = sorted({w.shape for w in require_weights(find_weights(load_onnx(args.model)))})
+    else:
+        shapes = _shape_list(args.shapes)
+    table = calibrate(shapes, blocks=args.blocks.split(","), densities=[float(d) for d in args.densities.split(",")],
+                      target=args.target, m=args.m, runs=args.runs)
+    table.save(args.output)
+    rows = [(f"{e.n}x{e.k} {e.block}", "never faster than dense" if e.density is None else
+             f"break-even density {e.density:.2f} (dense {e.dense_ms:.3f} ms)") for e in table.entries]
+    console.print(kv_table(f"break-even densities on {table.target} (M={table.m}) -> {args.output}", rows))
+    return 0
+
+
 def add_backend_parsers(sub) -> None:
-    """Add ``compile``, ``run`` and ``bench`` to the main CLI's subparsers."""
+    """Add ``compile``, ``run``, ``bench`` and ``calibrate`` to the main CLI's subparsers."""
+    k = sub.add_parser("calibrate", help="measure per-shape break-even densities (BSR vs dense) on this machine")
+    k.add_argument("-o", "--output", required=True, help="JSON for `blockprune compress --break-even-file`")
+    k.add_argument("--target", default="host", help="a target this machine runs natively (default host)")
+    k.add_argument("--model", help="take the layer shapes from this ONNX model")
+    k.add_argument("--shapes", default="3072x768,768x3072,768x768", help="OUTxIN list (default BERT-base)")
+    k.add_argument("--blocks", default="1x32,16x1,4x4,32x32")
+    k.add_argument("--densities", default="1.0,0.8,0.6,0.5,0.4,0.3,0.2,0.1")
+    k.add_argument("--m", type=int, default=128, help="rows of the activation (batch x sequence)")
+    k.add_argument("--runs", type=int, default=10, help="timed runs per point (median of process CPU time)")
+    k.set_defaults(func=cmd_calibrate)
+
     c = sub.add_parser("compile", help="compile an ONNX model with TVM for a CPU target (x86-64, aarch64, ...)")
     c.add_argument("model", help="ONNX model: dense, compacted or block-sparse")
     c.add_argument("-o", "--output", required=True, help="artifact directory (model.so + manifest.json)")

@@ -96,6 +96,52 @@ def _aarch64(name: str, description: str, mcpu: str | None) -> TargetPreset:
     )
 
 
+ANDROID_TRIPLE = "aarch64-linux-android"
+ANDROID_API = 28  # Android 9: the oldest API level the NDK's current releases target by default
+NDK_ENV_VARS = ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK")
+
+
+def _android_arm64() -> TargetPreset:
+    """Android phones' arm64 cores: bionic libc, so the NDK's clang links the library.
+
+    The NDK is not packaged for Debian and cannot be fetched here: users point ANDROID_NDK_HOME
+    at theirs. There is no emulator for this preset on a Linux host (bionic binaries need an
+    Android device or emulator): run and bench on a phone over RPC.
+    """
+    return TargetPreset(
+        name="android-arm64",
+        description=f"Android arm64 phone (NDK clang, API {ANDROID_API}, NEON)",
+        config={"kind": "llvm", "mtriple": ANDROID_TRIPLE, "mattr": ["+neon"], "num-cores": _BOARD_CORES},
+        arch="aarch64",
+        cross_compiler=f"{ANDROID_TRIPLE}{ANDROID_API}-clang++",
+        cross_package="the Android NDK (set ANDROID_NDK_HOME)",
+        extra={"ndk": True, "api": ANDROID_API},
+    )
+
+
+def find_ndk_compiler(preset: TargetPreset) -> str:
+    """The NDK clang++ for ``preset``, or a clear error saying how to provide an NDK."""
+    tried = []
+    for var in NDK_ENV_VARS:
+        root = os.environ.get(var)
+        if not root:
+            continue
+        tried.append(f"{var}={root}")
+        for host in ("linux-x86_64", "linux-aarch64", "darwin-x86_64"):
+            cand = os.path.join(root, "toolchains", "llvm", "prebuilt", host, "bin", preset.cross_compiler)
+            if os.path.isfile(cand):
+                return cand
+    on_path = shutil.which(preset.cross_compiler)
+    if on_path:
+        return on_path
+    where = f" (looked under {', '.join(tried)})" if tried else ""
+    raise BlockpruneError(
+        f"target {preset.name!r} needs the Android NDK's {preset.cross_compiler}, which was not found{where}",
+        "install an Android NDK (r26 or newer) from developer.android.com and set ANDROID_NDK_HOME to it; "
+        "for a Linux arm64 board use --target aarch64 or cortex-a72/a76 instead",
+    )
+
+
 # name -> factory; factories because the host preset asks LLVM about the running CPU.
 _PRESETS: dict[str, Callable[[], TargetPreset]] = {
     "x86-64": _host_x86,
@@ -103,6 +149,7 @@ _PRESETS: dict[str, Callable[[], TargetPreset]] = {
     "cortex-a53": lambda: _aarch64("cortex-a53", "Cortex-A53 (Raspberry Pi 3, in-order)", "cortex-a53"),
     "cortex-a72": lambda: _aarch64("cortex-a72", "Cortex-A72 (Raspberry Pi 4)", "cortex-a72"),
     "cortex-a76": lambda: _aarch64("cortex-a76", "Cortex-A76 (Raspberry Pi 5, phone big cores)", "cortex-a76"),
+    "android-arm64": _android_arm64,
 }
 
 
@@ -204,6 +251,8 @@ def find_cross_compiler(preset: "TargetPreset | str") -> str | None:
     Raises a BlockpruneError naming the Debian package when the cross compiler is missing.
     """
     preset = resolve_target(preset)
+    if preset.extra.get("ndk"):
+        return find_ndk_compiler(preset)
     if preset.cross_compiler is None or not preset.is_cross:
         return None
     path = shutil.which(preset.cross_compiler)

@@ -1,0 +1,200 @@
+"""Measured break-even densities: below which density a block-sparse layer beats dense, per target.
+
+Why measure: the density at which our BSR kernel overtakes the dense path depends on the layer
+shape, the block shape and the CPU (1x32 row segments need ~0.5 density on an FFN-down shape,
+16x1 columns are already as fast as dense at 1.0 on some). A single guessed threshold either
+leaves speed on the table or makes layers slower. ``calibrate`` sweeps densities for each
+(shape, block), times the TVM BSR kernel against the TVM dense matmul compiled with the project's
+pipeline, and interpolates the crossing. The resulting ``BreakEvenTable`` (JSON) is what the
+passes' ``Policy`` reads (`blockprune compress --break-even-file`).
+
+Calibration runs on this machine only (targets this host can execute); for a board, run it there.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from blockprune.blocks import BlockShape
+from blockprune.errors import BlockpruneError
+from blockprune.io import atomic_path
+
+TABLE_FORMAT = "blockprune.break-even/1"
+DEFAULT_DENSITIES = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
+DEFAULT_BLOCKS = ("1x32", "16x1", "4x4", "32x32")
+
+
+def break_even_density(densities: Sequence[float], bsr_seconds: Sequence[float], dense_seconds: float) -> float | None:
+    """The density at which the BSR kernel takes as long as the dense path.
+
+    Why interpolate: the sweep is coarse (steps of 0.1) and the policy needs one threshold.
+    Points are sorted by density; walking from dense to sparse, the first pair where BSR goes
+    from slower (or equal) to faster than dense brackets the crossing, and the crossing is
+    interpolated linearly in time. Returns the highest tested density when BSR is already faster
+    there (break-even at or above it; a lower bound) and None when BSR never beats dense.
+    """
+    if len(densities) != len(bsr_seconds) or not densities:
+        raise ValueError("densities and bsr_seconds must be non-empty and of equal length")
+    pts = sorted(zip(densities, bsr_seconds), key=lambda p: -p[0])
+    if pts[0][1] < dense_seconds:
+        return float(pts[0][0])
+    for (d_hi, t_hi), (d_lo, t_lo) in zip(pts, pts[1:]):
+        if t_hi >= dense_seconds > t_lo:
+            frac = (t_hi - dense_seconds) / (t_hi - t_lo)
+            return float(d_hi + frac * (d_lo - d_hi))
+    return None
+
+
+def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, density: float) -> np.ndarray:
+    """W[n, k] keeping round(density * blocks) blocks chosen uniformly at random (at least one)."""
+    r, c = (int(v) for v in block.split("x"))
+    gr, gc = n // r, k // c
+    keep = np.zeros(gr * gc, dtype=bool)
+    keep[rng.permutation(gr * gc)[: max(1, round(density * gr * gc))]] = True
+    mask = np.repeat(np.repeat(keep.reshape(gr, gc), r, 0), c, 1)
+    return rng.standard_normal((n, k)).astype(np.float32) * mask
+
+
+def tvm_dense_call(wt: np.ndarray, x: np.ndarray, target: str = "host") -> Callable[[], object]:
+    """The TVM dense path for one Linear (``x @ wt``, ``wt`` = W^T constant), compiled with our pipeline."""
+    import tvm
+    from tvm import relax
+
+    from blockprune.backends.tvm.compile import compile_relax
+    from blockprune.backends.tvm.targets import resolve_target
+
+    bb = relax.BlockBuilder()
+    xv = relax.Var(name="x", ty=relax.TensorType(shape=list(x.shape), dtype="float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(xv, relax.const(np.ascontiguousarray(wt))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    ex = compile_relax(bb.get(), resolve_target(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xt = tvm.runtime.tensor(x)
+    got = vm["main"](xt).numpy()
+    err = float(np.abs(got - x @ wt).max())
+    if err > 1e-2:
+        raise RuntimeError(f"TVM dense matmul differs from numpy by {err}")
+    fn = vm["main"]
+    return lambda: fn(xt)
+
+
+def bsr_call(w: np.ndarray, x: np.ndarray, block: str, target: str = "host") -> tuple[Callable[[], object], float]:
+    """The TVM BSR kernel for ``W[n, k]`` (and its max error vs numpy)."""
+    from blockprune.backends.tvm.bsr_kernel import build_bsr_kernel
+    from blockprune.bsr import dense_to_bsr
+
+    bsr = dense_to_bsr(w, block)
+    kernel = build_bsr_kernel(x.shape, w.shape[0], block, target=target)
+    err = float(np.abs(kernel(x, bsr) - x @ w.T).max())
+    return kernel.prepared_call(x, bsr), err
+
+
+@dataclass
+class BreakEven:
+    k: int  # in features
+    n: int  # out features
+    block: str
+    density: float | None  # None: BSR never beat dense in the sweep
+    dense_ms: float = 0.0
+    sweep_ms: dict[str, float] = field(default_factory=dict)  # density -> BSR ms
+
+
+@dataclass
+class BreakEvenTable:
+    """Measured break-evens for one target; ``lookup`` answers the Policy's question per layer."""
+
+    target: str
+    m: int
+    threads: int
+    entries: list[BreakEven]
+    default: float = 0.6
+    machine: str = ""
+    measured: str = ""
+
+    def lookup(self, out_f: int, in_f: int, block: str) -> tuple[float, str]:
+        """(break-even density, where it came from) for a layer ``W[out_f, in_f]`` with ``block``."""
+        same_block = [e for e in self.entries if e.block == str(block)]
+        exact = [e for e in same_block if (e.n, e.k) == (out_f, in_f)]
+        if exact:
+            e, how = exact[0], "measured"
+        elif same_block:
+            size = out_f * in_f
+            e = min(same_block, key=lambda x: abs(np.log((x.n * x.k) / size)))
+            how = f"measured on {e.n}x{e.k}"
+        else:
+            return self.default, f"default (no {block} measurement)"
+        return (0.0 if e.density is None else e.density), f"{how} on {self.target}"
+
+    def save(self, path: str | Path) -> Path:
+        data = {"format": TABLE_FORMAT, **asdict(self)}
+        path = Path(path)
+        with atomic_path(path, suffix=".json") as tmp:
+            tmp.write_text(json.dumps(data, indent=2))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BreakEvenTable":
+        path = Path(path)
+        if not path.is_file():
+            raise BlockpruneError(f"break-even file {str(path)!r} does not exist",
+                                  "create it with `blockprune calibrate --target ... -o FILE`")
+        try:
+            data = json.loads(path.read_text())
+            if data.pop("format", None) != TABLE_FORMAT:
+                raise ValueError(f"format is not {TABLE_FORMAT}")
+            entries = [BreakEven(**e) for e in data.pop("entries")]
+            return cls(entries=entries, **data)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BlockpruneError(f"break-even file {str(path)!r} is not a blockprune calibration ({exc})",
+                                  "regenerate it with `blockprune calibrate`") from exc
+
+
+def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT_BLOCKS,
+              densities: Sequence[float] = DEFAULT_DENSITIES, target: str = "host", m: int = 128,
+              runs: int = 10, threads: int | None = None, progress: bool = True) -> BreakEvenTable:
+    """Sweep every (out, in) shape and block on this machine; shapes a block does not divide are skipped."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    from blockprune.backends.tvm.targets import resolve_target
+    from blockprune.bench_timing import time_calls
+
+    preset = resolve_target(target)
+    if preset.is_cross:
+        raise BlockpruneError(
+            f"cannot calibrate {preset.name!r} here: its code does not run natively on this machine",
+            "run `blockprune calibrate` on the board itself (timings under emulation mean nothing)",
+        )
+    rng = np.random.default_rng(0)
+    jobs = [(n, k, BlockShape.parse(b)) for (n, k) in shapes for b in blocks]
+    jobs = [(n, k, b) for n, k, b in jobs if n % b.rows == 0 and k % b.cols == 0]
+    entries = []
+    bar = tqdm(jobs, desc="calibrate", unit="shape x block", disable=not progress)
+    dense_cache: dict[tuple[int, int], float] = {}
+    for n, k, b in bar:
+        bar.set_postfix_str(f"{n}x{k} {b}")
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        if (n, k) not in dense_cache:
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            dense_cache[(n, k)] = time_calls(tvm_dense_call(np.ascontiguousarray(w.T), x, target), runs)[1]
+        dense_s = dense_cache[(n, k)]
+        times = []
+        for d in densities:
+            call, _ = bsr_call(block_sparse_weight(rng, n, k, str(b), d), x, str(b), target)
+            times.append(time_calls(call, runs)[1])
+        entries.append(BreakEven(k, n, str(b), break_even_density(list(densities), times, dense_s),
+                                 dense_s * 1e3, {f"{d:g}": t * 1e3 for d, t in zip(densities, times)}))
+    return BreakEvenTable(preset.name, m, threads or int(os.environ.get("TVM_NUM_THREADS", "1")), entries,
+                          machine=f"{platform.machine()} {platform.processor()}".strip(),
+                          measured=str(date.today()))
