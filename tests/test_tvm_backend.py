@@ -230,3 +230,22 @@ def test_bench_over_loopback_rpc(x86_artifact):
     finally:
         server.terminate()
     assert len(times) == 2 and all(0 < t < 1.0 for t in times)
+
+
+@pytest.mark.parametrize("form", ["dense", "compact", "bsr"])
+def test_bundled_minilm_matches_onnxruntime(minilm_demo, tmp_path, form):
+    """The real model (MiniLM-L6-H384) in each form, compiled for x86, against onnxruntime."""
+    from blockprune.compress_api import compress_model
+    from blockprune.passes import PruneConfig
+
+    model = onnx.load(minilm_demo["dense_model"])
+    if form != "dense":
+        block, sparsity, how = FORMS[form]
+        model = compress_model(model, prune=PruneConfig(block=block, sparsity=sparsity), form=how,
+                               verify=False).model
+    res, run, diffs = compile_and_compare(model, tmp_path / "art")
+    assert max(diffs.values()) <= ATOL, diffs
+    m = Manifest.read(tmp_path / "art")
+    assert len(m.layers) == 36
+    if form == "bsr":
+        assert sum(layer["form"] == "bsr" for layer in m.layers) >= 24 and m.kernels >= 1
