@@ -21,6 +21,7 @@ from tvm import relax  # noqa: E402
 from blockprune.backends.tvm.cpu_schedules import (compile_relax, schedule_relax,  # noqa: E402
                                                    schedule_report)
 from blockprune.backends.tvm.schedules import CpuInfo, choose_matmul_tile  # noqa: E402
+from blockprune.backends.tvm.schedules.matmul import choose_padded_tile  # noqa: E402
 from blockprune.backends.tvm.targets import get_preset, host_preset  # noqa: E402
 
 ATOL = 1e-4
@@ -69,6 +70,22 @@ def test_tile_fits_registers_and_stack():
         assert t.rows * t.cols * 4 < 1024  # stack-allocated accumulator
 
 
+def test_padded_tile_is_full_width_for_compacted_sizes():
+    """N = 77 / 307 (a compacted Linear) get a full-width tile over padded N, not 1 lane; sizes
+    that tile exactly keep the exact tile."""
+    avx2 = CpuInfo(lanes=8, registers=16, max_acc=12, cores=2, isa="avx2")
+    neon = CpuInfo(lanes=4, registers=32, max_acc=24, cores=4, isa="neon")
+    for info in (avx2, neon):
+        for m, n in [(128, 77), (128, 307), (128, 13), (7, 77), (7, 13), (13, 5)]:
+            t, m_pad, n_pad = choose_padded_tile(m, n, info)
+            assert t.lanes == info.lanes and m_pad % t.rows == 0 and n_pad % t.cols == 0
+            assert m <= m_pad < m + t.rows and n <= n_pad < n + t.cols
+            assert t.rows * t.vectors <= info.max_acc and t.rows * t.vectors + t.vectors + 1 <= info.registers
+            assert t.rows * t.cols * 4 < 1024
+        for m, n in [(128, 384), (128, 3072), (128, 64), (16, 64)]:
+            assert choose_padded_tile(m, n, info) == (choose_matmul_tile(m, n, info), m, n)
+
+
 # ---- one rule at a time ----------------------------------------------------------------------
 def test_dense_matmul_bias_gelu_matches_numpy(host_target):
     rng = np.random.default_rng(0)
@@ -89,6 +106,56 @@ def test_dense_matmul_bias_gelu_matches_numpy(host_target):
     rules = _rules(mod, host_target)
     packed = [n for n in rules if n.endswith("_packed")]
     assert packed and all(rules[n] == "matmul" for n in packed), rules  # weight re-laid out
+
+
+@pytest.mark.parametrize("m,k,n", [(128, 384, 77), (128, 384, 307), (128, 384, 13),
+                                   (7, 384, 77), (7, 384, 307), (7, 37, 13)])
+def test_matmul_with_n_and_m_tails_matches_numpy(host_target, m, k, n):
+    """Compacted Linear sizes (N not a multiple of the tile, odd M, odd K): handled by the
+    matmul rule over padded tiles (constant weight packed with zero columns), exact."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((1, m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+
+    def body(bb, xv):
+        return bb.emit(relax.op.add(relax.op.matmul(xv, relax.const(w)), relax.const(b)))
+
+    mod = _module({"x": x.shape}, body)
+    np.testing.assert_allclose(_run(mod, host_target, x), x.astype(np.float64) @ w + b, atol=ATOL, rtol=0)
+    scheduled = schedule_relax(mod, host_target)
+    report = schedule_report(scheduled)
+    assert [s.rule for s in report if s.has_matmul] == ["matmul"], report
+    assert all(s.rule == "matmul" for s in report), report
+    assert all(_padded_product(scheduled, s.name) for s in report), "fell back to the exact (narrow) tile"
+
+
+def test_matmul_tails_with_gelu_and_unpacked_operands_match_numpy(host_target):
+    """A GELU epilogue on a padded tile, and a product of two activations (both operands get a
+    padded copy instead of a packed constant): N = 13 and M = 7."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 7, 40)).astype(np.float32)
+    w = (rng.standard_normal((40, 13)) * 0.3).astype(np.float32)
+    y = rng.standard_normal((1, 40, 13)).astype(np.float32)
+
+    def body(bb, xv, yv):
+        h = bb.emit(relax.op.nn.gelu(relax.op.matmul(xv, relax.const(w))))
+        return bb.emit(relax.op.add(h, relax.op.matmul(xv, yv)))
+
+    mod = _module({"x": x.shape, "y": y.shape}, body)
+    h = x.astype(np.float64) @ w
+    ref = 0.5 * h * (1 + _erf(h / math.sqrt(2))) + x.astype(np.float64) @ y
+    np.testing.assert_allclose(_run(mod, host_target, x, y), ref, atol=ATOL, rtol=0)
+    scheduled = schedule_relax(mod, host_target)
+    report = schedule_report(scheduled)
+    matmuls = [s for s in report if s.has_matmul]
+    assert len(matmuls) == 2 and all(s.rule == "matmul" for s in matmuls), report
+    assert all(_padded_product(scheduled, s.name) for s in matmuls)
+
+
+def _padded_product(mod, name: str) -> bool:
+    """The matmul rule ran the product over padded tiles (``pad_einsum``'s ``*_pad`` buffers)."""
+    return "_pad = T.sblock_alloc_buffer" in mod[name].script()
 
 
 def test_attention_scores_scale_mask_and_context_match_numpy(host_target):
