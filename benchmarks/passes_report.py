@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -48,7 +46,10 @@ def total_empty(model: onnx.ModelProto, block: BlockShape) -> int:
 
 
 def latency_ms(path: Path, threads: int, runs: int = 20, warmup: int = 5) -> float:
+    """Median onnxruntime latency: process CPU clock with 1 thread (steady on a shared machine), else wall."""
     import onnxruntime as ort
+
+    from blockprune.bench_timing import time_calls
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -57,14 +58,8 @@ def latency_ms(path: Path, threads: int, runs: int = 20, warmup: int = 5) -> flo
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     feeds = make_feeds(onnx.load(str(path), load_external_data=False), 1, 128, seed=0)
     feeds["attention_mask"][:] = 1
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    wall, cpu = time_calls(lambda: sess.run(None, feeds), runs, warmup)
+    return (cpu if threads == 1 else wall) * 1e3
 
 
 def main() -> int:
@@ -72,7 +67,7 @@ def main() -> int:
     ap.add_argument("--masks")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--block", default="1x32")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads (1: process CPU clock)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "passes.md"))
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="passes-report-"))
@@ -111,7 +106,8 @@ def main() -> int:
         "# ONNX passes on the bundled MiniLM-L6-H384",
         "",
         f"Date {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"onnxruntime intra-op threads = {args.threads}. Masks: {source}.",
+        f"onnxruntime intra-op threads = {args.threads} ({'process CPU' if args.threads == 1 else 'wall'} clock). "
+        f"Masks: {source}.",
         f"Command: `.venv/bin/python benchmarks/passes_report.py"
         f"{' --masks ' + args.masks if args.masks else ''} --sparsity {args.sparsity} --block {args.block}`",
         "",

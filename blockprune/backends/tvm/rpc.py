@@ -44,3 +44,42 @@ def bench_rpc(directory: str | os.PathLike, host: str, port: int, number: int = 
     vm.set_input("main", *[tvm.runtime.tensor(a, dev) for a in arrays])
     timer = vm.time_evaluator("invoke_stateful", dev, number=number, repeat=repeat)
     return list(timer("main").results)
+
+
+def run_rpc(directory: str | os.PathLike, host: str, port: int, inputs=None, model=None) -> "RunResult":
+    """Run ``main`` once on the remote device and fetch its outputs (to check them on the host).
+
+    ``inputs``: a dict of arrays, or None for random valid inputs (``model`` makes them
+    vocabulary-aware). Uses set_input/invoke_stateful/get_outputs, the VM calls that work over RPC
+    whatever ``main`` returns (a tensor or a tuple).
+    """
+    import gc
+    import time
+
+    import tvm
+    from tvm import relax
+
+    from .runner import RunResult
+
+    manifest = check_artifact(directory)
+    feeds = default_feeds(manifest, model) if inputs is None else dict(inputs)
+    arrays = check_inputs(manifest, feeds)
+    remote = connect(host, port)
+    remote_name = f"blockprune_{manifest.target_name}_{os.getpid()}.so"
+    remote.upload(str(Path(directory) / manifest.library), target=remote_name)
+    rlib = remote.load_module(remote_name)
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(rlib, dev)
+    t = time.perf_counter()
+    vm.set_input("main", *[tvm.runtime.tensor(a, dev) for a in arrays])
+    vm.invoke_stateful("main")
+    ret = vm.get_outputs("main")
+    seconds = time.perf_counter() - t
+    items = list(ret) if isinstance(ret, tuple) else [ret]
+    outs = {spec["name"]: item.numpy() for spec, item in zip(manifest.outputs, items)}
+    # get_outputs' recursive closure makes a reference cycle that holds the VM, and through it
+    # the session: collect it now so the session closes here (a sequential server waits on it)
+    del ret, items, vm, rlib, remote
+    gc.collect()
+    return RunResult(outs, seconds, f"rpc://{host}:{port}",
+                     {spec["name"]: a for spec, a in zip(manifest.inputs, arrays)})
