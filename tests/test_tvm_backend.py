@@ -9,6 +9,7 @@ every compile stays a few seconds on a loaded 2-core machine.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -249,3 +250,37 @@ def test_bundled_minilm_matches_onnxruntime(minilm_demo, tmp_path, form):
     assert len(m.layers) == 36
     if form == "bsr":
         assert sum(layer["form"] == "bsr" for layer in m.layers) >= 24 and m.kernels >= 1
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_bundle_runs_without_python(models, tmp_path, arch):
+    """`blockprune bundle`: the C++ runner in the bundle runs the model (natively, or under qemu)."""
+    import subprocess
+
+    from blockprune.backends.tvm.bundle import bundle
+
+    target = "x86-64" if arch == "x86_64" else "cortex-a72"
+    if arch == "aarch64":
+        missing = [t for t in ("aarch64-linux-gnu-g++", "qemu-aarch64") if shutil.which(t) is None]
+        if missing:
+            pytest.skip(f"{', '.join(missing)} not installed (apt-get install g++-aarch64-linux-gnu qemu-user)")
+    model = models("bert-tiny", "bsr")
+    compile_model(model, tmp_path / "art", target=target, batch=BATCH, seq=SEQ)
+    out = bundle(tmp_path / "art", tmp_path / "bundle")
+    assert {"model.so", "manifest.json", "bp_runner", "bp_rpc_server", "lib", "README.txt"} <= {p.name for p in out.iterdir()}
+    m = Manifest.read(out)
+    feeds = runner.default_feeds(m, model)
+    arrays = runner.check_inputs(m, feeds)
+    runner.write_runner_inputs(tmp_path / "in", arrays)
+    (tmp_path / "out").mkdir()
+    cmd = [str(out / "bp_runner"), str(out / m.library), str(tmp_path / "in"), str(tmp_path / "out")]
+    env = dict(os.environ)
+    if arch == "aarch64":
+        cmd = ["qemu-aarch64"] + cmd
+        env["QEMU_LD_PREFIX"] = "/usr/aarch64-linux-gnu"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = runner.read_runner_outputs(tmp_path / "out", m)
+    ref = runner.run_artifact(tmp_path / "art", feeds, model=model)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, ref.outputs[name], atol=1e-4)

@@ -124,6 +124,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from blockprune.backends.tvm.bundle import bundle
+    from blockprune.console import console
+
+    out = bundle(args.artifact, args.output)
+    console.print(f"wrote {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+    return 0
+
+
 def add_backend_parsers(sub) -> None:
     """Add ``compile``, ``run``, ``bench`` and ``calibrate`` to the main CLI's subparsers."""
     k = sub.add_parser("calibrate", help="measure per-shape break-even densities (BSR vs dense) on this machine")
@@ -136,6 +145,11 @@ def add_backend_parsers(sub) -> None:
     k.add_argument("--m", type=int, default=128, help="rows of the activation (batch x sequence)")
     k.add_argument("--runs", type=int, default=10, help="timed runs per point (median of process CPU time)")
     k.set_defaults(func=cmd_calibrate)
+
+    b = sub.add_parser("bundle", help="artifact + C++ runner + RPC server + runtime libs, ready to copy to a board")
+    b.add_argument("artifact", help="directory written by blockprune compile")
+    b.add_argument("-o", "--output", required=True)
+    b.set_defaults(func=cmd_bundle)
 
     c = sub.add_parser("compile", help="compile an ONNX model with TVM for a CPU target (x86-64, aarch64, ...)")
     c.add_argument("model", help="ONNX model: dense, compacted or block-sparse")

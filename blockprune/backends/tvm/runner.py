@@ -253,13 +253,8 @@ def run_qemu(directory: str | os.PathLike, manifest: Manifest, arrays: list[np.n
     exe = build_cpp_runner(runtime)
     with tempfile.TemporaryDirectory(prefix="bp-qemu-") as tmp:
         tmp = Path(tmp)
-        (tmp / "in").mkdir()
+        write_runner_inputs(tmp / "in", arrays)
         (tmp / "out").mkdir()
-        lines = []
-        for i, a in enumerate(arrays):
-            (tmp / "in" / f"in{i}.bin").write_bytes(a.tobytes())
-            lines.append(" ".join([str(a.dtype), str(a.ndim)] + [str(d) for d in a.shape]))
-        (tmp / "in" / "inputs.txt").write_text("\n".join(lines) + "\n")
         env = dict(os.environ, QEMU_LD_PREFIX=QEMU_LD_PREFIX)
         proc = subprocess.run([qemu, str(exe), str(Path(directory).resolve() / manifest.library),
                                str(tmp / "in"), str(tmp / "out")],
@@ -268,14 +263,30 @@ def run_qemu(directory: str | os.PathLike, manifest: Manifest, arrays: list[np.n
             raise BlockpruneError(f"the aarch64 runner failed under qemu (exit {proc.returncode}):\n"
                                   f"{(proc.stderr or proc.stdout)[-2000:]}",
                                   f"check that {QEMU_LD_PREFIX} exists (apt-get install libc6-dev-arm64-cross)")
-        specs = (tmp / "out" / "outputs.txt").read_text().split("\n")
-        outs = {}
-        for i, (spec, line) in enumerate(zip(manifest.outputs, [s for s in specs if s.strip()])):
-            parts = line.split()
-            shape = tuple(int(d) for d in parts[2:2 + int(parts[1])])
-            data = np.fromfile(tmp / "out" / f"out{i}.bin", dtype=np.dtype(parts[0]))
-            outs[spec["name"]] = data.reshape(shape)
-        return outs
+        return read_runner_outputs(tmp / "out", manifest)
+
+
+def write_runner_inputs(in_dir: Path, arrays: list[np.ndarray]) -> None:
+    """Inputs in bp_runner's format: ``in<i>.bin`` (raw, C order) + ``inputs.txt`` (dtype ndim dims)."""
+    in_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, a in enumerate(arrays):
+        a = np.ascontiguousarray(a)
+        (in_dir / f"in{i}.bin").write_bytes(a.tobytes())
+        lines.append(" ".join([str(a.dtype), str(a.ndim)] + [str(d) for d in a.shape]))
+    (in_dir / "inputs.txt").write_text("\n".join(lines) + "\n")
+
+
+def read_runner_outputs(out_dir: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    """Outputs written by bp_runner, named after the manifest's outputs."""
+    specs = (out_dir / "outputs.txt").read_text().split("\n")
+    outs = {}
+    for i, (spec, line) in enumerate(zip(manifest.outputs, [s for s in specs if s.strip()])):
+        parts = line.split()
+        shape = tuple(int(d) for d in parts[2:2 + int(parts[1])])
+        data = np.fromfile(out_dir / f"out{i}.bin", dtype=np.dtype(parts[0]))
+        outs[spec["name"]] = data.reshape(shape)
+    return outs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,8 +27,14 @@ namespace ffi = tvm::ffi;
 
 namespace {
 
+// TVM kernels assume 64-byte aligned buffers (kAllocAlignment) and use aligned vector loads:
+// malloc's 16 bytes is enough for NEON but faults on x86 AVX. Round the size up as aligned_alloc asks.
 struct CPUAlloc {
-  void AllocData(DLTensor* t) { t->data = std::malloc(ffi::GetDataSize(*t) + 64); }
+  static constexpr size_t kAlign = 64;
+  void AllocData(DLTensor* t) {
+    size_t bytes = (ffi::GetDataSize(*t) + kAlign - 1) / kAlign * kAlign;
+    t->data = std::aligned_alloc(kAlign, bytes ? bytes : kAlign);
+  }
   void FreeData(DLTensor* t) { std::free(t->data); }
 };
 
