@@ -18,9 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from blockprune.backends.tvm.runner import CPP_RUNNER, check_artifact, ensure_aarch64_runtime
-from blockprune.backends.tvm.rpc_server import CPP_SERVER, host_runtime_dirs
-from blockprune.backends.tvm.targets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, host_arch
+from blockprune.backends.tvm.rpc_server import CPP_SERVER, toolchain
+from blockprune.backends.tvm.runner import CPP_RUNNER, check_artifact
 from blockprune.errors import BlockpruneError
 
 USAGE = """blockprune bundle for {target} ({arch})
@@ -31,25 +30,6 @@ Serve it to `blockprune bench --rpc HOST:PORT` from a development machine:
   ./bp_rpc_server --host 0.0.0.0 --port 9090 --max-sessions 1000 --timeout 86400
 Inputs: {inputs}
 """
-
-
-def _toolchain(arch: str) -> tuple[str, Path, list[Path], str]:
-    """(compiler, include dir, runtime library dirs, fix hint) for programs that run on ``arch``."""
-    if arch == "aarch64" and host_arch() != "aarch64":
-        cxx = shutil.which(AARCH64_CROSS_CXX)
-        if cxx is None:
-            raise BlockpruneError(f"cross compiler {AARCH64_CROSS_CXX} is not on PATH",
-                                  f"install it: apt-get install {AARCH64_CROSS_PACKAGE}")
-        rt = ensure_aarch64_runtime()
-        return cxx, rt / "include", [rt / "lib"], "check g++-aarch64-linux-gnu and libc6-dev-arm64-cross"
-    if arch != host_arch():
-        raise BlockpruneError(f"cannot build programs for {arch} on this {host_arch()} host",
-                              "bundle x86-64 or aarch64 artifacts")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise BlockpruneError("no C++ compiler (g++) on PATH", "apt-get install g++")
-    include, libs = host_runtime_dirs()
-    return cxx, include, libs, "check g++ and the installed apache-tvm wheels"
 
 
 def _compile(cxx: str, include: Path, libs: list[Path], source: Path, exe: Path, hint: str) -> None:
@@ -64,7 +44,7 @@ def bundle(artifact_dir: str | Path, out_dir: str | Path) -> Path:
     """Assemble the deployable folder for a CPU artifact written by `blockprune compile`."""
     artifact_dir, out_dir = Path(artifact_dir), Path(out_dir)
     manifest = check_artifact(artifact_dir)
-    cxx, include, libs, hint = _toolchain(manifest.arch)
+    cxx, include, libs, hint = toolchain(manifest.arch)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=str(out_dir.parent)))
     try:

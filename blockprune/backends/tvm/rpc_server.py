@@ -75,32 +75,44 @@ def _digest(*parts: str) -> str:
     return h.hexdigest()[:12]
 
 
+def toolchain(arch: str) -> tuple[str, Path, list[Path], str]:
+    """(compiler, include dir, runtime library dirs, fix hint) for programs that run on ``arch``.
+
+    aarch64 on an x86 host: the cross compiler and the aarch64 runtime from PyPI's wheels;
+    this host's arch: g++ and the installed wheels' runtime.
+    """
+    if arch == "aarch64" and host_arch() != "aarch64":
+        cxx = shutil.which(AARCH64_CROSS_CXX)
+        if cxx is None:
+            raise BlockpruneError(f"cross compiler {AARCH64_CROSS_CXX} is not on PATH",
+                                  f"install it: apt-get install {AARCH64_CROSS_PACKAGE}")
+        rt = ensure_aarch64_runtime()
+        return cxx, rt / "include", [rt / "lib"], "check g++-aarch64-linux-gnu and libc6-dev-arm64-cross"
+    if arch != host_arch():
+        raise BlockpruneError(f"cannot build programs for {arch} on this {host_arch()} host",
+                              "build them for this host or for aarch64")
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise BlockpruneError("no C++ compiler (g++) on PATH", "apt-get install g++")
+    include, libs = host_runtime_dirs()
+    return cxx, include, libs, "check g++ and the installed apache-tvm wheels"
+
+
 def build_server(arch: str | None = None) -> Path:
     """The server executable for ``arch`` (``x86_64`` = this host, or ``aarch64``), cached by
     source hash (and, for the host, by the runtime it links)."""
     arch = arch or host_arch()
+    cxx, include, libs, hint = toolchain(arch)
     if arch == "aarch64" and host_arch() != "aarch64":
-        cxx = shutil.which(AARCH64_CROSS_CXX)
-        if cxx is None:
-            raise BlockpruneError(f"cross compiler {AARCH64_CROSS_CXX} is not on PATH (needed for the aarch64 "
-                                  "RPC server)", f"install it: apt-get install {AARCH64_CROSS_PACKAGE}")
-        runtime = ensure_aarch64_runtime()
+        runtime = libs[0].parent
         exe = runtime / "bin" / f"bp_rpc_server-{_digest(str(runtime))}"
-        return _build(cxx, runtime / "include", [runtime / "lib"], exe, "aarch64",
-                      "check the cross toolchain (g++-aarch64-linux-gnu, libc6-dev-arm64-cross)")
-    if arch != host_arch():
-        raise BlockpruneError(f"cannot build an RPC server for {arch} on this {host_arch()} host",
-                              "build it for this host or for aarch64")
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        raise BlockpruneError("no C++ compiler (g++) on PATH to build the RPC server", "apt-get install g++")
-    include, libs = host_runtime_dirs()
+        return _build(cxx, include, libs, exe, "aarch64", hint)
     key = "|".join(str(p.resolve()) for p in [include, *libs])
     key += "|" + "|".join(str((d / n).stat().st_mtime_ns) for d, n in ((libs[0], "libtvm_runtime.so"),
                                                                      (libs[1], "libtvm_ffi.so")))
     cache = Path(tempfile.gettempdir()) / f"blockprune-rpc-server-{os.getuid()}"
     exe = cache / f"bp_rpc_server-{arch}-{_digest(key)}"
-    return _build(cxx, include, libs, exe, arch, "check g++ and the installed apache-tvm wheels")
+    return _build(cxx, include, libs, exe, arch, hint)
 
 
 class RPCServer:
