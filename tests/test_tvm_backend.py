@@ -284,3 +284,19 @@ def test_bundle_runs_without_python(models, tmp_path, arch):
     ref = runner.run_artifact(tmp_path / "art", feeds, model=model)
     for name, value in got.items():
         np.testing.assert_allclose(value, ref.outputs[name], atol=1e-4)
+
+
+def test_cross_compiler_override(models, tmp_path, capsys):
+    """--cross-compiler replaces the preset's compiler: a missing one is named in the error."""
+    from blockprune.cli import main
+
+    src = tmp_path / "m.onnx"
+    onnx.save(models("bert-tiny", "dense"), str(src))
+    rc = main(["compile", str(src), "-o", str(tmp_path / "art"), "--target", "cortex-a72", "--seq", "16",
+               "--cross-compiler", "/opt/nowhere/aarch64-vendor-g++"])
+    assert rc == 2 and "/opt/nowhere/aarch64-vendor-g++" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()
+    if shutil.which("aarch64-linux-gnu-g++"):
+        res = compile_model(src, tmp_path / "art2", target="cortex-a72", batch=BATCH, seq=SEQ,
+                            cross_compiler=shutil.which("aarch64-linux-gnu-g++"))
+        assert runner.library_arch(res.directory / res.manifest.library) == "aarch64"

@@ -25,7 +25,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     with console.status(f"compiling {args.model} for {args.target} (batch {args.batch}, seq {args.seq})"):
         res = compile_model(args.model, args.output, target=args.target, batch=args.batch, seq=args.seq,
-                            lower_dense_below=args.bsr_below, dense_block=args.bsr_block)
+                            lower_dense_below=args.bsr_below, dense_block=args.bsr_block,
+                            cross_compiler=args.cross_compiler)
     m = res.manifest
     bsr = [layer for layer in m.layers if layer["form"] == "bsr"]
     console.print(f"wrote {res.directory}/{m.library} + manifest.json for {m.target_name} ({m.arch}): "
@@ -160,6 +161,8 @@ def add_backend_parsers(sub) -> None:
     c.add_argument("--bsr-below", type=float, default=None, metavar="DENSITY",
                    help="also lower dense MatMul weights with at most this fraction of non-zero blocks to BSR")
     c.add_argument("--bsr-block", default=None, help="block shape for --bsr-below, e.g. 16x1")
+    c.add_argument("--cross-compiler", default=None,
+                   help="C++ compiler that links the library for a cross target (overrides the preset's)")
     c.set_defaults(func=cmd_compile)
 
     r = sub.add_parser("run", help="run a compiled artifact once (aarch64 ones under qemu)")

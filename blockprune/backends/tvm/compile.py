@@ -87,12 +87,20 @@ def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto
 
 def compile_model(model: "str | os.PathLike | onnx.ModelProto", out_dir: str | os.PathLike,
                   target: Any = "x86-64", batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
-                  lower_dense_below: float | None = None, dense_block: str | None = None) -> CompileResult:
+                  lower_dense_below: float | None = None, dense_block: str | None = None,
+                  cross_compiler: str | None = None) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir`` (``model.so`` + ``manifest.json``), atomically.
 
-    Cross targets are linked with their cross compiler (checked first, before any work).
+    Cross targets are linked with their cross compiler (checked first, before any work);
+    ``cross_compiler`` (a name on PATH or a path) overrides the preset's, e.g. a vendor toolchain.
     """
     preset = resolve_target(target)
+    if cross_compiler:
+        import dataclasses
+
+        extra = {k: v for k, v in preset.extra.items() if k != "ndk"}  # an explicit compiler wins over NDK lookup
+        preset = dataclasses.replace(preset, cross_compiler=cross_compiler, extra=extra,
+                                     cross_package=f"the compiler you named ({cross_compiler})")
     find_cross_compiler(preset)  # fail early, naming the package, when it is missing
     proto, source = _load(model)
     imported = import_onnx(proto, batch, seq, preset, lower_dense_below, dense_block)
