@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from blockprune.bench_timing import time_calls
+from blockprune.bench_timing import cpu_name, time_calls
 
 M = 128
 SHAPES = [(768, 3072), (3072, 768), (768, 768)]
@@ -106,16 +106,6 @@ def tvm_bsr(w: np.ndarray, x: np.ndarray, block: str, runs: int) -> tuple[tuple[
     err = float(np.abs(kernel(x, bsr) - x @ w.T).max())
     s = kernel.schedule
     return time_calls(kernel.prepared_call(x, bsr), runs), f"{s.layout} {s.isa} TI={s.tile_rows}", err
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def markdown(rows: list[Row], clock: str, header: str) -> str:

@@ -45,7 +45,7 @@ import numpy as np
 
 from blockprune.backends.tvm.calibrate import (  # noqa: E402  (shared with `blockprune calibrate`)
     block_sparse_weight, break_even_density, bsr_call, tvm_dense_call)
-from blockprune.bench_timing import time_calls
+from blockprune.bench_timing import cpu_name, time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 M_DEFAULT = 128
@@ -427,16 +427,6 @@ def markdown(result: dict[str, Any], clock: str) -> str:
                    f"{min(s['densities']):.1f}..{max(s['densities']):.1f} |")
     out += ["", "![speed-up vs sparsity](speedup.png)", ""]
     return "\n".join(out)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _jsonable(rows: list[Any], flops_key: str | None, clock: str) -> list[dict[str, Any]]:

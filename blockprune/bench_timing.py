@@ -7,7 +7,9 @@ threads. Benchmarks report which clock they use.
 
 from __future__ import annotations
 
+import platform
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -24,3 +26,14 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
     return float(np.median(walls)), float(np.median(cpus))
+
+
+def cpu_name() -> str:
+    """The CPU model for benchmark headers (``/proc/cpuinfo``, else what platform knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
