@@ -21,7 +21,8 @@ from blockprune.blocks import BlockShape
 from blockprune.bsr import bsr_to_dense, dense_to_bsr, BSRMatrix
 from blockprune.errors import BlockpruneError
 from blockprune.passes.base import Pass, PassContext, PassReport
-from blockprune.passes.bsr_function import DOMAIN, OP, VERSION, block_sparse_matmul_function
+from blockprune.passes.bsr_function import (DOMAIN, OP, VERSION, block_sparse_matmul_function,
+                                             drop_block_sparse_function)
 from blockprune.passes.find_weights import find_weights_in_graph, require_weights
 from blockprune.passes.layers_meta import record_layers
 
@@ -151,11 +152,5 @@ class DensifyBlockSparse(Pass):
 
     def run(self, model: onnx.ModelProto):
         out, report = super().run(model)
-        # the function and its domain are no longer used
-        keep = [f for f in out.functions if f.domain != DOMAIN]
-        del out.functions[:]
-        out.functions.extend(keep)
-        ops = [o for o in out.opset_import if o.domain != DOMAIN]
-        del out.opset_import[:]
-        out.opset_import.extend(ops)
+        drop_block_sparse_function(out)  # no node uses it any more
         return out, report

@@ -70,3 +70,13 @@ def block_sparse_matmul_function(opset: int = 18) -> onnx.FunctionProto:
     return h.make_function(DOMAIN, OP, ["X", "values", "indices", "indptr"], ["Y"], nodes,
                            [h.make_opsetid("", opset)],
                            attributes=["blocksize", "dense_shape", "weight_name", "weight_layout"])
+
+
+def drop_block_sparse_function(model: onnx.ModelProto) -> None:
+    """Remove the op's function definition and domain import once no node uses them (in place)."""
+    keep = [f for f in model.functions if f.domain != DOMAIN]
+    del model.functions[:]
+    model.functions.extend(keep)
+    ops = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(ops)

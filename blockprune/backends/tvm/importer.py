@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from blockprune.blocks import BlockShape
 from blockprune.bsr import BSRMatrix, dense_to_bsr
 from blockprune.errors import BlockpruneError
-from blockprune.passes.bsr_function import DOMAIN, OP
+from blockprune.passes.bsr_function import DOMAIN, OP, drop_block_sparse_function
 
 from . import bsr_kernel as bk
 from .targets import TargetPreset, resolve_target
@@ -209,13 +209,7 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
             if not lowered:
                 dense.append(LayerForm(node.input[1], node.name, "dense", tuple(w_oi.shape)))
     g.initializer.extend(new_inits)
-    # the custom function and its domain are no longer referenced
-    keep = [f for f in model.functions if f.domain != DOMAIN]
-    del model.functions[:]
-    model.functions.extend(keep)
-    ops = [o for o in model.opset_import if o.domain != DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(ops)
+    drop_block_sparse_function(model)  # the custom function and its domain are no longer referenced
     # drop initializers only the replaced nodes used (the BSR arrays, lowered dense weights)
     live = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     keep_inits = [t for t in g.initializer if t.name in live]
