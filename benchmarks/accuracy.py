@@ -123,12 +123,32 @@ class ResultsFile:
         return key in self.cells
 
     def add(self, cell: Cell) -> None:
-        self.cells[cell.key] = cell
-        self.save()
+        """Record one finished cell. Several grid processes (say one per ``--tasks`` subset, one
+        per core) may share the file: under a lock, the cells other processes wrote meanwhile are
+        merged in before the atomic rewrite, so no process overwrites another's results."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.is_file():
+                data = json.loads(self.path.read_text())
+                for k, v in data.get("cells", {}).items():
+                    self.cells.setdefault(k, Cell(**v))
+            self.cells[cell.key] = cell
+            self.save()
+
+    def refresh(self, key: str) -> Cell | None:
+        """The cell ``key`` as another process may have written it since this one started."""
+        if key not in self.cells and self.path.is_file():
+            data = json.loads(self.path.read_text())
+            if key in data.get("cells", {}):
+                self.cells[key] = Cell(**data["cells"][key])
+        return self.cells.get(key)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
+        tmp = self.path.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"format": FORMAT, "settings": asdict(self.settings),
                                    "cells": {k: asdict(c) for k, c in sorted(self.cells.items())}}, indent=1) + "\n")
         os.replace(tmp, self.path)
@@ -306,28 +326,31 @@ def _config(grid: Grid, task: str, out: Path, **kw: Any):
 
 
 def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
+    """Dense fine-tunes of every task first, then block-major (every task at the first block
+    shape before any task at the second), so an interrupted grid has the main table complete."""
     from blockprune.frontends.recipe import checkpoint_dir, run_recipe
 
     stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
     for task in grid.tasks:
-        tdir = grid.runs_dir / task
-        dense_out = tdir / "dense"
+        dense_out = grid.runs_dir / task / "dense"
         dense_key = cell_key(task, None, None)
-        if not results.done(dense_key):
+        if results.refresh(dense_key) is None:
             log(f"[{stamp()}] {task}: dense fine-tune -> {dense_out}")
             t0 = time.perf_counter()
             res = run_recipe(_config(grid, task, dense_out, stop_after="dense"))
             results.add(Cell(task, "dense", res.metric_name, res.metrics["dense"], res.metrics["dense"],
                              seconds=time.perf_counter() - t0, run_dir=str(dense_out), finished_at=stamp()))
-        dense = results.cells[dense_key]
-        dense_ckpt = checkpoint_dir(dense_out, "dense")
-        for block in grid.blocks:
+    for block in grid.blocks:
+        for task in grid.tasks:
+            tdir = grid.runs_dir / task
+            dense = results.cells[cell_key(task, None, None)]
+            dense_ckpt = checkpoint_dir(tdir / "dense", "dense")
             shared_out = tdir / f"rgl-{block}" / "reweighted"
             shared_ckpt = checkpoint_dir(shared_out, "reweighted")
             rew_metric: float | None = None  # the ratio only matters after this stage: one fixed value
             for ratio in grid.ratios:
                 key = cell_key(task, block, ratio)
-                if results.done(key):
+                if results.refresh(key) is not None:
                     continue
                 t0 = time.perf_counter()
                 if rew_metric is None:

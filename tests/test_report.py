@@ -307,6 +307,52 @@ def test_accuracy_grid_resumes_and_shares_stages(tmp_path, monkeypatch):
         acc.ResultsFile(tmp_path / "r.json", acc.GridSettings(epochs_dense=2))
 
 
+def test_accuracy_grid_two_processes_share_one_results_file(tmp_path, monkeypatch):
+    """Two grid processes (one per core, disjoint --tasks) write the same JSON: neither loses
+    the other's cells, and each skips what the other finished. Dense cells come first, then
+    block-major, so an interrupted grid has the first block shape complete for every task."""
+    acc = _load_bench("accuracy")
+    import blockprune.frontends.recipe as recipe
+
+    calls = []
+
+    class FakeResult:
+        def __init__(self, cfg):
+            self.metric_name, self.metrics = "accuracy", {"dense": 0.7, "reweighted": 0.69}
+            self.report, self.compression_rate = {"pruned_metric": 0.69}, 2.0
+
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or FakeResult(cfg))
+    settings = acc.GridSettings(epochs_dense=1)
+    path = tmp_path / "r.json"
+    first = acc.ResultsFile(path, settings)  # both open the file before either writes
+    second = acc.ResultsFile(path, settings)
+    grid = lambda tasks: acc.Grid(settings, tasks, ["1x32", "4x4"], [0.5], tmp_path / "d", tmp_path / "runs")  # noqa: E731
+    acc.run_grid(grid(["RTE", "MRPC"]), first, log=lambda s: None)
+    assert [(Path(c.out).parent.name, Path(c.out).name) for c in calls] == [
+        ("RTE", "dense"), ("MRPC", "dense"), ("rgl-1x32", "reweighted"), ("rgl-1x32", "r0.5"),
+        ("rgl-1x32", "reweighted"), ("rgl-1x32", "r0.5"), ("rgl-4x4", "reweighted"), ("rgl-4x4", "r0.5"),
+        ("rgl-4x4", "reweighted"), ("rgl-4x4", "r0.5")]
+    assert [Path(c.out).parent.parent.name for c in calls[2:4]] == ["RTE", "RTE"]
+    calls.clear()
+    acc.run_grid(grid(["CoLA", "RTE"]), second, log=lambda s: None)  # RTE: done by the first process
+    assert {Path(c.out).parts[-3] if "rgl" in str(c.out) else Path(c.out).parent.name for c in calls} == {"CoLA"}
+    cells = json.loads(path.read_text())["cells"]
+    assert sorted(cells) == sorted(f"{t}/{k}" for t in ("RTE", "MRPC", "CoLA")
+                                   for k in ("dense", "rgl/1x32/0.5", "rgl/4x4/0.5"))
+
+
+def test_speed_at_accuracy_picks_each_tasks_best_cell():
+    sat = _load_bench("speed_at_accuracy")
+    acc = _load_bench("accuracy")
+    cells = _cells(acc)
+    best = sat.pick_cells(cells, "best", 0.01)
+    assert [(c.task, c.block, c.ratio) for c in best] == [("MRPC", "4x4", 0.5), ("RTE", "1x32", 0.8)]
+    assert len(sat.pick_cells(cells, "all", 0.01)) == 6
+    row = sat.SpeedRow("RTE", "1x32", 0.8, 4.8, "accuracy", 0.65, 0.66, 40.0, 44.0, "-", 30.0, 20.0, 25.0, 1e-6, "")
+    md = sat.markdown([row], {"date": "d", "cpu": "c", "threads": 1, "runs": 5, "clock": "cpu", "command": "x"})
+    assert "| RTE | 1x32 | 0.8 | 4.80x | 65.00 (66.00) | 40.0 | 44.0 (0.91x) |" in md and "**2.00x**" in md
+
+
 # --------------------------------------------------------------------------------------------
 # benchmarks/speed.py: break-even interpolation
 # --------------------------------------------------------------------------------------------
