@@ -26,8 +26,8 @@ from blockprune.errors import BlockpruneError
 from .artifact import Manifest
 from .targets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, QEMU_AARCH64, QEMU_PACKAGE, host_arch, resolve_target
 
-REPO = Path(__file__).resolve().parents[3]
-FETCH_SCRIPT = REPO / "scripts" / "fetch-aarch64-runtime.sh"
+# Shipped inside the package (package-data), so a non-editable install finds them too.
+FETCH_SCRIPT = Path(__file__).resolve().parent / "scripts" / "fetch-aarch64-runtime.sh"
 CPP_RUNNER = Path(__file__).resolve().parent / "cpp" / "bp_runner.cc"
 QEMU_LD_PREFIX = "/usr/aarch64-linux-gnu"
 _ELF_MACHINE = {62: "x86_64", 183: "aarch64"}
@@ -188,7 +188,10 @@ def runtime_cache() -> Path:
     env = os.environ.get("BLOCKPRUNE_AARCH64_RUNTIME")
     if env:
         return Path(env)
-    venv = Path(os.environ.get("VIRTUAL_ENV") or REPO / ".venv")
+    import sys
+
+    in_venv = sys.prefix != sys.base_prefix
+    venv = Path(os.environ.get("VIRTUAL_ENV") or (sys.prefix if in_venv else "/nonexistent"))
     if venv.is_dir() and os.access(venv, os.W_OK):
         return venv / "blockprune-aarch64-runtime"
     return Path.home() / ".cache" / "blockprune" / "aarch64-runtime"
