@@ -300,3 +300,20 @@ def test_cross_compiler_override(models, tmp_path, capsys):
         res = compile_model(src, tmp_path / "art2", target="cortex-a72", batch=BATCH, seq=SEQ,
                             cross_compiler=shutil.which("aarch64-linux-gnu-g++"))
         assert runner.library_arch(res.directory / res.manifest.library) == "aarch64"
+
+
+@pytest.mark.parametrize("raised", [BlockpruneError("no kernel for this block", "use 16x1"), ValueError("boom")])
+def test_kernel_choice_errors_cross_the_relax_mutator_as_clear_errors(models, raised):
+    """An error inside the Relax mutator (a kernel chooser that refuses a layer) reaches the
+    user as itself or as one BlockpruneError, not as an FFI RuntimeError with a C++ backtrace."""
+    from blockprune.backends.tvm.importer import import_onnx
+
+    def chooser(spec, bsr):
+        raise raised
+
+    with pytest.raises(BlockpruneError) as err:
+        import_onnx(models("bert-tiny", "bsr"), batch=BATCH, seq=SEQ, bsr_kernel=chooser)
+    if isinstance(raised, BlockpruneError):
+        assert err.value is raised
+    else:
+        assert "ValueError('boom')" in err.value.problem and "--form dense" in err.value.fix

@@ -277,10 +277,23 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
     done: set[int] = set()
     matmul_op = tvm.ir.Op.get("relax.matmul")
 
+    # An exception raised inside a Python visitor crosses TVM's FFI and comes back as a bare
+    # RuntimeError with a C++ backtrace; keep the first one here and raise it as itself.
+    errors: list[BaseException] = []
+
     @mutator
     class _BSRLowering(PyExprMutator):
         def visit_call_(self, call):  # noqa: N802 (TVM's visitor naming)
             call = self.visit_expr_post_order(call)
+            if errors:
+                return call
+            try:
+                return self._lower(call)
+            except Exception as err:  # noqa: BLE001 - re-raised below, outside the FFI
+                errors.append(err)
+                return call
+
+        def _lower(self, call):
             if not call.op.same_as(matmul_op):
                 return call
             w = call.args[1]
@@ -311,6 +324,13 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             lowering.builder_.update_func(gv, lowering.visit_expr(func))
+    if errors:
+        err = errors[0]
+        if isinstance(err, BlockpruneError):
+            raise err
+        raise BlockpruneError(f"lowering the block-sparse layers to TVM kernels failed: {err!r}",
+                              "compile the densified model meanwhile (blockprune compress --form dense) and "
+                              "report the error") from err
     out = lowering.builder_.get()
     missing = sorted(set(by_id) - done)
     if missing:
