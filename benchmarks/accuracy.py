@@ -72,6 +72,7 @@ class GridSettings:
     limit_train: int | None = None
     limit_eval: int | None = None
     exporter: str = "dynamo"
+    distill: float = 0.0  # masked retraining with the pre-pruning model as teacher (cells in rgl-<block>-kd/)
 
 
 @dataclass
@@ -112,7 +113,7 @@ class ResultsFile:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise SystemExit(f"{path} is not valid JSON ({err.msg}); move it away to start over")
-            stored = data.get("settings", {})
+            stored = {**asdict(GridSettings()), **data.get("settings", {})}  # fields added later: defaults
             if stored != asdict(settings):
                 diff = {k: (stored.get(k), v) for k, v in asdict(settings).items() if stored.get(k) != v}
                 raise SystemExit(f"{path} holds cells computed with other settings {diff} (stored, now); "
@@ -318,7 +319,7 @@ def _config(grid: Grid, task: str, out: Path, **kw: Any):
     s = grid.settings
     base = dict(model=s.model, task=task, data_dir=str(grid.data_dir), out=str(out), epochs_dense=s.epochs_dense,
                 epochs_rew=s.epochs_rew, epochs_retrain=s.epochs_retrain, lr_dense=s.lr, lr_rew=s.lr,
-                lr_retrain=s.lr, batch_size=s.batch_size, max_length=s.max_length, lam=s.lam, seed=s.seed,
+                lr_retrain=s.lr, distill=s.distill, batch_size=s.batch_size, max_length=s.max_length, lam=s.lam, seed=s.seed,
                 limit_train=s.limit_train, limit_eval=s.limit_eval, exporter=s.exporter, threads=grid.threads,
                 progress=grid.progress)
     base.update(kw)
@@ -337,7 +338,7 @@ def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
         if results.refresh(dense_key) is None:
             log(f"[{stamp()}] {task}: dense fine-tune -> {dense_out}")
             t0 = time.perf_counter()
-            res = run_recipe(_config(grid, task, dense_out, stop_after="dense"))
+            res = run_recipe(_config(grid, task, dense_out, stop_after="dense", distill=0.0))
             results.add(Cell(task, "dense", res.metric_name, res.metrics["dense"], res.metrics["dense"],
                              seconds=time.perf_counter() - t0, run_dir=str(dense_out), finished_at=stamp()))
     for block in grid.blocks:
@@ -356,12 +357,13 @@ def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
                 if rew_metric is None:
                     log(f"[{stamp()}] {task} {block}: reweighted group Lasso -> {shared_out}")
                     res = run_recipe(_config(grid, task, shared_out, model=str(dense_ckpt), epochs_dense=0,
-                                             block=block, ratio=grid.ratios[0], stop_after="reweighted"))
+                                             block=block, ratio=grid.ratios[0], stop_after="reweighted",
+                                             distill=0.0))
                     rew_metric = res.metrics["reweighted"]
                     shared_seconds = time.perf_counter() - t0
                 else:
                     shared_seconds = 0.0
-                out = tdir / f"rgl-{block}" / f"r{ratio:g}"
+                out = tdir / f"rgl-{block}{'-kd' if grid.settings.distill else ''}" / f"r{ratio:g}"
                 log(f"[{stamp()}] {task} {block} ratio {ratio:g}: prune + masked retraining -> {out}")
                 t1 = time.perf_counter()
                 res = run_recipe(_config(grid, task, out, model=str(shared_ckpt), epochs_dense=0, epochs_rew=0,
@@ -404,6 +406,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit-train", type=int, default=None)
     ap.add_argument("--limit-eval", type=int, default=None)
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="masked retraining with the pre-pruning model as teacher (share A of the loss; 0: off); "
+                         "dense and reweighted stages are shared with the grid without it")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (not part of the settings)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="'within 1 point' = 0.01 on the 0..1 scale")
     ap.add_argument("--results", type=Path, default=None, help="results JSON (default accuracy[_quick].json)")
@@ -434,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = GridSettings(model=args.model, epochs_dense=args.epochs_dense, epochs_rew=args.epochs_rew,
                                 epochs_retrain=args.epochs_retrain, lr=args.lr, batch_size=args.batch_size,
                                 max_length=args.max_length, lam=args.lam, seed=args.seed,
-                                limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter)
+                                limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
+                                distill=args.distill)
         grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                     [float(r) for r in args.ratios.split(",") if r], args.data_dir, args.runs_dir, args.threads,
                     progress=not args.no_progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -339,6 +340,34 @@ def test_accuracy_grid_two_processes_share_one_results_file(tmp_path, monkeypatc
     cells = json.loads(path.read_text())["cells"]
     assert sorted(cells) == sorted(f"{t}/{k}" for t in ("RTE", "MRPC", "CoLA")
                                    for k in ("dense", "rgl/1x32/0.5", "rgl/4x4/0.5"))
+
+
+def test_accuracy_grid_with_distillation_shares_dense_and_reweighted_stages(tmp_path, monkeypatch):
+    """Distillation only changes masked retraining: its grid reuses the plain grid's dense and
+    reweighted runs (configs with distill=0, so their fingerprints match) and writes its cells
+    to rgl-<block>-kd/; a results file written before the setting existed still resumes."""
+    acc = _load_bench("accuracy")
+    import blockprune.frontends.recipe as recipe
+
+    calls = []
+
+    class FakeResult:
+        def __init__(self, cfg):
+            self.metric_name, self.metrics = "accuracy", {"dense": 0.7, "reweighted": 0.69}
+            self.report, self.compression_rate = {"pruned_metric": 0.69}, 2.0
+
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or FakeResult(cfg))
+    settings = acc.GridSettings(epochs_dense=1, distill=0.5)
+    grid = acc.Grid(settings, ["RTE"], ["1x32"], [0.5], tmp_path / "d", tmp_path / "runs")
+    acc.run_grid(grid, acc.ResultsFile(tmp_path / "kd.json", settings), log=lambda s: None)
+    assert [(c.stop_after, c.distill, Path(c.out).parent.name) for c in calls] == [
+        ("dense", 0.0, "RTE"), ("reweighted", 0.0, "rgl-1x32"), (None, 0.5, "rgl-1x32-kd")]
+    old = tmp_path / "old.json"
+    stored = {k: v for k, v in asdict(acc.GridSettings(epochs_dense=1)).items() if k != "distill"}
+    old.write_text(json.dumps({"format": acc.FORMAT, "settings": stored, "cells": {}}))
+    acc.ResultsFile(old, acc.GridSettings(epochs_dense=1))  # no "other settings" error
+    with pytest.raises(SystemExit, match="other settings"):
+        acc.ResultsFile(old, settings)
 
 
 def test_speed_at_accuracy_picks_each_tasks_best_cell():

@@ -46,6 +46,7 @@ from blockprune.blocks import BlockShape, check_sparsity
 from blockprune.errors import BlockpruneError
 from blockprune.frontends.glue import GlueDataset, TaskSpec, get_task, make_collator, read_glue_split
 from blockprune.frontends.grouping import group_norms
+from blockprune.frontends.distill import DistillConfig, distillation_loss, frozen_teacher
 from blockprune.frontends.hard_prune import (
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,
@@ -118,6 +119,8 @@ class RecipeConfig:
     eps: float = 1e-3
     refresh_every_epochs: int | None = 1
     refresh_every_steps: int | None = None
+    distill: float = 0.0  # share of the teacher term in masked retraining (0: off)
+    distill_temperature: float = 2.0
     seed: int = 0
     limit_train: int | None = None
     limit_eval: int | None = None
@@ -136,6 +139,9 @@ class RecipeConfig:
 
     def hard_prune_config(self) -> HardPruneConfig:
         return HardPruneConfig(mode=self.prune_mode, sparsity=self.ratio, threshold=self.threshold)
+
+    def distill_config(self) -> DistillConfig:
+        return DistillConfig(weight=self.distill, temperature=self.distill_temperature)
 
     def lasso_config(self) -> GroupLassoConfig:
         schedule = RefreshSchedule(every_steps=self.refresh_every_steps, every_epochs=self.refresh_every_epochs)
@@ -188,6 +194,7 @@ class RecipeConfig:
         self.selection()
         self.hard_prune_config()
         self.lasso_config()
+        self.distill_config()
         get_task(self.task)
 
     def fingerprint(self) -> dict[str, Any]:
@@ -195,6 +202,9 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
+        if not self.distill:  # off: the fingerprint of runs made before the option existed
+            d.pop("distill", None)
+            d.pop("distill_temperature", None)
         return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to the stored JSON
 
 
@@ -442,13 +452,15 @@ def train_stage(
     cfg: RecipeConfig,
     layers: dict[str, BlockShape] | None = None,
     masks: dict[str, LayerMask] | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> tuple[StageStats, MaskedTraining | None]:
     """One stage: AdamW + linear warm-up/decay through ``accelerator``.
 
     With ``layers`` the reweighted group Lasso penalty is added (alphas from the weights as they
     are now, refreshed on ``cfg``'s schedule). With ``masks`` the pruned weights are zeroed and
     kept exactly zero (gradient hook + re-applied after every optimizer step); the returned
-    ``MaskedTraining`` still holds them, for the caller to verify and squash.
+    ``MaskedTraining`` still holds them, for the caller to verify and squash. With ``teacher`` the
+    task loss is blended with the teacher's outputs (``cfg.distill``, see ``distill.py``).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -462,6 +474,9 @@ def train_stage(
     inner = accelerator.unwrap_model(pmodel)
     masked = MaskedTraining(inner, masks, optimizer=getattr(popt, "optimizer", popt)) if masks else None
     reg = ReweightedGroupLasso(inner, layers, cfg.lasso_config()) if layers else None
+    dcfg = cfg.distill_config()
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device)
     step = 0
     for epoch in range(1, plan.epochs + 1):
         pmodel.train()
@@ -471,6 +486,10 @@ def train_stage(
         for batch in bar:
             out = pmodel(**batch)
             loss = out.loss
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                loss = distillation_loss(out.logits, t_logits, loss, dcfg)
             total = loss
             if reg is not None:
                 pen = reg()
@@ -720,13 +739,18 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         t0 = time.perf_counter()
         extra: dict[str, dict[str, torch.Tensor]] = {}
         masks = None
+        teacher = None
         if stage.name == "retrain":
+            if cfg.distill_config().enabled and stage.epochs > 0:
+                teacher = frozen_teacher(loaded.model)  # the model right before hard pruning
             masks = hard_prune(loaded.model, layers, hp_config)
             extra["block_masks.safetensors"] = {n: m.mask.to(torch.uint8) for n, m in masks.items()}
         reg_layers = layers if stage.name == "reweighted" else None
         masked = None
         if stage.epochs > 0:
-            stats, masked = train_stage(accelerator, loaded.model, train_loader, stage, cfg, reg_layers, masks)
+            stats, masked = train_stage(accelerator, loaded.model, train_loader, stage, cfg, reg_layers, masks,
+                                        teacher)
+            del teacher
         else:
             stats = StageStats()
             if masks:

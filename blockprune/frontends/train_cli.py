@@ -80,6 +80,10 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--eps", type=float, default=1e-3, help="alpha = 1 / (||W_g|| + eps)")
     s.add_argument("--refresh-every-epochs", type=int, default=1, help="recompute alphas every N epochs (0: never)")
     s.add_argument("--refresh-every-steps", type=int, default=None, help="recompute alphas every N optimizer steps")
+    s.add_argument("--distill", type=float, default=0.0, metavar="A",
+                   help="masked retraining learns from the model before pruning too: loss = (1-A) task + A teacher "
+                        "(0: off)")
+    s.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the teacher term")
     s.add_argument("--stop-after", choices=["dense", "reweighted", "retrain"], default=None,
                    help="stop after this stage (a later call with the same settings resumes)")
     r = t.add_argument_group("run")
@@ -109,6 +113,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size, max_length=args.max_length, warmup_ratio=args.warmup_ratio,
         weight_decay=args.weight_decay, lam=args.lam, layer_lambdas=list(args.layer_lambda), eps=args.eps,
         refresh_every_epochs=args.refresh_every_epochs or None, refresh_every_steps=args.refresh_every_steps,
+        distill=args.distill, distill_temperature=args.distill_temperature,
         seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
         stop_after=args.stop_after, progress=not args.no_progress, threads=args.threads,
     )
