@@ -308,14 +308,11 @@ def test_accuracy_grid_resumes_and_shares_stages(tmp_path, monkeypatch):
         acc.ResultsFile(tmp_path / "r.json", acc.GridSettings(epochs_dense=2))
 
 
-def test_accuracy_grid_two_processes_share_one_results_file(tmp_path, monkeypatch):
-    """Two grid processes (one per core, disjoint --tasks) write the same JSON: neither loses
-    the other's cells, and each skips what the other finished. Dense cells come first, then
-    block-major, so an interrupted grid has the first block shape complete for every task."""
-    acc = _load_bench("accuracy")
+def _record_recipe_calls(monkeypatch) -> list:
+    """Replace run_recipe by a recorder returning fixed metrics; the configs it got, in order."""
     import blockprune.frontends.recipe as recipe
 
-    calls = []
+    calls: list = []
 
     class FakeResult:
         def __init__(self, cfg):
@@ -323,6 +320,15 @@ def test_accuracy_grid_two_processes_share_one_results_file(tmp_path, monkeypatc
             self.report, self.compression_rate = {"pruned_metric": 0.69}, 2.0
 
     monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or FakeResult(cfg))
+    return calls
+
+
+def test_accuracy_grid_two_processes_share_one_results_file(tmp_path, monkeypatch):
+    """Two grid processes (one per core, disjoint --tasks) write the same JSON: neither loses
+    the other's cells, and each skips what the other finished. Dense cells come first, then
+    block-major, so an interrupted grid has the first block shape complete for every task."""
+    acc = _load_bench("accuracy")
+    calls = _record_recipe_calls(monkeypatch)
     settings = acc.GridSettings(epochs_dense=1)
     path = tmp_path / "r.json"
     first = acc.ResultsFile(path, settings)  # both open the file before either writes
@@ -347,16 +353,7 @@ def test_accuracy_grid_with_distillation_shares_dense_and_reweighted_stages(tmp_
     reweighted runs (configs with distill=0, so their fingerprints match) and writes its cells
     to rgl-<block>-kd/; a results file written before the setting existed still resumes."""
     acc = _load_bench("accuracy")
-    import blockprune.frontends.recipe as recipe
-
-    calls = []
-
-    class FakeResult:
-        def __init__(self, cfg):
-            self.metric_name, self.metrics = "accuracy", {"dense": 0.7, "reweighted": 0.69}
-            self.report, self.compression_rate = {"pruned_metric": 0.69}, 2.0
-
-    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or FakeResult(cfg))
+    calls = _record_recipe_calls(monkeypatch)
     settings = acc.GridSettings(epochs_dense=1, distill=0.5)
     grid = acc.Grid(settings, ["RTE"], ["1x32"], [0.5], tmp_path / "d", tmp_path / "runs")
     acc.run_grid(grid, acc.ResultsFile(tmp_path / "kd.json", settings), log=lambda s: None)
