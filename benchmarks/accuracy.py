@@ -427,6 +427,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     suffix = "_quick" if args.quick else ""
     args.results = args.results or RESULTS / f"accuracy{suffix}.json"
     args.runs_dir = args.runs_dir or ROOT / "runs" / f"accuracy{suffix.replace('_', '-')}"
+    # absolute: the run directories' configs record checkpoint paths, and a resume (or a second grid
+    # sharing the dense and reweighted stages) must see the same path however the flag was spelled
+    args.runs_dir = args.runs_dir.resolve()
     return args
 
 

@@ -367,6 +367,14 @@ def test_accuracy_grid_with_distillation_shares_dense_and_reweighted_stages(tmp_
         acc.ResultsFile(old, settings)
 
 
+def test_accuracy_runs_dir_is_absolute_whatever_the_spelling(tmp_path, monkeypatch):
+    """Run configs record checkpoint paths: 'runs/accuracy' and its absolute form must be one grid."""
+    acc = _load_bench("accuracy")
+    monkeypatch.chdir(tmp_path)
+    args = acc.parse_args(["--runs-dir", "runs/accuracy"])
+    assert args.runs_dir == tmp_path / "runs" / "accuracy" and args.runs_dir.is_absolute()
+
+
 def test_speed_at_accuracy_picks_each_tasks_best_cell():
     sat = _load_bench("speed_at_accuracy")
     acc = _load_bench("accuracy")
