@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS / "accuracy.json", help="the accuracy grid's JSON")
     ap.add_argument("--cells", choices=["best", "all"], default="best")
     ap.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    ap.add_argument("--blocks", default=None, help="comma-separated subset of block shapes")
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=20)
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tasks:
         wanted = set(args.tasks.split(","))
         chosen = [c for c in chosen if c.task in wanted]
+    if args.blocks:
+        chosen = [c for c in chosen if c.block in set(args.blocks.split(","))]
     if not chosen:
         raise SystemExit("no cell to measure: no pruned cell within the tolerance of dense (try --cells all)")
     clock = "cpu" if args.threads == 1 else "wall"
