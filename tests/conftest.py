@@ -58,3 +58,25 @@ def minilm_demo(tmp_path_factory) -> dict:
     from blockprune.demo import run_demo
 
     return run_demo(tmp_path_factory.mktemp("demo"), block="1x32", sparsity=0.5, exporter="dynamo")
+
+
+@pytest.fixture
+def without_pyopencl(monkeypatch):
+    """``import pyopencl`` fails while the test runs, as on a machine without OpenCL; the cached
+    OpenCL context is dropped before and after so neither side sees the other's."""
+    import builtins
+
+    from blockprune.backends.tvm import opencl_verify as ov
+
+    real_import = builtins.__import__
+
+    def no_pyopencl(name, *args, **kwargs):
+        if name == "pyopencl":
+            raise ImportError("no pyopencl")
+        return real_import(name, *args, **kwargs)
+
+    ov._opencl_context.cache_clear()
+    monkeypatch.setattr(builtins, "__import__", no_pyopencl)
+    yield
+    monkeypatch.undo()
+    ov._opencl_context.cache_clear()
