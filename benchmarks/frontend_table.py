@@ -32,7 +32,7 @@ BEGIN, END = "<!-- frontend_table.py: begin -->", "<!-- frontend_table.py: end -
 
 def pruned_groups(masks_path: Path, block: str) -> dict[str, np.ndarray]:
     """Per HF weight name: boolean [groups_out, groups_in] array, True where the whole block is zero."""
-    from blockprune.blocks import BlockShape
+    from blockprune.blocks import BlockShape, block_keep_from_mask
     from blockprune.masks import load_masks
 
     b = BlockShape.parse(block)
@@ -43,11 +43,7 @@ def pruned_groups(masks_path: Path, block: str) -> dict[str, np.ndarray]:
         m = np.asarray(mask)
         if info is not None and info.layout == "in_out":
             m = m.T
-        rows, cols = -(-m.shape[0] // b.rows), -(-m.shape[1] // b.cols)
-        pad = np.zeros((rows * b.rows, cols * b.cols), dtype=bool)
-        pad[: m.shape[0], : m.shape[1]] = m != 0
-        kept = pad.reshape(rows, b.rows, cols, b.cols).any(axis=(1, 3))
-        out[(info.hf_name if info and info.hf_name else key)] = ~kept
+        out[(info.hf_name if info and info.hf_name else key)] = ~block_keep_from_mask(m != 0, b)
     return out
 
 
@@ -162,14 +158,14 @@ def main(argv: list[str] | None = None) -> int:
             rows += rows_for(task, ratio, args.block, args.accuracy_runs, args.runs)
     table = markdown(rows, dense)
     print(table)
+    from blockprune.io import atomic_path
+
+    text = BEGIN + "\n" + table + END + "\n"
     if args.out.is_file() and BEGIN in args.out.read_text():
-        text = args.out.read_text()
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1] if END in rest else ""
-        args.out.write_text(pre + BEGIN + "\n" + table + END + post)
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(BEGIN + "\n" + table + END + "\n")
+        pre, rest = args.out.read_text().split(BEGIN, 1)
+        text = pre + BEGIN + "\n" + table + END + (rest.split(END, 1)[1] if END in rest else "")
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text)
     print(f"written to {args.out}")
     return 0
 

@@ -98,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
                                                for r in ratios) + " |")
     text = "\n".join(out) + "\n"
     path = args.out or RESULTS / f"sensitivity_{spec.name.lower().replace('-', '')}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from blockprune.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     print("\n" + text + f"\nwritten to {path}")
     return 0
 

@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before tvm starts its thread pool
     from blockprune.bench_timing import cpu_name
+    from blockprune.io import atomic_path
 
     if not args.results.is_file():
         raise SystemExit(f"{args.results} does not exist; run benchmarks/accuracy.py first")
@@ -182,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bp-speed-acc-") as tmp:
         for cell in chosen:
             rows.append(measure_cell(cell, args.threads, args.runs, clock, Path(tmp), lambda s: print(s, flush=True)))
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
-            args.out.with_suffix(".md").write_text(markdown(rows, meta))
+            with atomic_path(args.out) as tmp_json:
+                tmp_json.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=1) + "\n")
+            with atomic_path(args.out.with_suffix(".md")) as tmp_md:
+                tmp_md.write_text(markdown(rows, meta))
     print(args.out.with_suffix(".md").read_text())
     return 0
 
