@@ -48,6 +48,7 @@ class Manifest:
     library: str = LIBRARY
     kernels: int = 0
     format: str = FORMAT
+    verified: dict[str, Any] | None = None  # compile's check against onnxruntime (verify_artifact)
 
     @property
     def arch(self) -> str:
@@ -61,7 +62,7 @@ class Manifest:
         return {"format": self.format, "target": self.target, "library": self.library,
                 "batch": self.batch, "seq": self.seq, "inputs": self.inputs, "outputs": self.outputs,
                 "source": self.source, "versions": self.versions, "kernels": self.kernels,
-                "layers": self.layers}
+                "layers": self.layers, **({"verified": self.verified} if self.verified is not None else {})}
 
     def write(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST
@@ -83,7 +84,7 @@ class Manifest:
             raise BlockpruneError(f"{path} has format {d.get('format')!r}, expected {FORMAT!r}",
                                   "recompile the model with this blockprune version")
         keys = ("target", "inputs", "outputs", "source", "batch", "seq", "layers", "versions", "library",
-                "kernels")
+                "kernels", "verified")
         m = cls(**{k: d[k] for k in keys if k in d})
         if not (directory / m.library).is_file():
             raise BlockpruneError(f"artifact {directory} lacks its library {m.library}", "recompile the model")

@@ -26,12 +26,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     with console.status(f"compiling {args.model} for {args.target} (batch {args.batch}, seq {args.seq})"):
         res = compile_model(args.model, args.output, target=args.target, batch=args.batch, seq=args.seq,
                             lower_dense_below=args.bsr_below, dense_block=args.bsr_block,
-                            cross_compiler=args.cross_compiler)
+                            cross_compiler=args.cross_compiler, verify=not args.no_verify, atol=args.atol)
     m = res.manifest
     bsr = [layer for layer in m.layers if layer["form"] == "bsr"]
     console.print(f"wrote {res.directory}/{m.library} + manifest.json for {m.target_name} ({m.arch}): "
                   f"{len(bsr)} block-sparse layers in {m.kernels} kernels, "
                   f"{len(m.layers) - len(bsr)} dense layers")
+    if m.verified:
+        v = m.verified
+        console.print(f"verified against onnxruntime on the source model ({v['how']}, {v['runs']} input sets): "
+                      + ", ".join(f"{k} max |diff| {d:.2e}" for k, d in v["max_abs_diff"].items())
+                      + f" (tolerance {v['atol']:g})")
+    else:
+        console.print("not verified (--no-verify)")
     return 0
 
 
@@ -134,6 +141,17 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _static_dim(what: str):
+    """argparse type for --batch/--seq: a positive integer; 'dynamic' etc. get one clear error."""
+
+    def parse(text: str) -> int:
+        from .compile_checks import static_dim
+
+        return static_dim(text, what)
+
+    return parse
+
+
 def add_backend_parsers(sub) -> None:
     """Add ``compile``, ``run``, ``bench`` and ``calibrate`` to the main CLI's subparsers."""
     k = sub.add_parser("calibrate", help="measure per-shape break-even densities (BSR vs dense) on this machine")
@@ -156,8 +174,11 @@ def add_backend_parsers(sub) -> None:
     c.add_argument("model", help="ONNX model: dense, compacted or block-sparse")
     c.add_argument("-o", "--output", required=True, help="artifact directory (model.so + manifest.json)")
     c.add_argument("--target", default="x86-64", help=_target_help())
-    c.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    c.add_argument("--seq", type=int, default=128, help="static sequence length (default 128)")
+    c.add_argument("--batch", type=_static_dim("batch"), default=1, help="static batch size (default 1)")
+    c.add_argument("--seq", type=_static_dim("seq"), default=128, help="static sequence length (default 128)")
+    c.add_argument("--no-verify", action="store_true",
+                   help="publish without running the artifact against onnxruntime on the source model")
+    c.add_argument("--atol", type=float, default=1e-4, help="verification tolerance, max |diff| (default 1e-4)")
     c.add_argument("--bsr-below", type=float, default=None, metavar="DENSITY",
                    help="also lower dense MatMul weights with at most this fraction of non-zero blocks to BSR")
     c.add_argument("--bsr-block", default=None, help="block shape for --bsr-below, e.g. 16x1")

@@ -18,6 +18,8 @@ from blockprune.errors import BlockpruneError
 
 from .artifact import LIBRARY, Manifest, atomic_dir, sha256_file, versions
 from .importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, import_onnx
+from .normalize import importer_errors
+from .verify_artifact import verify_artifact
 from .targets import TargetPreset, export_fcompile, find_cross_compiler, resolve_target
 
 
@@ -88,8 +90,13 @@ def _load(model: "str | os.PathLike | onnx.ModelProto") -> tuple[onnx.ModelProto
 def compile_model(model: "str | os.PathLike | onnx.ModelProto", out_dir: str | os.PathLike,
                   target: Any = "x86-64", batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
                   lower_dense_below: float | None = None, dense_block: str | None = None,
-                  cross_compiler: str | None = None) -> CompileResult:
+                  cross_compiler: str | None = None, verify: bool = True,
+                  atol: float = 1e-4) -> CompileResult:
     """Compile ``model`` for ``target`` into ``out_dir`` (``model.so`` + ``manifest.json``), atomically.
+
+    ``verify``: before the directory is renamed into place, run the artifact (aarch64 under qemu)
+    against onnxruntime on the source model (``verify_artifact``); a difference over ``atol``
+    leaves no artifact.
 
     Cross targets are linked with their cross compiler (checked first, before any work);
     ``cross_compiler`` (a name on PATH or a path) overrides the preset's, e.g. a vendor toolchain.
@@ -103,7 +110,8 @@ def compile_model(model: "str | os.PathLike | onnx.ModelProto", out_dir: str | o
                                      cross_package=f"the compiler you named ({cross_compiler})")
     find_cross_compiler(preset)  # fail early, naming the package, when it is missing
     proto, source = _load(model)
-    imported = import_onnx(proto, batch, seq, preset, lower_dense_below, dense_block)
+    with importer_errors():  # any frontend failure -> one BlockpruneError naming the node
+        imported = import_onnx(proto, batch, seq, preset, lower_dense_below, dense_block)
     executable = compile_relax(imported.mod, preset)
     manifest = Manifest(
         target={"name": preset.name, "arch": preset.arch, "config": dict(preset.config)},
@@ -121,4 +129,7 @@ def compile_model(model: "str | os.PathLike | onnx.ModelProto", out_dir: str | o
         else:
             executable.export_library(lib, fcompile=fcompile)
         manifest.write(tmp)
+        if verify:
+            manifest.verified = verify_artifact(tmp, proto, atol=atol).to_json()
+            manifest.write(tmp)
     return CompileResult(Path(out_dir), manifest, imported)

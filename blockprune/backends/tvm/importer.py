@@ -27,6 +27,7 @@ from blockprune.errors import BlockpruneError
 from blockprune.passes.bsr_function import DOMAIN, OP, drop_block_sparse_function
 
 from . import bsr_kernel as bk
+from .normalize import normalize_for_tvm
 from .targets import TargetPreset, resolve_target
 
 MAGIC = 1234567.0  # exactly representable in float32; a real weight never starts with it
@@ -362,6 +363,7 @@ def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = D
         raise BlockpruneError("lowering sparse dense weights needs a block shape",
                               "pass dense_block (e.g. --bsr-block 16x1) with the density threshold")
     preset = resolve_target(target) if bsr_kernel is None else None
+    model = normalize_for_tvm(model, batch, seq)  # static shapes folded, contrib ops lowered/refused
     prepared, pending, dense = prepare_onnx(model, lower_dense_below, dense_block)
     check_supported(prepared)
     inputs = static_inputs(prepared, batch, seq)
