@@ -54,7 +54,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 def small_config(model: Path, out: Path, **kw) -> RecipeConfig:
     base = dict(model=str(model), task="rte", data_dir=str(RTE), out=str(out), epochs_dense=1, epochs_rew=3,
-                epochs_retrain=1, lr_dense=1e-3, lr_rew=3e-3, lr_retrain=1e-3, lam=1e-2, limit_train=96,
+                epochs_retrain=1, lr_dense=1e-3, lr_rew=3e-3, lr_retrain=1e-3, lam=1e-2, rgl_form="penalty", limit_train=96,
                 limit_eval=32, batch_size=16, max_length=64, progress=False, threads=2)
     base.update(kw)
     return RecipeConfig(**base)

@@ -30,6 +30,7 @@ from torch import nn
 from blockprune.blocks import BlockShape, block_scores, block_sizes, check_sparsity, choose_pruned
 from blockprune.errors import BlockpruneError
 from blockprune.frontends.grouping import expand_keep
+from blockprune.importance import activation_block_scores
 from blockprune.frontends.regularizer import resolve_parameters
 
 #: Every matrix called ``*.weight``: encoder Linear layers, pooler, pre_classifier, classifier.
@@ -153,8 +154,13 @@ class LayerMask:
         return int((~self.keep).sum())
 
 
-def _scores_np(w: torch.Tensor, block: BlockShape) -> np.ndarray:
-    return block_scores(w.detach().to("cpu", torch.float64).numpy(), block)
+def _scores_np(w: torch.Tensor, block: BlockShape, feature_norms: torch.Tensor | None = None) -> np.ndarray:
+    """Block scores in float64 numpy; with ``feature_norms`` the activation-aware ``||W_g ⊙ s||``
+    (``blockprune.importance``, the same function the passes can call)."""
+    arr = w.detach().to("cpu", torch.float64).numpy()
+    if feature_norms is None:
+        return block_scores(arr, block)
+    return activation_block_scores(arr, feature_norms.detach().to("cpu", torch.float64).numpy(), block)
 
 
 def _result(pruned: np.ndarray, block: BlockShape, shape: tuple[int, int]) -> LayerMask:
@@ -163,27 +169,32 @@ def _result(pruned: np.ndarray, block: BlockShape, shape: tuple[int, int]) -> La
 
 
 def prune_per_layer(
-    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], sparsity: float
+    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], sparsity: float | Mapping[str, float],
+    feature_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerMask]:
-    """The paper's rule: the same ratio in every layer, weakest blocks of that layer first."""
-    sparsity = check_sparsity(sparsity)
+    """The paper's rule: the same ratio in every layer, weakest blocks of that layer first.
+    ``sparsity`` may also map each layer to its own ratio (a sensitivity-based allocation)."""
+    ratios = {n: check_sparsity(sparsity[n] if isinstance(sparsity, Mapping) else sparsity) for n in weights}
+    fn = feature_norms or {}
     out = {}
     for name, w in weights.items():
         block = BlockShape.parse(blocks[name])
         shape = tuple(w.shape)
-        pruned = choose_pruned(_scores_np(w, block), block_sizes(shape, block), sparsity)
+        pruned = choose_pruned(_scores_np(w, block, fn.get(name)), block_sizes(shape, block), ratios[name])
         out[name] = _result(pruned, block, shape)
     return out
 
 
 def prune_global(
-    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], sparsity: float
+    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], sparsity: float,
+    feature_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerMask]:
     """One ratio over all layers: rank every block of every layer by score together."""
     sparsity = check_sparsity(sparsity)
     names = list(weights)
     parsed = {n: BlockShape.parse(blocks[n]) for n in names}
-    scores = [_scores_np(weights[n], parsed[n]).reshape(-1) for n in names]
+    fn = feature_norms or {}
+    scores = [_scores_np(weights[n], parsed[n], fn.get(n)).reshape(-1) for n in names]
     sizes = [block_sizes(tuple(weights[n].shape), parsed[n]).reshape(-1) for n in names]
     pruned_all = choose_pruned(np.concatenate(scores), np.concatenate(sizes), sparsity)
     out, start = {}, 0
@@ -196,13 +207,15 @@ def prune_global(
 
 
 def prune_threshold(
-    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], threshold: float
+    weights: Mapping[str, torch.Tensor], blocks: Mapping[str, BlockShape], threshold: float,
+    feature_norms: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, LayerMask]:
     """Zero every block whose score is strictly below ``threshold``."""
+    fn = feature_norms or {}
     out = {}
     for name, w in weights.items():
         block = BlockShape.parse(blocks[name])
-        pruned = _scores_np(w, block) < float(threshold)
+        pruned = _scores_np(w, block, fn.get(name)) < float(threshold)
         out[name] = _result(pruned, block, tuple(w.shape))
     return out
 
@@ -211,9 +224,15 @@ def hard_prune(
     model: nn.Module | Mapping[str, torch.Tensor],
     layers: Mapping[str, BlockShape | str],
     config: HardPruneConfig | None = None,
+    feature_norms: Mapping[str, torch.Tensor] | None = None,
+    layer_ratios: Mapping[str, float] | None = None,
 ) -> dict[str, LayerMask]:
     """Masks for ``layers`` (parameter name -> block) under ``config``; weights are not touched
-    (attach the masks with ``masked.attach_masks`` to zero them and keep them zero)."""
+    (attach the masks with ``masked.attach_masks`` to zero them and keep them zero).
+
+    ``feature_norms`` (name -> per-input-feature activation norms) switches the score to the
+    activation-aware ``||W_g ⊙ s||``; ``layer_ratios`` (``layer`` mode) gives each layer its own
+    ratio instead of ``config.sparsity``."""
     config = config or HardPruneConfig()
     weights = resolve_parameters(model, list(layers))
     blocks = {n: BlockShape.parse(b) for n, b in layers.items()}
@@ -225,10 +244,14 @@ def hard_prune(
             )
         blocks[n].check_fits(tuple(w.shape), n)
     if config.mode == "layer":
-        return prune_per_layer(weights, blocks, config.sparsity)
+        ratios = config.sparsity if layer_ratios is None else {n: layer_ratios.get(n, config.sparsity) for n in weights}
+        return prune_per_layer(weights, blocks, ratios, feature_norms)
+    if layer_ratios is not None:
+        raise BlockpruneError(f"per-layer ratios need the layer pruning mode, not {config.mode!r}",
+                              "use --prune-mode layer with --allocation sensitivity")
     if config.mode == "global":
-        return prune_global(weights, blocks, config.sparsity)
-    return prune_threshold(weights, blocks, float(config.threshold))  # type: ignore[arg-type]
+        return prune_global(weights, blocks, config.sparsity, feature_norms)
+    return prune_threshold(weights, blocks, float(config.threshold), feature_norms)  # type: ignore[arg-type]
 
 
 def overall_sparsity(result: Mapping[str, LayerMask]) -> float:

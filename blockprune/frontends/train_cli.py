@@ -45,11 +45,15 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     g = t.add_argument_group("what")
     g.add_argument("--model", default="minilm", help="'minilm' (bundled), a local HF directory, or a named config")
-    g.add_argument("--task", required=True, help="GLUE task: rte, mrpc, sst2, cola, stsb, qnli, wnli, ...")
-    g.add_argument("--data-dir", required=True, help="the task folder (holding train.tsv, dev.tsv) or the GLUE root")
+    g.add_argument("--task", default=None, help="GLUE task: rte, mrpc, sst2, cola, stsb, qnli, wnli, ... (glue mode)")
+    g.add_argument("--data-dir", default=None, help="the task folder (holding train.tsv, dev.tsv) or the GLUE root")
     g.add_argument("--out", required=True, help="run directory; an interrupted run resumes from it")
-    g.add_argument("--method", choices=["rgl", "magnitude"], default="rgl",
-                   help="rgl: reweighted group Lasso; magnitude: one-shot prune of the dense model (baseline)")
+    g.add_argument("--method", choices=["rgl", "magnitude", "gradual"], default="rgl",
+                   help="rgl: reweighted group Lasso; magnitude: one-shot prune of the dense model (baseline); "
+                        "gradual: cubic sparsity schedule during --epochs-rew, then retraining with masks fixed")
+    g.add_argument("--mode", choices=["glue", "embedding"], default="glue",
+                   help="glue: a labelled GLUE task; embedding: task-agnostic sentence-embedding distillation on "
+                        "--text (see `blockprune train --mode embedding --help`)")
     p = t.add_argument_group("pruning")
     p.add_argument("--block", default="1x32", help="block rows x cols in the PyTorch W[out, in] layout")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of weights removed per layer, in [0, 1)")
@@ -62,6 +66,18 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=None, metavar="REGEX",
                    help="parameter-name regex to leave dense (repeatable; default: embed)")
     p.add_argument("--block-override", action="append", default=[], type=_regex_block, metavar="REGEX=RxC")
+    p.add_argument("--score", choices=["activation", "weight"], default="activation",
+                   help="block importance: ||W_g * s|| with per-input-feature activation norms s, or plain ||W_g||")
+    p.add_argument("--calib-examples", type=int, default=256, help="training examples for the activation norms")
+    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
+                   help="per-layer ratios: the same everywhere, or chosen from each layer's measured sensitivity "
+                        "so the overall ratio is --ratio")
+    p.add_argument("--sensitivity-ratios", default="0.25,0.5,0.75,0.9", help="ratios each layer is tried at alone")
+    p.add_argument("--sensitivity-examples", type=int, default=128, help="training examples for the sensitivity")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="no layer is pruned beyond this ratio")
+    p.add_argument("--prune-every", type=int, default=10, help="gradual: optimizer steps between mask updates")
+    p.add_argument("--ramp-fraction", type=float, default=0.75,
+                   help="gradual: share of the sparse stage's steps over which sparsity rises to the target")
     s = t.add_argument_group("stages")
     s.add_argument("--epochs-dense", type=int, default=3, help="dense fine-tuning epochs (0: the model is already fine-tuned)")
     s.add_argument("--epochs-rew", type=int, default=3, help="epochs with the reweighted group Lasso penalty")
@@ -74,7 +90,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--max-length", type=int, default=128)
     s.add_argument("--warmup-ratio", type=float, default=0.1)
     s.add_argument("--weight-decay", type=float, default=0.01)
-    s.add_argument("--lambda", dest="lam", type=float, default=1e-4, help="group Lasso lambda of every layer")
+    s.add_argument("--lambda", dest="lam", type=float, default=None,
+                   help="group Lasso lambda of every layer (default 10 proximal, 1e-4 penalty)")
+    s.add_argument("--rgl-form", choices=["proximal", "penalty"], default="proximal",
+                   help="proximal: shrink groups after each optimizer step (reaches exact zeros); penalty: the "
+                        "paper's term in the loss")
     s.add_argument("--layer-lambda", action="append", default=[], type=_regex_value, metavar="REGEX=VALUE",
                    help="per-layer lambda, first matching regex wins (repeatable)")
     s.add_argument("--eps", type=float, default=1e-3, help="alpha = 1 / (||W_g|| + eps)")
@@ -84,7 +104,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="masked retraining learns from the model before pruning too: loss = (1-A) task + A teacher "
                         "(0: off)")
     s.add_argument("--distill-temperature", type=float, default=2.0, help="softmax temperature of the teacher term")
-    s.add_argument("--stop-after", choices=["dense", "reweighted", "retrain"], default=None,
+    s.add_argument("--distill-hidden", type=float, default=0.0, metavar="B",
+                   help="add B * MSE between the student's and the teacher's hidden states (0: off)")
+    s.add_argument("--stop-after", choices=["dense", "reweighted", "gradual", "retrain"], default=None,
                    help="stop after this stage (a later call with the same settings resumes)")
     r = t.add_argument_group("run")
     r.add_argument("--seed", type=int, default=0)
@@ -93,6 +115,17 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     r.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--freeze-embeddings", action="store_true", help="do not train the word embeddings (faster)")
+    r.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                   help="attention kernel while training (the export always uses eager)")
+    r.add_argument("--optimizer", choices=["fused", "foreach", "default"], default="fused", help="AdamW implementation")
+    e = t.add_argument_group("embedding mode (--mode embedding)")
+    e.add_argument("--text", default=None, help="plain text file, one sentence per line (no labels needed)")
+    e.add_argument("--sts-dir", default=None,
+                   help="STS-B folder holding dev.tsv for the zero-shot Spearman (default: DATA_DIR/STS-B)")
+    e.add_argument("--cosine-weight", type=float, default=1.0, help="weight of 1 - cos(student, teacher embedding)")
+    e.add_argument("--mse-weight", type=float, default=0.0, help="weight of the embedding MSE")
+    e.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state MSE")
     t.set_defaults(func=cmd_train)
     return t
 
@@ -103,6 +136,9 @@ def config_from_args(args: argparse.Namespace):
     from blockprune.frontends.recipe import RecipeConfig
 
     base_lr = args.lr if args.lr is not None else RecipeConfig.lr_dense
+    if args.task is None or args.data_dir is None:
+        raise BlockpruneError("glue mode needs --task and --data-dir",
+                              f"e.g. {EXAMPLE}; or --mode embedding --text FILE for task-agnostic pruning")
     return RecipeConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, out=args.out, method=args.method,
         block=args.block, ratio=args.ratio, prune_mode=args.prune_mode, threshold=args.threshold,
@@ -116,7 +152,20 @@ def config_from_args(args: argparse.Namespace):
         distill=args.distill, distill_temperature=args.distill_temperature,
         seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
         stop_after=args.stop_after, progress=not args.no_progress, threads=args.threads,
+        rgl_form=args.rgl_form, score=args.score, calib_examples=args.calib_examples,
+        distill_hidden=args.distill_hidden, prune_every=args.prune_every, ramp_fraction=args.ramp_fraction,
+        allocation=args.allocation, sensitivity_ratios=_ratios(args.sensitivity_ratios),
+        sensitivity_examples=args.sensitivity_examples, max_layer_ratio=args.max_layer_ratio,
+        freeze_embeddings=args.freeze_embeddings, attention=args.attention, optimizer=args.optimizer,
     )
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise BlockpruneError(f"--sensitivity-ratios {text!r} is not a comma-separated list of numbers",
+                              "write e.g. --sensitivity-ratios 0.25,0.5,0.75,0.9") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -124,6 +173,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from blockprune.console import console
     from blockprune.frontends.recipe import run_recipe
 
+    if args.mode == "embedding":
+        from blockprune.frontends.embedding import embedding_config_from_args, run_embedding
+
+        res = run_embedding(embedding_config_from_args(args))
+        if res.finished:
+            console.print(f"wrote {res.model_dir}, {res.onnx_path}, {res.masks_path}, {res.report_path}")
+        return 0
     cfg = config_from_args(args)
     res = run_recipe(cfg)
     if res.stages_skipped:

@@ -1,0 +1,66 @@
+"""The new recipe paths end to end on a slice of RTE with a tiny random BERT:
+
+* ``method="gradual"`` with logit + hidden-state distillation and a sensitivity allocation: the
+  per-layer ratios differ, meet the overall target exactly, are what the saved masks hold, and
+  are written into the masks' metadata and the report; the retraining keeps the gradual masks;
+* ``method="rgl"`` in the (default) proximal form drives groups to exactly zero and logs each
+  alpha refresh (fraction of zero groups, pruned/kept norm ratio) into the report.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from blockprune.frontends.recipe import run_recipe
+from test_frontend_recipe import RTE, small_config, tiny_model  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.skipif(not (RTE / "train.tsv").is_file(), reason="real GLUE RTE data not found")
+
+
+def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_path):
+    from blockprune.masks import load_masks
+
+    cfg = small_config(tiny_model, tmp_path / "g", method="gradual", block="4x4", ratio=0.6, epochs_rew=2,
+                       epochs_retrain=1, distill=0.5, distill_hidden=1.0, allocation="sensitivity",
+                       sensitivity_ratios=[0.3, 0.6, 0.9], sensitivity_examples=32, calib_examples=32,
+                       prune_every=2, limit_train=64)
+    res = run_recipe(cfg)
+    rep = res.report
+    alloc = rep["allocation"]
+    assert alloc["rule"] == "sensitivity" and alloc["overall"] == pytest.approx(0.6, abs=1e-9)
+    ratios = alloc["ratios"]
+    assert len(set(round(r, 3) for r in ratios.values())) > 1  # not uniform
+    assert rep["pruned_layers_sparsity"] == pytest.approx(0.6, abs=0.02)  # block rounding per layer
+    maskset = load_masks(res.masks_path)
+    assert maskset.source == "gradual-magnitude"
+    assert maskset.extra["allocation"]["ratios"] == pytest.approx(ratios)
+    for name, m in maskset.masks.items():
+        assert 1 - m.mean() == pytest.approx(ratios[name], abs=16 / m.size + 1e-9)
+    # the retrain stage used the masks the gradual stage ended with
+    from safetensors.torch import load_file
+
+    g = load_file(str(res.out / "checkpoints" / "gradual" / "block_masks.safetensors"))
+    r = load_file(str(res.out / "checkpoints" / "retrain" / "block_masks.safetensors"))
+    assert all(torch.equal(g[k], r[k]) for k in g)
+    rows = {row["stage"]: row for row in rep["stages"]}
+    hist = rows["gradual"]["history"]
+    assert hist[0]["sparsity"] == 0.0 and hist[-1]["fraction_of_target"] == 1.0
+    assert [h["sparsity"] for h in hist] == sorted(h["sparsity"] for h in hist)
+    assert rep["config"]["distill_hidden"] == 1.0
+
+
+def test_proximal_rgl_zeroes_groups_and_logs_refreshes(tiny_model, tmp_path):
+    cfg = small_config(tiny_model, tmp_path / "p", rgl_form="proximal", lam=0.3, block="1x8", ratio=0.5,
+                       epochs_rew=2, epochs_retrain=1, limit_train=64, refresh_every_steps=2,
+                       refresh_every_epochs=None)
+    res = run_recipe(cfg)
+    log = res.report["rgl_refreshes"]
+    assert log[0]["refresh"] == 0 and len(log) >= 3
+    assert 0.2 < log[-1]["zero_group_fraction"] < 0.95, log  # exact zeros within a few steps
+    assert log[-1]["pruned_kept_norm_ratio"] < log[0]["pruned_kept_norm_ratio"]
+    assert res.report["rgl_form"] == "proximal" and res.report["lambda"] == 0.3
+    state = json.loads((res.out / "state.json").read_text())
+    assert state["stages"]["reweighted"]["history"] == log
