@@ -12,17 +12,42 @@ exact:
   columns are removed; the Reshape infers the head count, so nothing else changes.
 
 At least one neuron and one head stay in each block so no tensor becomes empty.
+
+Block alignment: the kept neuron count is rounded up to a multiple of the block extent along the
+neuron axis (ffn_in's block rows, ffn_out's block columns). Otherwise a 16x1-pruned ffn_in
+shrunk from 1536 to 1321 rows no longer divides into blocks and must run dense, which cost more
+than compaction saved (measured: 6 dense FFN-in layers were half of MiniLM's time at 80%). The
+padding neurons are removed neurons kept with an all-zero ffn_in row and ffn_out column (their
+constant activation, if any, is folded into the bias like the others), so they cost no block.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from blockprune.blocks import BlockShape
 from blockprune.passes.base import Pass, PassContext, PassReport
 from blockprune.passes.find_weights import find_weights_in_graph, require_weights
 from blockprune.passes.layers_meta import record_layers
 from blockprune.passes.patterns import FFNMatch
-from blockprune.passes.weight_edit import current_values, editable_attentions, editable_ffns, out_in, take
+from blockprune.passes.weight_edit import (current_values, editable_attentions, editable_ffns, out_in, take,
+                                           zero_slices)
+
+
+def neuron_multiple(ctx: PassContext, m: FFNMatch) -> int:
+    """The block extent along the FFN's neuron axis: lcm(ffn_in block rows, ffn_out block cols)."""
+    layers = ctx.meta("layers", {}) or {}
+
+    def extent(lm, axis: str) -> int:
+        block = (layers.get(lm.weight.initializer) or {}).get("block")
+        if not block:
+            return 1
+        b = BlockShape.parse(block)
+        return b.rows if axis == "out" else b.cols
+
+    return math.lcm(extent(m.ffn_in, "out"), extent(m.ffn_out, "in"))
 
 
 def evaluate_activation(ctx: PassContext, m: FFNMatch, x: np.ndarray) -> np.ndarray:
@@ -88,17 +113,25 @@ class Compact(Pass):
                     dead_in[first] = False
                 if keep.all():
                     continue
+                removed_idx = np.flatnonzero(~keep)
+                n_pad = min((-int(keep.sum())) % neuron_multiple(ctx, m), removed_idx.size)
+                # pad with the neurons whose ffn_out column is zero first (nothing to fold)
+                pad = removed_idx[np.argsort(~dead_out[removed_idx], kind="stable")[:n_pad]]
                 if dead_in.any():
                     b1 = current_values(ctx, m.ffn_in.bias)
                     const_act = evaluate_activation(ctx, m, b1[dead_in])
                     b2 = current_values(ctx, m.out_bias).astype(np.float64)
                     b2 = b2 + w2[:, dead_in].astype(np.float64) @ const_act.astype(np.float64)
                     ctx.replace_values(m.out_bias.name, b2.astype(np.float32))
-                index = np.flatnonzero(keep)
+                index = np.concatenate([np.flatnonzero(keep), pad])
                 take(ctx, m.ffn_in, "out", index)
                 take(ctx, m.ffn_out, "in", index)
+                if pad.size:
+                    tail = np.arange(index.size - pad.size, index.size)
+                    zero_slices(ctx, m.ffn_in, "out", tail, bias=False)
+                    zero_slices(ctx, m.ffn_out, "in", tail)
                 removed[key] = {"neurons_before": int(keep.size), "neurons_after": int(index.size),
-                                "folded_constant_neurons": int(dead_in.sum())}
+                                "folded_constant_neurons": int(dead_in.sum()), "zero_padding": int(pad.size)}
                 for lm, shape in ((m.ffn_in, (index.size, w1.shape[1])), (m.ffn_out, (w2.shape[0], index.size))):
                     layers_meta[lm.weight.initializer] = {"compacted": [list(lm.weight.shape), list(shape)]}
                 report.changed += 1

@@ -28,8 +28,14 @@ stays in L1; the row pointers are then per row and slice (:func:`chunked_indptr`
 static; a remainder of ``M % TI`` rows gets its own, narrower tile. ``nnzb`` is symbolic, so
 one compiled kernel serves every layer of a shape.
 
-Kernel signature: ``name(X, data, indices, indptr[, bias], Y)`` with the middle arrays from
+Kernel signature: ``name(X, data, indices, indptr[, bias][, R], Y)`` with the middle arrays from
 :func:`kernel_arrays` (destination-passing, as ``relax.call_tir`` wants).
+
+Epilogue (``BSRKernelSpec.bias/gelu/residual``): the bias starts the accumulators; GELU and the
+residual add ``R`` are applied to the finished accumulators as they are stored, so the output
+is written once instead of once per elementwise op. GELU's erf is a rational approximation in
+plain arithmetic (vectorises; libm's ``erff`` would be called once per element): our own fit
+``erf(x) ~ x P(x^2) / Q(x^2)`` on ``|x| <= 4``, max error 6e-7 in float32 (:data:`ERF_P`).
 """
 
 from __future__ import annotations
@@ -216,6 +222,33 @@ def _k_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int)
 # --------------------------------------------------------------------------------------------
 # The PrimFunc
 # --------------------------------------------------------------------------------------------
+# erf(x) ~ x * P(x^2) / Q(x^2) for |x| < 3.8, exactly +-1 beyond (erf(3.8) = 1 - 7.7e-8, below
+# float32's spacing at 1). Fitted by benchmarks/fit_erf.py (reweighted least squares towards
+# minimax on |x| <= 4): 1.5e-9 in float64, 3.5e-7 evaluated in float32 by Horner's rule. The exact
+# tails matter: GELU's inputs are mostly large negatives, where any erf error e gives a GELU
+# error x*e/2 of one sign in every neuron, and ffn_out sums 1536 of them.
+ERF_P = (1.1283791820583127, 0.1847122805578801, 0.054332576534652025, 0.0038395749877996833,
+         0.00038268208619091776, 4.780211476245605e-06, -1.3665194253942303e-08)
+ERF_Q = (1.0, 0.4970305414313918, 0.11382686313152275, 0.015453567271951532,
+         0.0013095752338932447, 6.400621294662488e-05)
+ERF_CLAMP = 4.0
+ERF_ONE_BEYOND = 3.8
+
+
+def erf_approx_np(x: np.ndarray) -> np.ndarray:
+    """The kernel's erf, in numpy float32 (for tests and documentation of its accuracy)."""
+    x = np.clip(np.asarray(x, np.float32), -ERF_CLAMP, ERF_CLAMP)
+    z = x * x
+    p = np.float32(0)
+    for c in reversed(ERF_P):
+        p = p * z + np.float32(c)
+    q = np.float32(0)
+    for c in reversed(ERF_Q):
+        q = q * z + np.float32(c)
+    e = np.clip(x * p / q, -1, 1)
+    return np.where(x >= ERF_ONE_BEYOND, 1, np.where(x <= -ERF_ONE_BEYOND, -1, e)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class BSRKernelSpec:
     """The static shape a kernel is compiled for (``nnzb`` stays symbolic)."""
@@ -224,6 +257,8 @@ class BSRKernelSpec:
     n: int  # output features (rows of W)
     block: BlockShape
     bias: bool = False
+    gelu: bool = False  # epilogue: GELU (erf form) after the bias
+    residual: bool = False  # epilogue: + R[M, N] (an extra input), after the GELU if any
 
     @property
     def m(self) -> int:
@@ -305,6 +340,35 @@ class _KernelBuilder:
     def load(self, buf, idx: list):
         return self.tirx.BufferLoad(buf, idx)
 
+    def const(self, v: float, lanes: int):
+        return self.f32(v) if lanes == 1 else self.tirx.Broadcast(self.f32(v), lanes)
+
+    def _gelu(self, v, lanes: int):
+        """x/2 * (1 + erf(x/sqrt 2)) with :data:`ERF_P`/:data:`ERF_Q` (a Let keeps x/sqrt2 once)."""
+        tirx, c = self.tirx, (lambda f: self.const(f, lanes))
+        dtype = "float32" if lanes == 1 else f"float32x{lanes}"
+        t = tirx.Var("gelu_t", dtype)
+        z = tirx.Var("gelu_z", dtype)
+        p = c(ERF_P[-1])
+        for co in reversed(ERF_P[:-1]):
+            p = p * z + c(co)
+        q = c(ERF_Q[-1])
+        for co in reversed(ERF_Q[:-1]):
+            q = q * z + c(co)
+        erf = tirx.Max(tirx.Min(t * p / q, c(1.0)), c(-1.0))
+        erf = tirx.Select(t >= c(ERF_ONE_BEYOND), c(1.0), tirx.Select(t <= c(-ERF_ONE_BEYOND), c(-1.0), erf))
+        body = tirx.Let(z, t * t, v * c(0.5) * (c(1.0) + erf))
+        clamped = tirx.Max(tirx.Min(v * c(1.0 / math.sqrt(2.0)), c(ERF_CLAMP)), c(-ERF_CLAMP))
+        return tirx.Let(t, clamped, body)
+
+    def finish(self, val, row, n0, lanes: int):
+        """The epilogue after the bias: GELU, then + R[row, n0:n0+lanes]."""
+        if self.spec.gelu:
+            val = self._gelu(val, lanes)
+        if self.R is not None:
+            val = val + self.load(self.R, [row, self.ramp(n0, lanes)])
+        return val
+
     # ---- function --------------------------------------------------------------------------
     def build(self, name: str):
         from tvm.script.ir_builder import IRBuilder
@@ -326,12 +390,16 @@ class _KernelBuilder:
                 p_shape = (self.nb + 1,) if self.nkc == 1 else (self.nb, self.nkc + 1)
                 self.P = T.arg("indptr", T.buffer(p_shape, "int32"))
                 self.B = T.arg("bias", T.buffer((n,), "float32")) if spec.bias else None
+                r_arg = T.arg("R", T.buffer(spec.y_shape, "float32")) if spec.residual else None
                 y_arg = T.arg("Y", T.buffer(spec.y_shape, "float32"))
+                self.R = None
                 if len(spec.x_shape) == 2:
-                    self.X, self.Y = x_arg, y_arg
+                    self.X, self.Y, self.R = x_arg, y_arg, r_arg
                 else:  # [B, S, K] -> [M, K] views of the same memory
                     self.X = T.decl_buffer((m, k), "float32", data=x_arg.data)
                     self.Y = T.decl_buffer((m, n), "float32", data=y_arg.data)
+                    if r_arg is not None:
+                        self.R = T.decl_buffer((m, n), "float32", data=r_arg.data)
                 self._body()
         return ib.get()
 
@@ -420,11 +488,25 @@ class _KernelBuilder:
                             w = self.load(self.D, [b, kk, self.ramp((p * per_pass + s) * L, L)])
                             a = self.load(self.acc[ti], [s, self.ramp(0, L)])
                             T.buffer_store(self.acc[ti], a + xb * w, [s, self.ramp(0, L)])
-            for ti in range(ti_count):
-                for s in range(per_pass):
-                    n0 = row * r + (p * per_pass + s) * L
-                    val = self.load(self.acc[ti], [s, self.ramp(0, L)])
-                    T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, L)])
+            has_epilogue = self.spec.gelu or self.spec.residual
+            if kpass is None or not has_epilogue:
+                self._store_n_lanes(row, p, per_pass, ti_count, m0, has_epilogue)
+            else:  # partial sums between K passes; the epilogue once, on the last pass
+                with T.If(kpass == self.nkc - 1):
+                    with T.Then():
+                        self._store_n_lanes(row, p, per_pass, ti_count, m0, True)
+                    with T.Else():
+                        self._store_n_lanes(row, p, per_pass, ti_count, m0, False)
+
+    def _store_n_lanes(self, row, p: int, per_pass: int, ti_count: int, m0, epilogue: bool) -> None:
+        L = self.sch.lanes
+        for ti in range(ti_count):
+            for s in range(per_pass):
+                n0 = row * self.r + (p * per_pass + s) * L
+                val = self.load(self.acc[ti], [s, self.ramp(0, L)])
+                if epilogue:
+                    val = self.finish(val, m0 + ti, n0, L)
+                self.T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0, L)])
 
     def _init_acc_n_lanes(self, row, p: int, per_pass: int, ti_count: int, m0, from_y: bool) -> None:
         """Accumulators start at the bias (or 0), or at Y's partial sums for later K passes."""
@@ -553,6 +635,7 @@ class _KernelBuilder:
                 val = self.load(self.stage[ti], [self.ramp(j0, lanes)])
                 if self.B is not None:
                     val = val + self.load(self.B, [self.ramp(n0 + j0, lanes)])
+                val = self.finish(val, m0 + ti, n0 + j0, lanes)
                 T.buffer_store(self.Y, val, [m0 + ti, self.ramp(n0 + j0, lanes)])
 
 
@@ -623,7 +706,7 @@ class BSRKernel:
                 "compile a kernel for this weight with build_bsr_kernel",
             )
 
-    def _args(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None):
+    def _args(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None, residual: np.ndarray | None = None):
         import tvm
 
         self._check_bsr(bsr)
@@ -634,31 +717,38 @@ class BSRKernel:
         if (bias is not None) != self.spec.bias:
             raise BlockpruneError("bias given to a kernel compiled without one (or vice versa)",
                                   "build the kernel with bias=True when the Linear has a bias")
+        if (residual is not None) != self.spec.residual:
+            raise BlockpruneError("residual given to a kernel compiled without one (or vice versa)",
+                                  "build the kernel with residual=True to add a residual input")
         dev = tvm.cpu()
         arrays = [x] + kernel_arrays(bsr, self.schedule)
         if bias is not None:
             arrays.append(np.ascontiguousarray(bias, dtype=np.float32).reshape(self.spec.n))
+        if residual is not None:
+            arrays.append(np.ascontiguousarray(residual, dtype=np.float32).reshape(self.spec.y_shape))
         args = [tvm.runtime.tensor(a, dev) for a in arrays]
         y = tvm.runtime.tensor(np.empty(self.spec.y_shape, dtype=np.float32), dev)
         return args, y
 
-    def __call__(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None) -> np.ndarray:
-        args, y = self._args(x, bsr, bias)
+    def __call__(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
+                 residual: np.ndarray | None = None) -> np.ndarray:
+        args, y = self._args(x, bsr, bias, residual)
         self._module[self.name](*args, y)
         return y.numpy()
 
-    def prepared_call(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None):
+    def prepared_call(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
+                      residual: np.ndarray | None = None):
         """A no-argument callable running the kernel on tensors converted once (for timing)."""
-        args, y = self._args(x, bsr, bias)
+        args, y = self._args(x, bsr, bias, residual)
         func = self._module[self.name]
         return lambda: func(*args, y)
 
     def time(self, x: np.ndarray, bsr: BSRMatrix, bias: np.ndarray | None = None,
-             number: int = 10, repeat: int = 20) -> list[float]:
+             number: int = 10, repeat: int = 20, residual: np.ndarray | None = None) -> list[float]:
         """Seconds per call, ``repeat`` samples each averaging ``number`` calls (TVM's timer)."""
         import tvm
 
-        args, y = self._args(x, bsr, bias)
+        args, y = self._args(x, bsr, bias, residual)
         timer = self._module.time_evaluator(self.name, tvm.cpu(), number=number, repeat=repeat)
         return list(timer(*args, y).results)
 
@@ -677,10 +767,11 @@ class BSRKernel:
 
 def build_bsr_kernel(x_shape: Sequence[int], n: int, block: "BlockShape | str", *, bias: bool = False,
                      target: Any = "host", schedule: BSRSchedule | None = None,
-                     name: str = "bsr_matmul") -> BSRKernel:
-    """Generate and compile the kernel for ``X[x_shape] @ W[n, K]^T`` on ``target``."""
+                     name: str = "bsr_matmul", gelu: bool = False, residual: bool = False) -> BSRKernel:
+    """Generate and compile the kernel for ``X[x_shape] @ W[n, K]^T`` (+ epilogue) on ``target``."""
     preset = resolve_target(target)
-    spec = BSRKernelSpec(tuple(int(d) for d in x_shape), int(n), BlockShape.parse(block), bool(bias))
+    spec = BSRKernelSpec(tuple(int(d) for d in x_shape), int(n), BlockShape.parse(block), bool(bias),
+                         bool(gelu), bool(residual))
     spec.check()
     schedule = schedule or choose_schedule(spec.m, spec.n, spec.block, preset, k=spec.k)
     executable = _compile_cached(spec, schedule, preset.to_json(), name)

@@ -23,47 +23,21 @@ from .verify_artifact import verify_artifact
 from .targets import TargetPreset, export_fcompile, find_cross_compiler, resolve_target
 
 
-def _cpu_schedules():
-    """The dense-op scheduler if its module exists, else None (unscheduled but correct).
-
-    ``BLOCKPRUNE_TVM_CPU_SCHEDULES=0`` turns it off: to tell a schedule bug from an import bug.
-    """
-    if os.environ.get("BLOCKPRUNE_TVM_CPU_SCHEDULES", "1") == "0":
-        return None
-    try:
-        from blockprune.backends.tvm.cpu_schedules import apply_cpu_schedules
-    except ImportError:
-        return None
-    return apply_cpu_schedules
-
-
-def build_pipeline(target):
-    """dispatch -> legalize/fuse -> our dense schedules -> dataflow lowering -> finalize."""
-    import tvm
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    schedule = _cpu_schedules()
-
-    @tvm.transform.module_pass(opt_level=0, name="blockprune_cpu_pipeline")
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
-                                           + cpu_generic.legalize_passes(target))(mod)
-            if schedule is not None:
-                mod = schedule(mod, target)
-            mod = tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target)
-                                           + cpu_generic.finalize_passes(target))(mod)
-        return mod
-
-    return _pipeline
-
-
 def compile_relax(mod, preset: TargetPreset):
-    """Relax module -> tvm Executable for ``preset``."""
+    """Relax module -> tvm Executable for ``preset``: the one CPU pipeline of the project.
+
+    Fast-math legalization, fusion and our schedules (:func:`.cpu_schedules.build_cpu_pipeline`);
+    ``compile``, ``calibrate`` and the benchmarks all come through here, so what is measured is
+    what users get. ``BLOCKPRUNE_TVM_CPU_SCHEDULES=0`` compiles without our dense schedules (to
+    tell a schedule bug from an import bug).
+    """
     import tvm
+
+    from .cpu_schedules import build_cpu_pipeline
 
     target = preset.target()
-    return tvm.compile(mod, target=target, relax_pipeline=build_pipeline(target))
+    scheduled = os.environ.get("BLOCKPRUNE_TVM_CPU_SCHEDULES", "1") != "0"
+    return tvm.compile(mod, target=target, relax_pipeline=build_cpu_pipeline(target, schedule=scheduled))
 
 
 @dataclass

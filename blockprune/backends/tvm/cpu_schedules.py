@@ -232,7 +232,7 @@ class ApplyCpuSchedules:
         return apply_cpu_schedules(mod, self.target)
 
 
-def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
+def schedule_passes(target: tvm.target.Target, schedule: bool = True) -> list[tvm.transform.Pass]:
     """Library dispatch, fast-math legalization, fusion, then :func:`apply_cpu_schedules`."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -242,8 +242,7 @@ def schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
-        ApplyCpuSchedules(target),
-    ]
+    ] + ([ApplyCpuSchedules(target)] if schedule else [])
 
 
 def schedule_relax(mod: tvm.IRModule, target: Any) -> tvm.IRModule:
@@ -254,7 +253,7 @@ def schedule_relax(mod: tvm.IRModule, target: Any) -> tvm.IRModule:
         return tvm.transform.Sequential(schedule_passes(tgt))(mod)
 
 
-def build_cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+def build_cpu_pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.transform.Pass:
     """The default CPU Relax pipeline with fast-math legalization and our schedules.
 
     library dispatch -> LegalizeOps(fast math) -> AnnotateTIROpPattern -> FoldConstant ->
@@ -266,7 +265,7 @@ def build_cpu_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                schedule_passes(target) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+                schedule_passes(target, schedule) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             )
             return seq(mod)
 
@@ -280,7 +279,9 @@ def _as_target(target: Any) -> tvm.target.Target:
 
 
 def compile_relax(mod: tvm.IRModule, target: Any):
-    """``tvm.compile`` with :func:`build_cpu_pipeline`; ``target``: a tvm Target or preset name."""
+    """``tvm.compile`` with :func:`build_cpu_pipeline`; ``target``: a tvm Target or preset name.
+
+    ``blockprune compile`` (:func:`.compile.compile_relax`) runs the same pipeline."""
     tgt = _as_target(target)
     return tvm.compile(mod, target=tgt, relax_pipeline=build_cpu_pipeline(tgt))
 

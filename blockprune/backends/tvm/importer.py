@@ -27,6 +27,7 @@ from blockprune.errors import BlockpruneError
 from blockprune.passes.bsr_function import DOMAIN, OP, drop_block_sparse_function
 
 from . import bsr_kernel as bk
+from .epilogue import Epilogue, GraphIndex, absorb_epilogue
 from .normalize import normalize_for_tvm
 from .targets import TargetPreset, resolve_target
 
@@ -50,12 +51,13 @@ class LayerForm:
     density: float | None = None  # fraction of blocks kept (bsr)
     kernel: str | None = None  # PrimFunc name (bsr)
     schedule: dict[str, Any] | None = None
+    epilogue: str | None = None  # what the kernel fuses after the product (bsr), e.g. "bias+gelu"
 
     def to_json(self) -> dict[str, Any]:
         d = {"name": self.name, "node": self.node, "form": self.form, "shape": list(self.shape)}
         if self.form == "bsr":
             d.update(block=self.block, density=round(float(self.density), 6), kernel=self.kernel,
-                     schedule=self.schedule)
+                     schedule=self.schedule, epilogue=self.epilogue or "none")
         return d
 
 
@@ -87,6 +89,7 @@ class _Pending:
     index: int
     layer: LayerForm
     bsr: BSRMatrix
+    epilogue: Epilogue = field(default_factory=Epilogue)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,13 +147,26 @@ def check_supported(model: onnx.ModelProto) -> None:
 
 
 def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
-                 dense_block: str | BlockShape | None = None) -> tuple[onnx.ModelProto, list[_Pending], list[LayerForm]]:
+                 dense_block: str | BlockShape | None = None,
+                 fuse_epilogues: bool = False) -> tuple[onnx.ModelProto, list[_Pending], list[LayerForm]]:
     """Replace BSR nodes (and sparse-enough dense MatMuls) by marked placeholder MatMuls.
 
-    Returns the rewritten copy, the layers awaiting a kernel, and the layers staying dense.
+    With ``fuse_epilogues``, the bias add and GELU after each such MatMul are removed from the
+    graph and done by its kernel, and a residual add is flagged for the Relax lowering to fold
+    (:mod:`.epilogue`). Returns the rewritten copy, the layers awaiting a kernel, and the layers
+    staying dense.
     """
     model = copy.deepcopy(model)
     g = model.graph
+    index = GraphIndex(g) if fuse_epilogues else None
+    absorbed: set[int] = set()
+
+    def take_epilogue(node: onnx.NodeProto, item: _Pending) -> None:
+        if index is None:
+            return
+        item.epilogue, removed = absorb_epilogue(index, node, item.bsr.shape[0])
+        absorbed.update(id(n) for n in removed)
+        item.layer.epilogue = item.epilogue.describe(residual=False)
     inits = {t.name: t for t in g.initializer}
     used_names = set(inits) | {o for n in g.node for o in n.output} | {i.name for i in g.input}
     pending: list[_Pending] = []
@@ -189,6 +205,7 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
             node.input.extend([x, pname])
             node.op_type, node.domain = "MatMul", ""
             pending.append(_Pending(idx, layer, bsr))
+            take_epilogue(node, pending[-1])
         elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
             if w.ndim != 2 or w.dtype != np.float32:
@@ -207,8 +224,13 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
                                                            str(block), density), bsr))
                     node.input[1] = pname
                     lowered = True
+                    take_epilogue(node, pending[-1])
             if not lowered:
                 dense.append(LayerForm(node.input[1], node.name, "dense", tuple(w_oi.shape)))
+    if absorbed:
+        kept = [n for n in g.node if id(n) not in absorbed]
+        del g.node[:]
+        g.node.extend(kept)
     g.initializer.extend(new_inits)
     drop_block_sparse_function(model)  # the custom function and its domain are no longer referenced
     # drop initializers only the replaced nodes used (the BSR arrays, lowered dense weights)
@@ -265,6 +287,17 @@ def _marker(const) -> int | None:
     return int(flat[1]) if flat.size > 1 else 0
 
 
+def _static_shape(expr) -> tuple[int, ...] | None:
+    """The static shape of a Relax tensor expression, None if unknown or symbolic."""
+    import tvm
+
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    values = getattr(shape, "values", None)
+    if values is None or any(not isinstance(d, tvm.tirx.IntImm) for d in values):
+        return None
+    return tuple(int(d) for d in values)
+
+
 def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
                 bsr_kernel: "BSRKernelChooser | None" = None):
     """Rewrite each marked ``matmul(x, P)`` into ``call_tir(bsr_kernel, x, data, indices, indptr)``."""
@@ -277,6 +310,8 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
     kernels: dict[tuple, Any] = {}
     done: set[int] = set()
     matmul_op = tvm.ir.Op.get("relax.matmul")
+    add_op = tvm.ir.Op.get("relax.add")
+    candidates: list[tuple] = []  # (lowered call, item, x): kernels whose residual add may follow
 
     # An exception raised inside a Python visitor crosses TVM's FFI and comes back as a bare
     # RuntimeError with a C++ backtrace; keep the first one here and raise it as itself.
@@ -295,6 +330,8 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
                 return call
 
         def _lower(self, call):
+            if call.op.same_as(add_op):
+                return self._fold_residual(call)
             if not call.op.same_as(matmul_op):
                 return call
             w = call.args[1]
@@ -305,9 +342,17 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
                 return call
             item = by_id[idx]
             x = call.args[0]
+            done.add(idx)
+            lowered = self._emit(item, x, None)
+            if item.epilogue.residual_add:
+                candidates.append((lowered, item, x))
+            return lowered
+
+        def _emit(self, item: _Pending, x, residual):
             x_shape = tuple(int(d) for d in x.ty.shape.values)
             n, _ = item.bsr.shape
-            spec = bk.BSRKernelSpec(x_shape, n, item.bsr.block)
+            ep = item.epilogue
+            spec = bk.BSRKernelSpec(x_shape, n, item.bsr.block, ep.bias is not None, ep.gelu, residual is not None)
             plan = choose(spec, item.bsr)
             if plan.key not in kernels:
                 name = f"{plan.prefix}{len(kernels)}"
@@ -316,10 +361,29 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
             gv, name = kernels[plan.key]
             item.layer.kernel = name
             item.layer.schedule = plan.schedule
-            consts = [relax.const(a) for a in plan.arrays]
-            done.add(idx)
-            return relax.call_tir(gv, relax.Tuple([x, *consts]),
-                                  out_ty=relax.TensorType(spec.y_shape, "float32"))
+            args = [x, *[relax.const(a) for a in plan.arrays]]
+            if ep.bias is not None:
+                args.append(relax.const(ep.bias))
+            if residual is not None:
+                args.append(residual)
+            return relax.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.y_shape, "float32"))
+
+        def _fold_residual(self, call):
+            """``add(kernel_out, r)`` -> the kernel with ``r`` as its residual input."""
+            for mine, other in ((call.args[0], call.args[1]), (call.args[1], call.args[0])):
+                if not isinstance(mine, relax.Var):
+                    continue
+                bound = self.lookup_binding(mine)
+                match = next((c for c in candidates if bound is not None and bound.same_as(c[0])), None)
+                if match is None:
+                    continue
+                _, item, x = match
+                if _static_shape(other) is None or str(other.ty.dtype) != "float32" or \
+                        _static_shape(other) != _static_shape(mine):
+                    continue
+                item.layer.epilogue = item.epilogue.describe()
+                return self._emit(item, x, other)
+            return call
 
     lowering = _BSRLowering(mod)
     for gv, func in mod.functions_items():
@@ -333,6 +397,8 @@ def _substitute(mod, pending: list[_Pending], preset: TargetPreset | None,
                               "compile the densified model meanwhile (blockprune compress --form dense) and "
                               "report the error") from err
     out = lowering.builder_.get()
+    if candidates:  # a kernel call whose residual add took it over is now unused
+        out = relax.transform.DeadCodeElimination()(out)
     missing = sorted(set(by_id) - done)
     if missing:
         names = ", ".join(by_id[i].layer.name for i in missing)
@@ -364,7 +430,8 @@ def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = D
                               "pass dense_block (e.g. --bsr-block 16x1) with the density threshold")
     preset = resolve_target(target) if bsr_kernel is None else None
     model = normalize_for_tvm(model, batch, seq)  # static shapes folded, contrib ops lowered/refused
-    prepared, pending, dense = prepare_onnx(model, lower_dense_below, dense_block)
+    # epilogue fusion needs the CPU kernel; the GPU choosers take the bias at most
+    prepared, pending, dense = prepare_onnx(model, lower_dense_below, dense_block, fuse_epilogues=bsr_kernel is None)
     check_supported(prepared)
     inputs = static_inputs(prepared, batch, seq)
     try:
