@@ -113,6 +113,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
             what += f", empty {d['block']} blocks {d['empty_blocks_before']} -> {d['empty_blocks_after']}"
         if st.report is not None and st.report.name == "compact":
             what += f", {st.report.changed} block(s) shrunk"
+        if st.report is not None and st.report.name == "detect-blocks":
+            blocks = sorted(set(st.report.details.get("blocks", {}).values()))
+            what += (f", {st.report.changed} pruned layer(s) without a recorded block: {', '.join(blocks)}"
+                     if st.report.changed else ", every pruned layer has its block recorded")
+            rows.append((f"stage {st.name}", what))
+            continue
         if st.report is not None and st.report.name == "block-sparse":
             what += f", {st.report.changed} layer(s) rewritten to BSR"
         rows.append((f"stage {st.name}", what))
@@ -173,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="'minilm' (bundled), a named config (bert-base, bert-tiny, ...), or a local HF directory")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    e.add_argument("--head", choices=["encoder", "classification", "regression"], default="encoder")
-    e.add_argument("--num-labels", type=int, default=2)
+    e.add_argument("--head", choices=["encoder", "classification", "regression"], default=None,
+                   help="default: a local checkpoint's own head (config.architectures), else encoder")
+    e.add_argument("--num-labels", type=int, default=None, help="default: the checkpoint's, else 2")
     e.add_argument("--opset", type=int, default=None, help="default 18 (dynamo) / 17 (legacy); at least 17")
     e.add_argument("--seed", type=int, default=0, help="seed of random weights for named configs")
     e.add_argument("--atol", type=float, default=1e-4, help="max |ONNX - PyTorch| allowed (default 1e-4)")

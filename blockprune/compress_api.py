@@ -20,6 +20,9 @@ from blockprune.passes import PruneConfig
 from blockprune.passes.base import Pass, PassReport
 from blockprune.passes.block_sparse import BlockSparseRewrite, uses_block_sparse
 from blockprune.passes.compact import Compact
+from blockprune.passes.constant_nodes import ConstantNodesToInitializers
+from blockprune.passes.detect_blocks import DetectBlocks
+from blockprune.passes.dtype_check import require_float32_weights
 from blockprune.passes.layer_stats import ModelStats, model_stats
 from blockprune.passes.policy import DEFAULT_BREAK_EVEN, Policy
 from blockprune.passes.reorder import Reorder
@@ -52,6 +55,7 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
     from blockprune.errors import BlockpruneError
     from tqdm.auto import tqdm
 
+    require_float32_weights(model, "compress")
     if uses_block_sparse(model):
         raise BlockpruneError("the model already contains block-sparse (ai.blockprune) layers",
                               "compress the dense or pruned model it came from")
@@ -63,6 +67,11 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
         stages.append(StageResult("prune" if masks is None else "apply-masks", None,
                                   pr.verify.max_abs_diff if pr.verify else None, time.perf_counter() - t))
     reference = model
+    t = time.perf_counter()
+    model, _ = ConstantNodesToInitializers().run(model)  # plain legacy exports: scalars in Constant nodes
+    if prune is None and masks is None:  # pruned elsewhere (or by us): the zeros reveal unrecorded blocks
+        model, det = DetectBlocks().run(model)
+        stages.append(StageResult("detect-blocks", det, None, time.perf_counter() - t))
     block = BlockShape.parse(reorder_block) if reorder_block else (
         prune.block if prune is not None else _recorded_block(model))
     passes: list[Pass] = []

@@ -95,6 +95,10 @@ def find_weights_in_graph(graph: Any, metadata: dict[str, Any] | None = None) ->
                 role, layer = rl
         found.append(LinearWeight(node.name, node.op, const.name, layout, (int(shape[0]), int(shape[1])),
                                   hf, role, layer, transpose))
+    if found and not any(w.role for w in found):  # no blockprune names: recognise the encoder by structure
+        from blockprune.passes.graph_roles import infer_roles
+
+        infer_roles(graph, found)
     return found
 
 

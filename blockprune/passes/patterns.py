@@ -65,16 +65,29 @@ def _const(t: Any) -> bool:
     return isinstance(t, gs.Constant)
 
 
+def _const_values(t: Any) -> np.ndarray | None:
+    """Values of a constant tensor: an initializer, or the output of a ``Constant`` node (plain
+    legacy exports keep their scalars and shape pieces in Constant nodes)."""
+    if _const(t):
+        return np.asarray(t.values)
+    if len(t.inputs) == 1 and t.inputs[0].op == "Constant" and "value" in t.inputs[0].attrs:
+        v = t.inputs[0].attrs["value"]
+        return np.asarray(v.values if hasattr(v, "values") else v)
+    return None
+
+
 def _shape_tail(shape_tensor: Any) -> list[int] | None:
     """Known trailing entries of a Reshape's shape input: a constant, or a Concat of pieces."""
-    if _const(shape_tensor):
-        return [int(v) for v in np.asarray(shape_tensor.values).ravel()]
+    whole = _const_values(shape_tensor)
+    if whole is not None:
+        return [int(v) for v in whole.ravel()]
     if len(shape_tensor.inputs) != 1 or shape_tensor.inputs[0].op != "Concat":
         return None
     tail: list[int] = []
     for piece in shape_tensor.inputs[0].inputs:
-        if _const(piece):
-            tail.extend(int(v) for v in np.asarray(piece.values).ravel())
+        values = _const_values(piece)
+        if values is not None:
+            tail.extend(int(v) for v in values.ravel())
         else:
             tail = []  # a computed piece: only what follows the last one is known
     return tail

@@ -221,6 +221,9 @@ def normalize_for_tvm(model: onnx.ModelProto, batch: int, seq: int,
                       report: NormalizeReport | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with static ``batch x seq`` inputs, shapes and constants folded,
     elementwise contrib ops lowered; fused attention/embedding contrib ops refused."""
+    from blockprune.passes.dtype_check import require_float32_weights
+
+    require_float32_weights(model, "the TVM CPU backend (float32 kernels, verified at 1e-4)")
     refuse_unsupported_contrib(model)
     report = report if report is not None else NormalizeReport()
     m = onnx.ModelProto()
