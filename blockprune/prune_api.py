@@ -35,7 +35,7 @@ def prune_model(model: onnx.ModelProto, config: PruneConfig | None = None, masks
     else:
         p = BlockPrune(config or PruneConfig())
     out = PassManager([p], show_progress=progress).run(model)
-    used = masks if masks is not None else p.masks
+    used = p.applied if masks is not None else p.masks  # applied: renamed to this model's weights
     result = None
     if verify:
         result = compare(out, masked_reference(model, used.masks), atol=atol, what="pruned model")

@@ -143,8 +143,27 @@ def randomize_(model: Any, seed: int) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
 
 
-def load_model(spec: str, head: str = "encoder", num_labels: int = 2, seed: int = 0) -> LoadedModel:
+def head_from_config(config: Any) -> tuple[str, int | None]:
+    """The head a checkpoint was saved with (``config.architectures``): (head, num_labels or None).
+
+    Why: a directory written by ``blockprune train`` (or any fine-tuning script) holds a
+    ``*ForSequenceClassification``; exporting only its encoder would drop the trained classifier
+    and rename every weight (no ``bert.`` prefix), so its masks would no longer fit.
+    """
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        labels = int(getattr(config, "num_labels", 2) or 2)
+        if labels == 1 or getattr(config, "problem_type", None) == "regression":
+            return "regression", 1
+        return "classification", labels
+    return "encoder", None
+
+
+def load_model(spec: str, head: str | None = "encoder", num_labels: int | None = 2, seed: int = 0) -> LoadedModel:
     """Load ``spec``: ``minilm``, a named config (see ``NAMED_CONFIGS``), or a local HF directory.
+
+    ``head=None``: the checkpoint's own head (from ``config.architectures``) for a local directory,
+    the encoder otherwise; ``num_labels=None``: the checkpoint's.
 
     Attention is loaded as ``eager`` so that both ONNX exporters see plain MatMul/Softmax (the
     legacy exporter has no SDPA below opset 14, and TVM imports the plain pattern).
@@ -155,11 +174,22 @@ def load_model(spec: str, head: str = "encoder", num_labels: int = 2, seed: int 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    path = Path(spec)
+    if head is None and path.is_dir() and (path / "config.json").is_file() and spec not in NAMED_CONFIGS:
+        from transformers import AutoConfig
+
+        try:
+            saved_head, saved_labels = head_from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        except Exception:  # noqa: BLE001 - reported below with the real loader's message
+            saved_head, saved_labels = "encoder", None
+        head = saved_head
+        num_labels = num_labels if num_labels is not None else saved_labels
+    head = head or "encoder"
+    num_labels = num_labels if num_labels is not None else 2
     if head not in HEADS:
         raise BlockpruneError(f"unknown head {head!r}", f"use one of: {', '.join(HEADS)}")
     cls = _model_class(head)
     hk = _head_kwargs(head, num_labels)
-    path = Path(spec)
     if spec == BUNDLED or spec.startswith("bundled:"):
         local = bundled_model_dir()
         source, arch_name, tok = f"bundled:{BUNDLED}", BUNDLED, local
