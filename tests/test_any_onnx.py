@@ -89,18 +89,36 @@ def test_prune_compress_compile_run(routes, tmp_path, spec, route):
 
 
 @pytest.mark.skipif(not _ort_optimizer_available(), reason="onnxruntime.transformers.optimizer not importable")
-def test_ort_optimized_graph_prunes_and_compresses_but_compile_names_the_fused_op(routes, tmp_path, capsys):
-    src = routes("bert-tiny", "ort-optimized")
+@pytest.mark.parametrize("spec", ["bert-tiny", "distilbert-tiny"])
+def test_ort_optimized_graph_through_the_whole_flow(routes, tmp_path, spec):
+    """Fused EmbedLayerNormalization/Attention/SkipLayerNormalization/BiasGelu: pruned, compressed,
+    lowered to standard ops for TVM and verified against onnxruntime running the fused graph."""
+    src = routes(spec, "ort-optimized")
     ops = {n.op_type for n in onnx.load(str(src)).graph.node}
-    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops
     pr = bp.prune(src, tmp_path / "pruned.onnx", block="1x32", sparsity=0.5)
     assert len(pr.masks.masks) == 6  # q/k/v are packed inside the fused Attention node
     cr = bp.compress(tmp_path / "pruned.onnx", tmp_path / "small.onnx")
     assert next(s.report for s in cr.stages if s.name == "block-sparse").changed == 6
-    rc = main(["compile", str(tmp_path / "small.onnx"), "-o", str(tmp_path / "art"), "--seq", str(SEQ)])
-    err = capsys.readouterr().err
-    assert rc == 2 and "com.microsoft::EmbedLayerNormalization" in err and "fix:" in err
-    assert "Traceback" not in err and not (tmp_path / "art").exists()
+    art = bp.compile(tmp_path / "small.onnx", tmp_path / "art", seq=SEQ)
+    assert max(art.verified["max_abs_diff"].values()) <= 1e-4
+    assert sum(layer["form"] == "bsr" for layer in art.manifest.layers) == 6
+
+
+def test_unsupported_contrib_variant_is_refused_by_name(tmp_path, capsys):
+    h = 8
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((h, 3 * h)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(3 * h).astype(np.float32), "b")]
+    node = helper.make_node("Attention", ["x", "w", "b"], ["y"], name="causal_attention", domain="com.microsoft",
+                            num_heads=2, unidirectional=1)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", h])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", h])], inits)
+    src = tmp_path / "causal.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                                  helper.make_opsetid("com.microsoft", 1)]), str(src))
+    _expect_clean_error(capsys, ["compile", str(src), "-o", str(tmp_path / "art"), "--seq", "4"],
+                        "com.microsoft::Attention (node 'causal_attention')", tmp_path / "art")
 
 
 @pytest.mark.skipif(not _ort_optimizer_available(), reason="onnxruntime.transformers.optimizer not importable")

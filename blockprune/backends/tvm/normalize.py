@@ -12,11 +12,12 @@ changes. ``Shape`` is folded here, not by graphsurgeon's ``fold_shapes``, becaus
 is meant.
 
 onnxruntime's contrib ops (``com.microsoft``: the fusions of its transformer optimizer) do not
-exist in TVM. The purely elementwise ones are lowered to standard ops here (``FastGelu``,
-``BiasGelu``, ``Gelu``, ``SkipLayerNormalization``, ``LayerNormalization``); the fused
-``Attention`` and ``EmbedLayerNormalization`` are refused with one error naming the node and the
-fix. Any other failure of the importer becomes a ``BlockpruneError`` naming the node and op type
-(``importer_errors``).
+exist in TVM. The elementwise ones are lowered to standard ops here (``FastGelu``, ``BiasGelu``,
+``Gelu``, ``SkipLayerNormalization``, ``LayerNormalization``), and so are the fused BERT
+``EmbedLayerNormalization`` and ``Attention`` in the forms the optimizer emits
+(``contrib_fused``); any other contrib op, or an unsupported variant, is refused with one error
+naming the node and the fix. Any other failure of the importer becomes a ``BlockpruneError``
+naming the node and op type (``importer_errors``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,6 @@ from onnx import helper, numpy_helper
 from blockprune.errors import BlockpruneError
 
 MS_DOMAIN = "com.microsoft"
-REFUSED_CONTRIB = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "PackedAttention",
-                   "QAttention", "GroupQueryAttention", "DecoderAttention", "RotaryEmbedding")
 MAX_ROUNDS = 6
 
 
@@ -55,12 +54,12 @@ def _attrs(node: onnx.NodeProto) -> dict:
 
 
 def refuse_unsupported_contrib(model: onnx.ModelProto) -> None:
-    """One error for fused onnxruntime ops we cannot lower, naming the node and the fix."""
+    """One error for the first onnxruntime contrib op left after lowering, naming node and fix."""
     for node in model.graph.node:
-        if node.domain == MS_DOMAIN and node.op_type in REFUSED_CONTRIB:
+        if node.domain == MS_DOMAIN:
             raise BlockpruneError(
                 f"operator {MS_DOMAIN}::{node.op_type} (node {node.name or '<unnamed>'!r}) is an onnxruntime "
-                "transformer-optimizer fusion that TVM cannot import",
+                "contrib op (transformer-optimizer fusion) that blockprune cannot lower for TVM in this form",
                 "compile the model from before onnxruntime.transformers.optimizer (the plain export it was "
                 "optimised from; pruning and compress work on either), or run the optimised model in onnxruntime",
             )
@@ -71,8 +70,17 @@ def _const_node(name: str, value: np.ndarray) -> onnx.NodeProto:
                             value=numpy_helper.from_array(np.asarray(value)))
 
 
-def _lower_contrib(model: onnx.ModelProto) -> int:
-    """Replace elementwise com.microsoft ops by standard-op equivalents (in place); returns the count."""
+def _lower_contrib(model: onnx.ModelProto, seq: int, fused: bool = False) -> int:
+    """Replace com.microsoft ops by standard-op equivalents (in place); returns the count.
+
+    ``fused=False``: the elementwise ones and EmbedLayerNormalization; ``fused=True``: Attention
+    (its mask's rank is read from shape inference, which needs the embedding lowered first).
+    Unsupported variants are left in place and refused afterwards by name.
+    """
+    from .contrib_fused import lower_attention, lower_embed_layernorm
+
+    shapes = _known_shapes(model) if fused else {}
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
     count = 0
     used = {o for n in model.graph.node for o in n.output} | {t.name for t in model.graph.initializer}
@@ -111,7 +119,21 @@ def _lower_contrib(model: onnx.ModelProto) -> int:
             new_nodes.append(node)
             continue
         tag, a = node.name or node.output[0], _attrs(node)
-        if node.op_type in ("FastGelu", "BiasGelu", "Gelu"):
+        if fused:
+            lowered = None
+            if node.op_type == "Attention" and len(inits.get(node.input[1], [])) == 2:
+                lowered = lower_attention(node, seq, inits[node.input[1]][1], fresh, shapes.get)
+            if lowered is None:
+                new_nodes.append(node)
+                continue
+            new_nodes.extend(lowered)
+        elif node.op_type == "EmbedLayerNormalization":
+            lowered = lower_embed_layernorm(node, seq, fresh)
+            if lowered is None:
+                new_nodes.append(node)
+                continue
+            new_nodes.extend(lowered)
+        elif node.op_type in ("FastGelu", "BiasGelu", "Gelu"):
             x = node.input[0]
             if len(node.input) > 1 and node.input[1]:
                 x = fresh(f"{tag}/biased")
@@ -219,18 +241,19 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def normalize_for_tvm(model: onnx.ModelProto, batch: int, seq: int,
                       report: NormalizeReport | None = None) -> onnx.ModelProto:
-    """A copy of ``model`` with static ``batch x seq`` inputs, shapes and constants folded,
-    elementwise contrib ops lowered; fused attention/embedding contrib ops refused."""
+    """A copy of ``model`` with static ``batch x seq`` inputs, onnxruntime contrib ops lowered to
+    standard ops (or refused by name), shapes and constants folded."""
     from blockprune.passes.dtype_check import require_float32_weights
 
     require_float32_weights(model, "the TVM CPU backend (float32 kernels, verified at 1e-4)")
-    refuse_unsupported_contrib(model)
     report = report if report is not None else NormalizeReport()
     m = onnx.ModelProto()
     m.CopyFrom(model)
     report.nodes_before = len(m.graph.node)
-    report.contrib_lowered = _lower_contrib(m)
     fix_input_shapes(m, batch, seq)
+    report.contrib_lowered = _lower_contrib(m, seq)
+    report.contrib_lowered += _lower_contrib(m, seq, fused=True)
+    refuse_unsupported_contrib(m)
     for _ in range(MAX_ROUNDS):
         folded = fold_shape_nodes(m)
         before = len(m.graph.node)
