@@ -62,7 +62,23 @@ def _ort_optimizer_available() -> bool:
 # ------------------------------------------------------------------------------------------------
 # the whole flow, per route
 # ------------------------------------------------------------------------------------------------
-FLOW = [("bert-tiny", "bp-dynamo"), ("bert-tiny", "bp-legacy"), ("bert-tiny", "torch-legacy"),
+def test_whole_flow_through_the_python_api(tmp_path):
+    """export -> prune -> compress -> compile -> run -> bench, only through ``blockprune.*``."""
+    exp = bp.export("bert-tiny", tmp_path / "model.onnx", exporter="legacy")
+    assert exp.path.is_file() and max(exp.max_abs_diff.values()) <= 1e-4
+    pr = bp.prune(exp.path, tmp_path / "pruned.onnx", block="1x32", sparsity=0.5)
+    cr = bp.compress(pr.output, tmp_path / "small.onnx")
+    assert cr.output.stat().st_size < exp.path.stat().st_size
+    art = bp.compile(cr.output, tmp_path / "art", target="x86-64", batch=1, seq=SEQ)
+    assert art.directory.is_dir() and art.verified["how"] == "native"
+    out = bp.run(art.directory, compare=cr.output)
+    assert list(out.outputs["last_hidden_state"].shape) == [1, SEQ, 64]
+    assert max(out.max_abs_diff.values()) <= 1e-4
+    times = bp.bench(art.directory, number=1, repeat=2)
+    assert len(times) == 2 and all(t > 0 for t in times)
+
+
+FLOW = [("bert-tiny", "bp-dynamo"), ("bert-tiny", "torch-legacy"),
         ("bert-tiny", "torch-dynamo"), ("roberta-tiny", "torch-legacy"), ("roberta-tiny", "torch-dynamo"),
         ("distilbert-tiny", "torch-legacy"), ("distilbert-tiny", "torch-dynamo")]
 
