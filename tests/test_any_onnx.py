@@ -67,7 +67,7 @@ def test_whole_flow_through_the_python_api(tmp_path):
     exp = bp.export("bert-tiny", tmp_path / "model.onnx", exporter="legacy")
     assert exp.path.is_file() and max(exp.max_abs_diff.values()) <= 1e-4
     pr = bp.prune(exp.path, tmp_path / "pruned.onnx", block="1x32", sparsity=0.5)
-    cr = bp.compress(pr.output, tmp_path / "small.onnx")
+    cr = bp.compress(pr.output, tmp_path / "small.onnx", break_even=0.6)
     assert cr.output.stat().st_size < exp.path.stat().st_size
     art = bp.compile(cr.output, tmp_path / "art", target="x86-64", batch=1, seq=SEQ)
     assert art.directory.is_dir() and art.verified["how"] == "native"
@@ -90,7 +90,7 @@ def test_prune_compress_compile_run(routes, tmp_path, spec, route):
     pr = bp.prune(src, pruned, block="1x32", sparsity=0.5)
     assert pr.verify.max_abs_diff <= 1e-4
     assert len(pr.masks.masks) == 12  # the 2 x 6 encoder Linears, found with or without metadata
-    cr = bp.compress(pruned, small)
+    cr = bp.compress(pruned, small, break_even=0.6)  # a fixed policy: BSR at density 0.5
     bsr = next(s.report for s in cr.stages if s.name == "block-sparse")
     assert bsr.changed >= 10, f"only {bsr.changed} layers rewritten to BSR"
     assert all(s.max_abs_diff <= 1e-4 for s in cr.stages if s.max_abs_diff is not None)
@@ -114,7 +114,7 @@ def test_ort_optimized_graph_through_the_whole_flow(routes, tmp_path, spec):
     assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops
     pr = bp.prune(src, tmp_path / "pruned.onnx", block="1x32", sparsity=0.5)
     assert len(pr.masks.masks) == 6  # q/k/v are packed inside the fused Attention node
-    cr = bp.compress(tmp_path / "pruned.onnx", tmp_path / "small.onnx")
+    cr = bp.compress(tmp_path / "pruned.onnx", tmp_path / "small.onnx", break_even=0.6)
     assert next(s.report for s in cr.stages if s.name == "block-sparse").changed == 6
     art = bp.compile(tmp_path / "small.onnx", tmp_path / "art", seq=SEQ)
     assert max(art.verified["max_abs_diff"].values()) <= 1e-4
@@ -207,7 +207,7 @@ def test_compress_rewrites_a_plain_export_pruned_outside_blockprune(routes, tmp_
         inits[w.initializer].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.from_out_in(oi)), w.initializer))
     src = tmp_path / "p80.onnx"
     onnx.save(model, str(src))
-    cr = bp.compress(src, tmp_path / "small.onnx")
+    cr = bp.compress(src, tmp_path / "small.onnx", break_even=0.6)
     stages = {s.name: s.report for s in cr.stages}
     assert set(stages["detect-blocks"].details["blocks"].values()) == {"1x32"}
     assert stages["block-sparse"].changed == 12

@@ -1,0 +1,207 @@
+"""Issue #13 matrix: every export route x (prune, compress, compile x86-64, compile aarch64 + qemu run).
+
+For each tiny model (random weights, ``blockprune.models`` named configs) and each export route of
+``blockprune.models.foreign.ROUTES``, runs the toolchain through the Python API:
+
+* prune: one-shot 1x32 at 50%, verified against the numpy masked-dense reference (max-abs);
+* compress: reorder -> compact -> policy -> BSR rewrite, each stage verified (worst max-abs);
+* compile x86-64 / aarch64: compile the compressed model at batch 1, seq 16; ``compile``
+  verifies the artifact against onnxruntime on that model (aarch64 under qemu) and the max-abs
+  it measured is reported.
+
+A cell is ``ok`` with its max-abs difference, or ``FAIL`` with the first line of the
+``BlockpruneError`` (any other exception is a bug and is reported as such). Optionally
+(``--bert-base``) the BERT-base-shaped row of the issue: plain ``torch.onnx.export`` of
+``bert-base`` random weights, pruned to 80% in 1x32 blocks by numpy outside blockprune, then
+``compress`` must rewrite the pruned layers. No timing is measured here.
+
+    .venv/bin/python benchmarks/any_onnx_matrix.py [--models bert-tiny,...] [--no-aarch64] [--bert-base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from blockprune.errors import BlockpruneError  # noqa: E402
+from blockprune.io import atomic_path  # noqa: E402
+
+BREAK_EVEN = 0.6  # a fixed policy threshold, so the BSR counts do not depend on the shipped timing table
+COLUMNS = ("prune", "compress", "compile x86-64", "compile aarch64 + qemu")
+
+
+def _cell(fn):
+    t = time.perf_counter()
+    try:
+        diff, note = fn()
+        return {"ok": True, "max_abs_diff": diff, "note": note, "seconds": round(time.perf_counter() - t, 1)}
+    except BlockpruneError as err:
+        return {"ok": False, "error": err.problem.splitlines()[0][:160], "seconds": round(time.perf_counter() - t, 1)}
+    except Exception as err:  # noqa: BLE001 - a bug: reported as such in the table
+        return {"ok": False, "error": f"BUG {type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''}",
+                "trace": traceback.format_exc()[-2000:], "seconds": round(time.perf_counter() - t, 1)}
+
+
+def run_route(spec: str, route: str, work: Path, aarch64: bool) -> dict:
+    import blockprune as bp
+    from blockprune.models.foreign import export_route
+    from blockprune.models.zoo import load_model
+
+    loaded = load_model(spec)
+    src = work / f"{spec}-{route}.onnx"
+    row: dict = {"model": spec, "route": route}
+    try:
+        export_route(loaded, route, src)
+    except Exception as err:  # noqa: BLE001 - the route itself is unavailable here
+        row["export_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return row
+    pruned, small = work / f"{spec}-{route}.pruned.onnx", work / f"{spec}-{route}.small.onnx"
+
+    def do_prune():
+        res = bp.prune(src, pruned, block="1x32", sparsity=0.5)
+        return res.verify.max_abs_diff, f"{len(res.masks.masks)} layers pruned"
+
+    def do_compress():
+        res = bp.compress(pruned, small, break_even=BREAK_EVEN)
+        diffs = [s.max_abs_diff for s in res.stages if s.max_abs_diff is not None]
+        bsr = next((s.report.changed for s in res.stages if s.report and s.report.name == "block-sparse"), 0)
+        return max(diffs, default=0.0), f"{bsr} layers BSR"
+
+    def do_compile(target: str):
+        def inner():
+            art = bp.compile(small, work / f"{spec}-{route}-{target}", target=target, batch=1, seq=16)
+            v = art.verified or {}
+            return max(v.get("max_abs_diff", {}).values(), default=float("nan")), v.get("how", "")
+        return inner
+
+    row["prune"] = _cell(do_prune)
+    row["compress"] = _cell(do_compress) if row["prune"]["ok"] else {"ok": False, "error": "skipped (prune failed)"}
+    ok = row["compress"]["ok"]
+    row["compile x86-64"] = _cell(do_compile("x86-64")) if ok else {"ok": False, "error": "skipped"}
+    if aarch64:
+        row["compile aarch64 + qemu"] = _cell(do_compile("aarch64")) if ok else {"ok": False, "error": "skipped"}
+    return row
+
+
+def bert_base_row(work: Path) -> dict:
+    """Plain export of bert-base (random weights) pruned to 80% 1x32 in numpy; compress must rewrite it."""
+    import onnx
+    from onnx import numpy_helper
+
+    import blockprune as bp
+    from blockprune.models.foreign import plain_torch_export
+    from blockprune.models.zoo import load_model
+    from blockprune.passes.find_weights import find_weights
+
+    src = plain_torch_export(load_model("bert-base"), work / "bert-base-plain.onnx", exporter="legacy")
+    model = onnx.load(str(src))
+    inits = {t.name: t for t in model.graph.initializer}
+    rng = np.random.default_rng(0)
+    pruned_layers = 0
+    for w in find_weights(model):  # numpy, as a user's own script would: 80% of 1x32 row segments
+        if w.role not in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out"):
+            continue
+        arr = numpy_helper.to_array(inits[w.initializer])
+        oi = w.to_out_in(arr)
+        seg = np.abs(oi).reshape(oi.shape[0], -1, 32).sum(-1)
+        keep = seg > np.quantile(seg, 0.8)
+        oi = oi * np.repeat(keep, 32, axis=1)
+        inits[w.initializer].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(w.from_out_in(oi)), w.initializer))
+        pruned_layers += 1
+    src80 = work / "bert-base-plain-p80.onnx"
+    onnx.save(model, str(src80))
+    row = {"model": "bert-base (plain legacy export, 80% 1x32 by numpy)", "route": "torch-legacy",
+           "pruned_layers": pruned_layers}
+
+    def do_compress():
+        res = bp.compress(src80, work / "bert-base-small.onnx", break_even=BREAK_EVEN)
+        bsr = next((s.report.changed for s in res.stages if s.report and s.report.name == "block-sparse"), 0)
+        det = next((s.report.changed for s in res.stages if s.report and s.report.name == "detect-blocks"), 0)
+        if bsr == 0:
+            raise BlockpruneError("0 layers rewritten to BSR")
+        diffs = [s.max_abs_diff for s in res.stages if s.max_abs_diff is not None]
+        return max(diffs, default=0.0), f"{det} blocks detected, {bsr}/{pruned_layers} layers BSR"
+
+    row["compress"] = _cell(do_compress)
+    return row
+
+
+def _fmt(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    if cell.get("ok"):
+        d = cell.get("max_abs_diff")
+        note = f" ({cell['note']})" if cell.get("note") else ""
+        return f"ok, {d:.1e}{note}" if d is not None and np.isfinite(d) else f"ok{note}"
+    return f"FAIL: {cell.get('error', '')}"
+
+
+def to_markdown(rows: list[dict], started: str) -> str:
+    lines = ["# Any ONNX in: export route x toolchain stage (issue #13)", "",
+             f"Generated by `benchmarks/any_onnx_matrix.py` on {started}. Tiny random models (`bert-tiny`, "
+             "`roberta-tiny`, `distilbert-tiny`: hidden 64, 2 layers, 4 heads), encoder head; prune = one-shot "
+             "1x32 at 50% (max-abs vs the numpy masked reference), compress = worst stage max-abs vs the pruned "
+             "model (policy break-even 0.6), compile = the artifact's own verification against onnxruntime on the compressed model "
+             "(batch 1, seq 16; aarch64 under qemu). Tolerance 1e-4 everywhere. No timings.", "",
+             "| model | route | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        if "export_error" in r:
+            lines.append(f"| {r['model']} | {r['route']} | export unavailable: {r['export_error']} |" + " |" * (len(COLUMNS) - 1))
+            continue
+        lines.append(f"| {r['model']} | {r['route']} | " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from blockprune.models.foreign import ROUTES
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="bert-tiny,roberta-tiny,distilbert-tiny")
+    p.add_argument("--routes", default=",".join(ROUTES))
+    p.add_argument("--no-aarch64", action="store_true")
+    p.add_argument("--bert-base", action="store_true", help="also the BERT-base-shaped row (slow: ~1 min)")
+    p.add_argument("--only-bert-base", action="store_true", help="just the BERT-base row (merged into --out)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "any_onnx"))
+    args = p.parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    out = Path(args.out)
+    if args.only_bert_base:
+        with tempfile.TemporaryDirectory(prefix="any-onnx-") as tmp:
+            row = bert_base_row(Path(tmp))
+        print(row, flush=True)
+        old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"rows": []}
+        rows = [r for r in old["rows"] if not str(r.get("model", "")).startswith("bert-base")] + [row]
+        started = old.get("generated", started)
+        args.bert_base = False
+    else:
+        rows = []
+    with tempfile.TemporaryDirectory(prefix="any-onnx-") as tmp:
+        for spec in (args.models.split(",") if not args.only_bert_base else []):
+            for route in args.routes.split(","):
+                row = run_route(spec, route, Path(tmp), aarch64=not args.no_aarch64)
+                rows.append(row)
+                print(to_markdown([row], started).splitlines()[-1], flush=True)
+        if args.bert_base:
+            row = bert_base_row(Path(tmp))
+            rows.append(row)
+            print(row, flush=True)
+    with atomic_path(out.with_suffix(".json"), suffix=".json") as t:
+        Path(t).write_text(json.dumps({"generated": started, "rows": rows}, indent=2, default=str) + "\n")
+    with atomic_path(out.with_suffix(".md"), suffix=".md") as t:
+        Path(t).write_text(to_markdown(rows, started))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
