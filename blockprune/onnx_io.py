@@ -55,16 +55,31 @@ def load_onnx(path: str | os.PathLike, check: bool = True) -> onnx.ModelProto:
                 "re-export it with `blockprune export`",
             )
         try:
-            if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-                onnx.checker.check_model(model)
-            else:
-                onnx.checker.check_model(str(path))
+            _check(model, path)
         except Exception as exc:
-            raise BlockpruneError(
-                f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): {exc}",
-                "re-export it with `blockprune export`",
-            ) from exc
+            from blockprune.onnx_fixups import raise_opset_for_layernorm
+
+            if not raise_opset_for_layernorm(model):  # onnxruntime-optimizer output: repaired, else refused
+                raise _invalid(path, exc) from exc
+            try:
+                _check(model, None)
+            except Exception as exc2:
+                raise _invalid(path, exc2) from exc2
     return model
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    if model.ByteSize() < EXTERNAL_DATA_THRESHOLD or path is None:
+        onnx.checker.check_model(model)
+    else:
+        onnx.checker.check_model(str(path))
+
+
+def _invalid(path: Path, exc: Exception) -> BlockpruneError:
+    return BlockpruneError(
+        f"{str(path)!r} is not a valid ONNX model (truncated or corrupt?): {exc}",
+        "re-export it with `blockprune export`",
+    )
 
 
 def _missing_external_data(path: Path) -> str | None:

@@ -105,13 +105,14 @@ def test_prune_compress_compile_run(routes, tmp_path, spec, route):
 
 
 @pytest.mark.skipif(not _ort_optimizer_available(), reason="onnxruntime.transformers.optimizer not importable")
-@pytest.mark.parametrize("spec", ["bert-tiny", "distilbert-tiny"])
+@pytest.mark.parametrize("spec", ["bert-tiny", "roberta-tiny", "distilbert-tiny"])
 def test_ort_optimized_graph_through_the_whole_flow(routes, tmp_path, spec):
-    """Fused EmbedLayerNormalization/Attention/SkipLayerNormalization/BiasGelu: pruned, compressed,
-    lowered to standard ops for TVM and verified against onnxruntime running the fused graph."""
+    """Fused (Embed)LayerNormalization/Attention/SkipLayerNormalization/BiasGelu: pruned, compressed,
+    lowered to standard ops for TVM and verified against onnxruntime running the fused graph.
+    (RoBERTa's optimised graph has LayerNormalization at opset 14: repaired on load.)"""
     src = routes(spec, "ort-optimized")
     ops = {n.op_type for n in onnx.load(str(src)).graph.node}
-    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu"} <= ops
+    assert {"Attention", "SkipLayerNormalization", "BiasGelu"} <= ops
     pr = bp.prune(src, tmp_path / "pruned.onnx", block="1x32", sparsity=0.5)
     assert len(pr.masks.masks) == 6  # q/k/v are packed inside the fused Attention node
     cr = bp.compress(tmp_path / "pruned.onnx", tmp_path / "small.onnx", break_even=0.6)
