@@ -65,12 +65,13 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, block: str = "1x3
 
 def compress(model: str | os.PathLike, output: str | os.PathLike, sparsity: float | None = None,
              block: str = "1x32", masks: str | os.PathLike | None = None, reorder: bool = True,
-             form: str = "auto", break_even: float = 0.6, include_heads: bool = False,
+             form: str = "auto", break_even: "float | None" = None, include_heads: bool = False,
              verify: bool = True, atol: float = 1e-4) -> "CompressResult":
     """Reorder -> compact -> policy -> block-sparse rewrite, each stage verified.
 
     ``sparsity`` prunes one-shot first; without it (and without ``masks``) the model is taken as
     already pruned, and the block shape is read from its metadata or detected from its zeros.
+    ``break_even`` None uses the measured per-shape table shipped for x86-64 AVX2.
     """
     from blockprune.compress_api import compress_file
     from blockprune.passes import PruneConfig

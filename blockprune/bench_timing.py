@@ -28,6 +28,26 @@ def time_calls(call: Callable[[], object], runs: int, warmup: int = 3) -> tuple[
     return float(np.median(walls)), float(np.median(cpus))
 
 
+def interleaved_medians(calls: dict[str, Callable[[], object]], runs: int, rounds: int,
+                        warmup: int = 3) -> dict[str, float]:
+    """Median wall seconds per call of each engine, timed side by side.
+
+    Why interleave: on a shared machine the load drifts; ``rounds`` alternations of ``runs`` calls
+    per engine make any drift hit every engine alike, so the ratios stay fair.
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                call()
+                samples[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(v)) for name, v in samples.items()}
+
+
 def cpu_name() -> str:
     """The CPU model for benchmark headers (``/proc/cpuinfo``, else what platform knows)."""
     try:

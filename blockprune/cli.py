@@ -156,7 +156,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from blockprune.demo import run_demo
 
-    run_demo(args.workdir, block=args.block, sparsity=args.sparsity, exporter=args.exporter)
+    run_demo(args.workdir, block=args.block, sparsity=args.sparsity, exporter=args.exporter, threads=args.threads)
     return 0
 
 
@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="permute FFN neurons and heads to cluster nonzero blocks (default on)")
     c.add_argument("--reorder-block", help="target block of the reorder objective (default: the pruning block)")
     c.add_argument("--form", choices=["auto", "bsr", "compact", "dense"], default="auto")
-    c.add_argument("--break-even", type=float, default=0.6,
-                   help="density at or below which a layer goes block-sparse (default 0.6)")
+    c.add_argument("--break-even", type=float, default=None,
+                   help="one density at or below which every layer goes block-sparse (default: the measured "
+                        "per-shape table shipped for x86-64 AVX2; see `blockprune calibrate`)")
     c.add_argument("--break-even-file", help="measured break-evens from `blockprune calibrate` (overrides --break-even)")
     c.add_argument("--atol", type=float, default=1e-4)
     c.add_argument("--no-verify", action="store_true")
@@ -244,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job on the bundled MiniLM")
     d.add_argument("--workdir", default="runs/demo")
-    d.add_argument("--block", default="1x32")
+    d.add_argument("--block", default="16x1")
     d.add_argument("--sparsity", type=_sparsity, default=0.5)
     d.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
+    d.add_argument("--threads", type=int, default=1, help="threads for both engines in the timing (default 1)")
     d.set_defaults(func=cmd_demo)
     return p
 

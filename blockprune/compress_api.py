@@ -24,7 +24,7 @@ from blockprune.passes.constant_nodes import ConstantNodesToInitializers
 from blockprune.passes.detect_blocks import DetectBlocks
 from blockprune.passes.dtype_check import require_float32_weights
 from blockprune.passes.layer_stats import ModelStats, model_stats
-from blockprune.passes.policy import DEFAULT_BREAK_EVEN, Policy
+from blockprune.passes.policy import Policy
 from blockprune.passes.reorder import Reorder
 from blockprune.passes.verify import DEFAULT_ATOL, compare
 from blockprune.prune_api import prune_model
@@ -50,10 +50,20 @@ class CompressResult:
 
 def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, masks: MaskSet | None = None,
                    reorder: bool = True, reorder_block: str | BlockShape | None = None, form: str = "auto",
-                   break_even: "float | object" = DEFAULT_BREAK_EVEN, verify: bool = True, atol: float = DEFAULT_ATOL,
+                   break_even: "float | object | None" = None, verify: bool = True, atol: float = DEFAULT_ATOL,
                    progress: bool = False) -> CompressResult:
+    """Prune or apply masks, then reorder -> compact -> policy -> block-sparse rewrite, verified.
+
+    ``break_even``: a density, a measured table (``BreakEvenTable``), or None for the table
+    shipped with blockprune (measured on x86-64 AVX2; :func:`default_break_even_table`).
+    """
     from blockprune.errors import BlockpruneError
     from tqdm.auto import tqdm
+
+    if break_even is None:
+        from blockprune.backends.tvm.calibrate import default_break_even_table
+
+        break_even = default_break_even_table()
 
     require_float32_weights(model, "compress")
     if uses_block_sparse(model):

@@ -60,3 +60,23 @@ def test_calibrate_refuses_cross_targets(capsys, tmp_path):
     assert main(["calibrate", "-o", str(tmp_path / "x.json"), "--target", "cortex-a72"]) == 2
     assert "run `blockprune calibrate` on the board" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_compress_defaults_to_the_shipped_measured_table(exports):
+    """No --break-even: every pruned layer's form is decided by the shipped table, not by 0.6."""
+    import json
+
+    from blockprune.backends.tvm.calibrate import default_break_even_table
+    from blockprune.compress_api import compress_model
+    from blockprune.passes import PruneConfig
+
+    table = default_break_even_table()
+    assert {"16x1", "1x32", "4x4", "32x32"} <= {e.block for e in table.entries}
+    dense = exports("bert-tiny", "legacy", "encoder")[1].model
+    res = compress_model(dense, prune=PruneConfig(block="16x1", sparsity=0.5), verify=False)
+    layers = json.loads({p.key: p.value for p in res.model.metadata_props}["blockprune.layers"])
+    reasons = [v["reason"] for v in layers.values() if v.get("form")]
+    assert reasons and all("measured" in r for r in reasons), reasons
+    forced = compress_model(dense, prune=PruneConfig(block="16x1", sparsity=0.5), break_even=0.3, verify=False)
+    layers = json.loads({p.key: p.value for p in forced.model.metadata_props}["blockprune.layers"])
+    assert all(v["form"].endswith("dense") for v in layers.values() if v.get("form")), layers

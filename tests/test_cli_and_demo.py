@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -61,6 +62,10 @@ def test_demo_on_bundled_minilm(minilm_demo):
     model = onnx.load(s["pruned_model"])
     assert get_meta(model, "source") == "bundled:minilm"
     assert {v["block"] for v in get_meta(model, "layers").values()} == {"1x32"}
+    # the demo ends with the compiled model, checked against onnxruntime and timed next to it
+    assert s["compile_max_abs_diff"] <= 1e-4
+    assert s["ort_dense_ms"] > 0 and s["tvm_ms"] > 0 and s["threads"] == 1
+    assert (Path(s["artifact"]) / "model.so").is_file()
 
 
 def test_embedding_similarity_is_one_for_the_same_model(minilm_demo):

@@ -159,6 +159,19 @@ class BreakEvenTable:
                                   "regenerate it with `blockprune calibrate`") from exc
 
 
+DEFAULT_TABLE = Path(__file__).resolve().parent / "data" / "break_even_x86-64.json"
+
+
+def default_break_even_table() -> "BreakEvenTable":
+    """The table shipped with blockprune: measured with ``blockprune calibrate`` on the project's
+    machine class (x86-64 Zen 3, AVX2, 1 thread) for MiniLM and BERT-base layer shapes and the fast
+    blocks. ``compress`` uses it when the user gives neither ``--break-even`` nor a file: a guessed
+    single threshold (0.6) kept layers dense that ran faster block-sparse (16x1 at 0.7 density).
+    Shapes not in it use the nearest measured size for the same block; blocks not in it, 0.6.
+    """
+    return BreakEvenTable.load(DEFAULT_TABLE)
+
+
 def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT_BLOCKS,
               densities: Sequence[float] = DEFAULT_DENSITIES, target: str = "host", m: int = 128,
               runs: int = 10, threads: int | None = None, progress: bool = True) -> BreakEvenTable:

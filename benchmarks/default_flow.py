@@ -1,0 +1,307 @@
+"""What a user gets: `export` -> `compress` -> `compile` with default flags, timed against onnxruntime.
+
+Why this benchmark: speed claims must be about the flow users run, not a hand-picked form. Each
+row is built with the CLI exactly as a user would type it (the commands are stored in the JSON),
+then the compiled artifact and onnxruntime on the dense export run **side by side in one
+process**, interleaved, on the **wall clock**, with the same thread count (1 and 2), medians of
+several calls per round over several rounds. Every row also compiles the forced forms
+(`--form bsr`, `--form compact`) so the JSON shows whether the default is within 5% of the best
+form (a default slower than an option is a bug). Per-kernel time shares of each default
+artifact (1 thread, Relax VM instrumentation) explain the rows that miss.
+
+Load: the 1-minute load average is read before each timing process; above ``--max-load`` the run
+is refused unless ``--force`` (then every row is marked ``loaded``).
+
+Usage:
+  python benchmarks/default_flow.py                    # MiniLM rows + BERT-base rows, 1 and 2 threads
+  python benchmarks/default_flow.py --models minilm --threads 1 --quick
+Writes benchmarks/results/default_flow.json and .md (`scripts/readme_results.py` puts the table in
+the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (model, block, sparsity): the issue's rows. None block/sparsity = the dense export compiled by TVM.
+ROWS = {
+    "minilm": [(None, None), ("16x1", 0.8), ("16x1", 0.7), ("16x1", 0.5), ("1x32", 0.8), ("32x32", 0.8)],
+    "bert-base": [(None, None), ("16x1", 0.8), ("32x32", 0.8), ("1x32", 0.8)],
+}
+FORCED = ("bsr", "compact")
+
+
+@dataclass
+class Build:
+    """One compiled artifact and the commands that made it."""
+
+    model: str
+    block: str | None
+    sparsity: float | None
+    form: str  # "default" or a forced --form
+    onnx: str
+    artifact: str
+    commands: list[str] = field(default_factory=list)
+    build_seconds: float = 0.0
+    verified: dict | None = None
+
+
+def _run(cmd: list[str], log: list[str]) -> None:
+    log.append(" ".join(cmd))
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+
+
+def build_all(models: list[str], work: Path, forced: bool, quick: bool) -> list[Build]:
+    """Export each model once, then compress + compile every row (and its forced forms)."""
+    from tqdm.auto import tqdm
+
+    exe = str(Path(sys.executable).with_name("blockprune"))
+    builds: list[Build] = []
+    jobs = []
+    for model in models:
+        rows = ROWS[model][:2] if quick else ROWS[model]
+        for block, sparsity in rows:
+            forms = ["default"] + (list(FORCED) if forced and block else [])
+            jobs += [(model, block, sparsity, form) for form in forms]
+    exported: dict[str, tuple[Path, list[str]]] = {}
+    for model, block, sparsity, form in tqdm(jobs, desc="build", unit="artifact"):
+        t0 = time.perf_counter()
+        log: list[str] = []
+        if model not in exported:
+            dense = work / f"{model}.onnx"
+            _run([exe, "export", model, "-o", str(dense)], log)
+            exported[model] = (dense, list(log))
+        dense, export_log = exported[model]
+        log = list(export_log) if not log else log
+        tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
+        src = dense
+        if block is not None:
+            src = work / f"{tag}.onnx"
+            cmd = [exe, "compress", str(dense), "-o", str(src), "--block", block, "--sparsity", str(sparsity)]
+            if form != "default":
+                cmd += ["--form", form]
+            _run(cmd, log)
+        art = work / f"{tag}.art"
+        _run([exe, "compile", str(src), "-o", str(art)], log)
+        manifest = json.loads((art / "manifest.json").read_text())
+        builds.append(Build(model, block, sparsity, form, str(src), str(art), log, time.perf_counter() - t0,
+                            manifest.get("verified")))
+    return builds
+
+
+# --------------------------------------------------------------------------------------------
+# timing worker (one process per thread count: TVM reads TVM_NUM_THREADS when it loads)
+# --------------------------------------------------------------------------------------------
+def _worker(plan_path: Path, threads: int, runs: int, rounds: int, profile: bool) -> dict:
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    import onnxruntime as ort
+    import tvm
+
+    from blockprune.backends.tvm.runner import check_artifact, check_inputs, default_feeds, load_vm
+    from blockprune.bench_timing import interleaved_medians
+
+    plan = json.loads(plan_path.read_text())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    out: dict = {"threads": threads, "load_before": os.getloadavg()[0], "rows": []}
+    by_model = collections.defaultdict(list)
+    for b in plan["builds"]:
+        by_model[b["model"]].append(b)
+    for model, builds in by_model.items():
+        dense_path = plan["dense"][model]
+        sess = ort.InferenceSession(dense_path, so, providers=["CPUExecutionProvider"])
+        calls = {}
+        for b in builds:
+            man = check_artifact(b["artifact"])
+            feeds = default_feeds(man, b["onnx"])
+            arrays = [tvm.runtime.tensor(a) for a in check_inputs(man, feeds)]
+            vm = load_vm(b["artifact"], man)
+            fn = vm["main"]
+            calls[b["artifact"]] = (vm, (lambda fn=fn, arrays=arrays: fn(*arrays)))
+        ort_feeds = {i.name: feeds[i.name] for i in sess.get_inputs() if i.name in feeds}
+        engines = {"onnxruntime": lambda: sess.run(None, ort_feeds), **{k: c for k, (_, c) in calls.items()}}
+        medians = interleaved_medians(engines, runs, rounds)
+        ort_ms = medians["onnxruntime"] * 1e3
+        for b in builds:
+            ms = medians[b["artifact"]] * 1e3
+            row = {"artifact": b["artifact"], "ort_ms": ort_ms, "tvm_ms": ms, "speedup": ort_ms / ms}
+            if profile and threads == 1 and b["form"] == "default":
+                row["profile"] = _profile(calls[b["artifact"]][0], calls[b["artifact"]][1])
+            out["rows"].append(row)
+    out["load_after"] = os.getloadavg()[0]
+    return out
+
+
+def _profile(vm, call, reps: int = 5) -> dict[str, float]:
+    """Share of time per kernel kind (numbers stripped from PrimFunc names)."""
+    acc: dict[str, float] = collections.defaultdict(float)
+    start: dict[str, float] = {}
+
+    def instrument(func, sym, before, ret, *args):
+        if before:
+            start[sym] = time.perf_counter()
+        else:
+            acc[re.sub(r"\d+", "", sym).replace("_packed", "")] += time.perf_counter() - start[sym]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(reps):
+        call()
+    vm.set_instrument(lambda *a: 0)
+    total = sum(acc.values()) or 1.0
+    kinds = sorted(acc.items(), key=lambda kv: -kv[1])
+    return {k: round(v / total, 4) for k, v in kinds[:12]}
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+def _label(b: dict) -> str:
+    return "TVM dense" if b["block"] is None else f"{b['block']} at {b['sparsity']:.0%}"
+
+
+def table(result: dict) -> str:
+    """Markdown: per model and row, onnxruntime dense vs the default flow, per thread count."""
+    threads = [t["threads"] for t in result["timings"]]
+    head = "| model | row | " + " | ".join(f"ORT dense {t}t | default {t}t | speed-up {t}t" for t in threads) + \
+        " | best forced form (1t) | default vs best |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(threads) + 2)]
+    rows = {}
+    for tm in result["timings"]:
+        for r in tm["rows"]:
+            rows.setdefault(r["artifact"], {})[tm["threads"]] = r
+    builds = result["builds"]
+    for b in builds:
+        if b["form"] != "default":
+            continue
+        cells = []
+        for t in threads:
+            r = rows.get(b["artifact"], {}).get(t)
+            cells += [f"{r['ort_ms']:.1f} ms", f"{r['tvm_ms']:.1f} ms", f"**{r['speedup']:.2f}x**"] if r else ["-"] * 3
+        forced = [x for x in builds if x["model"] == b["model"] and x["block"] == b["block"]
+                  and x["sparsity"] == b["sparsity"] and x["form"] != "default"]
+        best, vs = "-", "-"
+        t0 = threads[0]
+        if forced and rows.get(b["artifact"], {}).get(t0):
+            fb = min(forced, key=lambda x: rows[x["artifact"]][t0]["tvm_ms"])
+            best_ms = rows[fb["artifact"]][t0]["tvm_ms"]
+            mine = rows[b["artifact"]][t0]["tvm_ms"]
+            best = f"{fb['form']} {best_ms:.1f} ms"
+            vs = f"{(mine / best_ms - 1) * 100:+.1f}%"
+        lines.append(f"| {b['model']} | {_label(b)} | " + " | ".join(cells) + f" | {best} | {vs} |")
+    return "\n".join(lines)
+
+
+def profile_table(result: dict) -> str:
+    tm = next((t for t in result["timings"] if t["threads"] == 1), None)
+    if tm is None:
+        return ""
+    out = ["| model | row | top kernels (share of 1-thread time) |", "|---|---|---|"]
+    arts = {b["artifact"]: b for b in result["builds"]}
+    for r in tm["rows"]:
+        if "profile" in r:
+            b = arts[r["artifact"]]
+            shares = ", ".join(f"{k} {v:.0%}" for k, v in list(r["profile"].items())[:6])
+            out.append(f"| {b['model']} | {_label(b)} | {shares} |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--runs", type=int, default=10, help="calls per engine per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--no-forced", action="store_true", help="skip the forced --form variants")
+    ap.add_argument("--quick", action="store_true", help="first two rows per model only")
+    ap.add_argument("--work", help="build directory (default: a temp dir)")
+    ap.add_argument("--max-load", type=float, default=1.0)
+    ap.add_argument("--force", action="store_true", help="time even when the load average is above --max-load")
+    ap.add_argument("--out", default=str(RESULTS / "default_flow.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-threads", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        res = _worker(Path(args.worker), args.worker_threads, args.runs, args.rounds, profile=True)
+        print(json.dumps(res))
+        return
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in ROWS]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(ROWS)}")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bp-default-flow-"))
+    work.mkdir(parents=True, exist_ok=True)
+    builds = build_all(models, work, forced=not args.no_forced, quick=args.quick)
+    plan = {"builds": [asdict(b) for b in builds], "dense": {m: str(work / f"{m}.onnx") for m in models}}
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    timings = []
+    loaded = False
+    for t in [int(x) for x in args.threads.split(",")]:
+        load = os.getloadavg()[0]
+        if load > args.max_load:
+            if not args.force:
+                raise SystemExit(f"load average {load:.2f} > {args.max_load}: another job shares the cores; "
+                                 "pause it (the accuracy grid resumes) or pass --force (rows are marked loaded)")
+            print(f"WARNING: load average {load:.2f} > {args.max_load}; timings are marked loaded", file=sys.stderr)
+            loaded = True
+        res = subprocess.run([sys.executable, __file__, "--worker", str(plan_path), "--worker-threads", str(t),
+                              "--runs", str(args.runs), "--rounds", str(args.rounds)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"timing worker failed:\n{res.stderr[-3000:]}")
+        timings.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    import onnxruntime
+    import tvm
+
+    from blockprune.bench_timing import cpu_name
+
+    result = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
+        "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
+        "clock": "wall (time.perf_counter), medians of runs x rounds, engines interleaved",
+        "batch_seq": [1, 128], "loaded": loaded, "max_load": args.max_load,
+        "command": "python benchmarks/default_flow.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "builds": [asdict(b) for b in builds], "timings": timings,
+    }
+    for b in result["builds"]:  # paths in a temp dir mean nothing later; keep the names
+        b["onnx"], b["artifact"] = Path(b["onnx"]).name, Path(b["artifact"]).name
+        b["commands"] = [c.replace(str(work) + "/", "") for c in b["commands"]]
+    for tm in result["timings"]:
+        for r in tm["rows"]:
+            r["artifact"] = Path(r["artifact"]).name
+    from blockprune.io import atomic_path
+
+    out = Path(args.out)
+    with atomic_path(out, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    loads = ", ".join(f"{t['threads']}t {t['load_before']:.2f}" for t in timings)
+    md = (f"# Default flow vs onnxruntime ({result['date']})\n\n{result['machine']}; {result['clock']}; "
+          f"batch 1 x seq 128; load before each timing process: {loads}.\n\n"
+          f"Command: `{result['command']}`\n\n{table(result)}\n\n## Where the time goes (default flow, 1 thread)\n\n"
+          f"{profile_table(result)}\n")
+    with atomic_path(out.with_suffix(".md"), suffix=".md") as tmp:
+        tmp.write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
