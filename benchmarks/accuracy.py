@@ -1,4 +1,22 @@
-"""Accuracy vs compression: the reweighted group Lasso recipe on GLUE, one resumable grid.
+"""Accuracy vs compression on GLUE (and zero-shot STS-B for the embedding mode), one resumable grid.
+
+Two recipes:
+
+* ``--method gradual`` (the default now, issue #12): per task one dense fine-tune (the teacher),
+  then per cell (block, ratio) gradual pruning on a cubic schedule for ``--epochs-rew`` epochs and
+  ``--epochs-retrain`` epochs with the masks fixed, both distilled from the dense model (logits,
+  ``--distill``, and hidden states, ``--distill-hidden``), activation-aware block scores, per-layer
+  ratios from measured sensitivity (``--allocation``). The dense *baseline* is the dense model
+  fine-tuned for as many more epochs as a pruned cell trains (same total budget). Cells: 16x1 at
+  0.5/0.7/0.8, 1x32 and 4x4 at 0.5 (``--cells``). SST-2 training is capped (``--sst2-limit-train``).
+  Results in ``accuracy_gradual.{json,md,png}``, runs in ``runs/accuracy-gradual``.
+* ``--method rgl``: the first grid (reweighted group Lasso, below), kept to reproduce
+  ``accuracy.json``.
+* ``--embedding``: the task-agnostic mode (``blockprune train --mode embedding``) on GLUE train
+  sentences, 16x1 at 0.3/0.5/0.7, scored by zero-shot STS-B dev Spearman vs compression
+  (``accuracy_embedding.*``).
+
+The first grid, ``--method rgl``:
 
 Why: the claim "prune 5x, lose under a point" needs the same protocol on every task, and a
 grid this size (5 tasks x 2 block shapes x 4 ratios) takes many CPU hours, so it must survive
@@ -24,7 +42,10 @@ point) of dense and that metric, and the average of those rates.
 
 Usage::
 
-    python benchmarks/accuracy.py                      # the full grid (many hours on CPU)
+    python benchmarks/accuracy.py --background         # the gradual grid, detached (many hours on CPU)
+    python benchmarks/accuracy.py --embedding --background   # the embedding grid
+    python benchmarks/accuracy.py --quick [--embedding]      # smoke run: tiny limits, minutes
+    python benchmarks/accuracy.py --method rgl         # the first grid (reweighted group Lasso)
     python benchmarks/accuracy.py --background         # same, detached, log in runs/accuracy/log.txt
     python benchmarks/accuracy.py --quick              # smoke run: 2 tasks, tiny limits
     python benchmarks/accuracy.py --report-only        # rebuild md/png from the JSON
@@ -33,6 +54,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -49,6 +71,10 @@ FORMAT = "blockprune.accuracy/1"
 TASKS = ("SST-2", "MRPC", "RTE", "CoLA", "STS-B")
 RATIOS = (0.3, 0.5, 0.7, 0.8)
 BLOCKS = ("1x32", "4x4")
+#: the gradual grid's cells (block, ratio), in the order they run
+CELLS = (("16x1", 0.5), ("16x1", 0.7), ("16x1", 0.8), ("1x32", 0.5), ("4x4", 0.5))
+EMBEDDING_RATIOS = (0.3, 0.5, 0.7)
+EMBEDDING_TASK = "STS-B (zero-shot embedding)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +99,39 @@ class GridSettings:
     limit_eval: int | None = None
     exporter: str = "dynamo"
     distill: float = 0.0  # masked retraining with the pre-pruning model as teacher (cells in rgl-<block>-kd/)
+    # added with the gradual recipe; the defaults reproduce the first (rgl) grid
+    method: str = "rgl"
+    rgl_form: str = "penalty"
+    score: str = "weight"
+    distill_hidden: float = 0.0
+    allocation: str = "uniform"
+    sst2_limit_train: int | None = None
+    freeze_embeddings: bool = False
+    sensitivity_examples: int = 128
+    calib_examples: int = 256
+
+
+@dataclass
+class EmbeddingGridSettings:
+    """What every embedding cell is computed with (``blockprune train --mode embedding``)."""
+
+    model: str = "minilm"
+    text: str = "runs/embedding/sentences.txt"
+    block: str = "16x1"
+    epochs_gradual: int = 3
+    epochs_retrain: int = 2
+    lr: float = 5e-5
+    batch_size: int = 32
+    max_length: int = 128
+    hidden_weight: float = 1.0
+    allocation: str = "sensitivity"
+    seed: int = 0
+    limit_train: int | None = 20000
+    limit_eval: int | None = None
+    exporter: str = "dynamo"
+    freeze_embeddings: bool = True
+    sensitivity_examples: int = 128
+    calib_examples: int = 256
 
 
 @dataclass
@@ -91,20 +150,23 @@ class Cell:
     seconds: float = 0.0
     run_dir: str = ""
     finished_at: str = ""
+    method: str = "rgl"
+    teacher_metric: float | None = None  # gradual: the dense model distilled from (fewer epochs)
+    allocation: dict[str, float] | None = None
 
     @property
     def key(self) -> str:
-        return cell_key(self.task, self.block, self.ratio)
+        return cell_key(self.task, self.block, self.ratio, self.method)
 
 
-def cell_key(task: str, block: str | None, ratio: float | None) -> str:
-    return f"{task}/dense" if block is None else f"{task}/rgl/{block}/{ratio:g}"
+def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl") -> str:
+    return f"{task}/dense" if block is None else f"{task}/{method}/{block}/{ratio:g}"
 
 
 class ResultsFile:
     """The JSON of finished cells, rewritten atomically after each one."""
 
-    def __init__(self, path: Path, settings: GridSettings) -> None:
+    def __init__(self, path: Path, settings: Any) -> None:
         self.path = path
         self.settings = settings
         self.cells: dict[str, Cell] = {}
@@ -113,7 +175,7 @@ class ResultsFile:
                 data = json.loads(path.read_text())
             except json.JSONDecodeError as err:
                 raise SystemExit(f"{path} is not valid JSON ({err.msg}); move it away to start over")
-            stored = {**asdict(GridSettings()), **data.get("settings", {})}  # fields added later: defaults
+            stored = {**asdict(type(settings)()), **data.get("settings", {})}  # fields added later: defaults
             if stored != asdict(settings):
                 diff = {k: (stored.get(k), v) for k, v in asdict(settings).items() if stored.get(k) != v}
                 raise SystemExit(f"{path} holds cells computed with other settings {diff} (stored, now); "
@@ -311,6 +373,13 @@ class Grid:
     threads: int | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    cells: list[tuple[str, float]] | None = None  # gradual grid: (block, ratio) in order
+
+
+def _limit_train(s: GridSettings, task: str) -> int | None:
+    if task == "SST-2" and s.sst2_limit_train is not None:
+        return min(s.sst2_limit_train, s.limit_train or s.sst2_limit_train)
+    return s.limit_train
 
 
 def _config(grid: Grid, task: str, out: Path, **kw: Any):
@@ -320,8 +389,9 @@ def _config(grid: Grid, task: str, out: Path, **kw: Any):
     base = dict(model=s.model, task=task, data_dir=str(grid.data_dir), out=str(out), epochs_dense=s.epochs_dense,
                 epochs_rew=s.epochs_rew, epochs_retrain=s.epochs_retrain, lr_dense=s.lr, lr_rew=s.lr,
                 lr_retrain=s.lr, distill=s.distill, batch_size=s.batch_size, max_length=s.max_length, lam=s.lam, seed=s.seed,
-                limit_train=s.limit_train, limit_eval=s.limit_eval, exporter=s.exporter, threads=grid.threads,
-                progress=grid.progress)
+                limit_train=_limit_train(s, task), limit_eval=s.limit_eval, exporter=s.exporter, threads=grid.threads,
+                progress=grid.progress, rgl_form=s.rgl_form, score=s.score, freeze_embeddings=s.freeze_embeddings,
+                calib_examples=s.calib_examples, sensitivity_examples=s.sensitivity_examples)
     base.update(kw)
     return RecipeConfig(**base)
 
@@ -329,6 +399,8 @@ def _config(grid: Grid, task: str, out: Path, **kw: Any):
 def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
     """Dense fine-tunes of every task first, then block-major (every task at the first block
     shape before any task at the second), so an interrupted grid has the main table complete."""
+    if grid.settings.method == "gradual":
+        return run_gradual_grid(grid, results, log)
     from blockprune.frontends.recipe import checkpoint_dir, run_recipe
 
     stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
@@ -376,6 +448,112 @@ def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
                     f"(dense {dense.metric:.4f}), CR {res.compression_rate:.2f}x")
 
 
+def run_gradual_grid(grid: Grid, results: ResultsFile, log=print) -> None:
+    """Per task: the dense teacher (``epochs_dense``) and the same-budget dense baseline (the
+    teacher fine-tuned ``epochs_rew + epochs_retrain`` more epochs); then cell-major over
+    ``grid.cells`` (every task at the first cell before any at the second): gradual pruning +
+    retraining from the teacher's checkpoint, both distilled from it."""
+    from blockprune.frontends import recipe
+    from blockprune.frontends.recipe import checkpoint_dir
+
+    s = grid.settings
+    stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    teacher_metric: dict[str, float] = {}
+    for task in grid.tasks:
+        tdir = grid.runs_dir / task
+        key = cell_key(task, None, None)
+        if results.refresh(key) is not None:
+            continue
+        t0 = time.perf_counter()
+        log(f"[{stamp()}] {task}: dense teacher -> {tdir / 'dense'}")
+        res = recipe.run_recipe(_config(grid, task, tdir / "dense", stop_after="dense", distill=0.0,
+                                        method="rgl", rgl_form="penalty", score="weight"))
+        short = res.metrics["dense"]
+        more = s.epochs_rew + s.epochs_retrain
+        log(f"[{stamp()}] {task}: dense baseline, {more} more epochs -> {tdir / 'dense-baseline'}")
+        res2 = recipe.run_recipe(_config(grid, task, tdir / "dense-baseline", model=str(checkpoint_dir(tdir / "dense", "dense")),
+                                         epochs_dense=more, stop_after="dense", distill=0.0, method="rgl",
+                                         rgl_form="penalty", score="weight"))
+        results.add(Cell(task, "dense", res.metric_name, res2.metrics["dense"], res2.metrics["dense"],
+                         seconds=time.perf_counter() - t0, run_dir=str(tdir / "dense-baseline"), finished_at=stamp(),
+                         method="dense", teacher_metric=short))
+    for block, ratio in grid.cells or [(b, r) for b in grid.blocks for r in grid.ratios]:
+        for task in grid.tasks:
+            key = cell_key(task, block, ratio, "gradual")
+            if results.refresh(key) is not None:
+                continue
+            tdir = grid.runs_dir / task
+            dense = results.cells[cell_key(task, None, None)]
+            out = tdir / f"gradual-{block}" / f"r{ratio:g}"
+            log(f"[{stamp()}] {task} {block} ratio {ratio:g}: gradual pruning + retraining -> {out}")
+            t0 = time.perf_counter()
+            res = recipe.run_recipe(_config(grid, task, out, model=str(checkpoint_dir(tdir / "dense", "dense")),
+                                            epochs_dense=0, method="gradual", block=block, ratio=ratio,
+                                            distill=s.distill, distill_hidden=s.distill_hidden,
+                                            allocation=s.allocation,
+                                            sensitivity_file=str(tdir / f"sensitivity-{block}.json")))
+            alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
+            results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
+                             block=block, ratio=ratio, compression_rate=res.compression_rate,
+                             seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=stamp(),
+                             method="gradual", teacher_metric=dense.teacher_metric, allocation=alloc))
+            log(f"[{stamp()}] {task} {block} ratio {ratio:g}: {res.metric_name} {res.report['pruned_metric']:.4f} "
+                f"(dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), CR {res.compression_rate:.2f}x")
+
+
+def run_embedding_grid(settings: EmbeddingGridSettings, ratios: list[float], sts_dir: Path, runs_dir: Path,
+                       results: ResultsFile, threads: int | None = None, progress: bool = True, log=print) -> None:
+    """The task-agnostic mode at ``settings.block`` and each ratio; the dense cell is the
+    unpruned model's zero-shot Spearman (read from the first cell's run)."""
+    from blockprune.frontends import embedding
+
+    stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
+    text = Path(settings.text)
+    text = text if text.is_absolute() else ROOT / text
+    if not text.is_file():
+        path, counts = embedding.extract_glue_sentences(sts_dir.parent, text)
+        log(f"[{stamp()}] wrote {sum(counts.values())} GLUE train sentences to {path}")
+    for ratio in ratios:
+        key = cell_key(EMBEDDING_TASK, settings.block, ratio, "embedding")
+        if results.refresh(key) is not None:
+            continue
+        out = runs_dir / f"{settings.block}-r{ratio:g}"
+        log(f"[{stamp()}] embedding {settings.block} ratio {ratio:g} -> {out}")
+        t0 = time.perf_counter()
+        cfg = embedding.EmbeddingConfig(
+            text=str(text), out=str(out), model=settings.model, sts_dir=str(sts_dir), block=settings.block,
+            ratio=ratio, epochs_gradual=settings.epochs_gradual, epochs_retrain=settings.epochs_retrain,
+            lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
+            hidden_weight=settings.hidden_weight, allocation=settings.allocation, seed=settings.seed,
+            limit_train=settings.limit_train, limit_eval=settings.limit_eval, exporter=settings.exporter,
+            freeze_embeddings=settings.freeze_embeddings, sensitivity_examples=settings.sensitivity_examples,
+            calib_examples=settings.calib_examples, threads=threads, progress=progress,
+            sensitivity_file=str(runs_dir / f"sensitivity-{settings.block}.json"))
+        res = embedding.run_embedding(cfg)
+        rep = res.report
+        dkey = cell_key(EMBEDDING_TASK, None, None)
+        if results.refresh(dkey) is None:
+            results.add(Cell(EMBEDDING_TASK, "dense", "spearman", rep["dense_metric"], rep["dense_metric"],
+                             run_dir=str(out), finished_at=stamp(), method="dense"))
+        results.add(Cell(EMBEDDING_TASK, "pruned", "spearman", rep["pruned_metric"], rep["dense_metric"],
+                         block=settings.block, ratio=ratio, compression_rate=res.compression_rate,
+                         seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=stamp(),
+                         method="embedding", allocation=(rep.get("allocation") or {}).get("ratios")))
+        log(f"[{stamp()}] embedding ratio {ratio:g}: Spearman {rep['pruned_metric']:.4f} (dense "
+            f"{rep['dense_metric']:.4f}), CR {res.compression_rate:.2f}x")
+
+
+def embedding_goals(cells: list[Cell]) -> list[str]:
+    """Issue #12's goals for the embedding mode: >= 2x within 1 point, >= 3x within 2 points."""
+    out = []
+    for tol, goal in ((0.01, 2.0), (0.02, 3.0)):
+        s = summarize(cells, tol)
+        best = max((x.best_rate for x in s), default=1.0)
+        out.append(f"- highest CR within {100 * tol:g} point(s) of dense Spearman: **{best:.2f}x** "
+                   f"(goal >= {goal:g}x: {'met' if best >= goal else 'not met'})")
+    return out
+
+
 def _background(argv: list[str], log_path: Path) -> int:
     """Re-run this script detached (own session, output to ``log_path``) and return at once."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -388,49 +566,103 @@ def _background(argv: list[str], log_path: Path) -> int:
     return 0
 
 
+def _cells_arg(text: str) -> list[tuple[str, float]]:
+    out = []
+    for item in (t for t in text.split(",") if t):
+        block, _, ratio = item.partition(":")
+        out.append((block, float(ratio)))
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", choices=["gradual", "rgl"], default="gradual",
+                    help="gradual: the issue-#12 recipe (default); rgl: the first grid")
+    ap.add_argument("--embedding", action="store_true", help="the task-agnostic embedding grid (zero-shot STS-B)")
     ap.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data" / "glue", help="GLUE root")
     ap.add_argument("--tasks", default=",".join(TASKS))
-    ap.add_argument("--ratios", default=",".join(f"{r:g}" for r in RATIOS))
-    ap.add_argument("--blocks", default=",".join(BLOCKS))
+    ap.add_argument("--cells", default=",".join(f"{b}:{r:g}" for b, r in CELLS),
+                    help="gradual grid: BLOCK:RATIO cells in order")
+    ap.add_argument("--ratios", default=None, help="rgl grid: ratios; embedding grid: ratios (default 0.3,0.5,0.7)")
+    ap.add_argument("--blocks", default=",".join(BLOCKS), help="rgl grid: block shapes")
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--epochs-dense", type=int, default=3)
-    ap.add_argument("--epochs-rew", type=int, default=3)
-    ap.add_argument("--epochs-retrain", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--epochs-rew", type=int, default=3, help="rgl: reweighted epochs; gradual/embedding: sparse "
+                                                              "training epochs while sparsity rises")
+    ap.add_argument("--epochs-retrain", type=int, default=None, help="default 2 (gradual, embedding), 3 (rgl)")
+    ap.add_argument("--lr", type=float, default=None, help="default 2e-5 (GLUE), 5e-5 (embedding)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lambda", dest="lam", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit-train", type=int, default=None)
+    ap.add_argument("--limit-train", type=int, default=None,
+                    help="cap on training examples (embedding grid: sentences, default 20000)")
+    ap.add_argument("--sst2-limit-train", type=int, default=20000,
+                    help="gradual grid: SST-2 trains on its first N examples (of 67,349)")
     ap.add_argument("--limit-eval", type=int, default=None)
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
-    ap.add_argument("--distill", type=float, default=0.0,
-                    help="masked retraining with the pre-pruning model as teacher (share A of the loss; 0: off); "
-                         "dense and reweighted stages are shared with the grid without it")
+    ap.add_argument("--distill", type=float, default=None,
+                    help="share A of the teacher's logits in the loss (default 0.5 gradual, 0 rgl)")
+    ap.add_argument("--distill-hidden", type=float, default=1.0, help="gradual: hidden-state MSE weight")
+    ap.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
+                    help="gradual/embedding: per-layer ratios")
+    ap.add_argument("--train-embeddings", action="store_true",
+                    help="gradual/embedding: also train the word embeddings (frozen by default: faster on CPU)")
+    ap.add_argument("--sensitivity-examples", type=int, default=128)
+    ap.add_argument("--calib-examples", type=int, default=256)
+    ap.add_argument("--text", default="runs/embedding/sentences.txt",
+                    help="embedding grid: training sentences (written from GLUE train files when missing)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (not part of the settings)")
     ap.add_argument("--tolerance", type=float, default=0.01, help="'within 1 point' = 0.01 on the 0..1 scale")
-    ap.add_argument("--results", type=Path, default=None, help="results JSON (default accuracy[_quick].json)")
-    ap.add_argument("--runs-dir", type=Path, default=None, help="recipe run dirs (default runs/accuracy[-quick])")
+    ap.add_argument("--results", type=Path, default=None, help="results JSON (default by method, _quick with --quick)")
+    ap.add_argument("--runs-dir", type=Path, default=None, help="run dirs (default runs/accuracy[-gradual|-embedding])")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run: RTE + STS-B, ratios 0.5/0.8, 48 train / 32 dev examples, 1 epoch per stage")
+                    help="smoke run: RTE + STS-B (embedding: 64 sentences, 50 pairs), two cells, tiny limits, "
+                         "1 epoch per stage")
     ap.add_argument("--background", action="store_true", help="detach; output to RUNS_DIR/log.txt")
     ap.add_argument("--report-only", action="store_true", help="only rebuild md/png from the results JSON")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    gradual = args.method == "gradual" or args.embedding
+    args.epochs_retrain = args.epochs_retrain if args.epochs_retrain is not None else (2 if gradual else 3)
+    args.distill = args.distill if args.distill is not None else (0.5 if args.method == "gradual" else 0.0)
+    args.lr = args.lr if args.lr is not None else (5e-5 if args.embedding else 2e-5)
+    if args.ratios is None:
+        args.ratios = ",".join(f"{r:g}" for r in (EMBEDDING_RATIOS if args.embedding else RATIOS))
+    if args.embedding and args.limit_train is None:
+        args.limit_train = 20000
     if args.quick:
-        args.tasks, args.ratios = "RTE,STS-B", "0.5,0.8"
+        args.tasks = "RTE,STS-B"
+        args.ratios = "0.3,0.5" if args.embedding else "0.5,0.8"
+        args.cells = "16x1:0.5,4x4:0.5"
         args.epochs_dense = args.epochs_rew = args.epochs_retrain = 1
         args.limit_train, args.limit_eval, args.max_length, args.batch_size = 48, 32, 64, 16
+        if args.embedding:
+            args.limit_train, args.limit_eval = 64, 50
+        args.sst2_limit_train = 48
+        args.sensitivity_examples, args.calib_examples = 16, 16
         args.exporter = "legacy"
     suffix = "_quick" if args.quick else ""
-    args.results = args.results or RESULTS / f"accuracy{suffix}.json"
-    args.runs_dir = args.runs_dir or ROOT / "runs" / f"accuracy{suffix.replace('_', '-')}"
+    name = "accuracy_embedding" if args.embedding else ("accuracy_gradual" if args.method == "gradual" else "accuracy")
+    args.results = args.results or RESULTS / f"{name}{suffix}.json"
+    args.runs_dir = args.runs_dir or ROOT / "runs" / f"{name}{suffix}".replace("_", "-")
     # absolute: the run directories' configs record checkpoint paths, and a resume (or a second grid
     # sharing the dense and reweighted stages) must see the same path however the flag was spelled
     args.runs_dir = args.runs_dir.resolve()
     return args
+
+
+def write_embedding_report(results: Path) -> Path:
+    settings, cells = load_cells(results)
+    png = results.with_suffix(".png")
+    if cells:
+        plot(cells, png)
+    md = markdown(settings, cells, 0.01, png.name if cells else None,
+                  title="Sentence embeddings: zero-shot STS-B dev Spearman vs compression (MiniLM-L6, task-agnostic)")
+    md += "\n" + "\n".join(embedding_goals(cells)) + "\n"
+    path = results.with_suffix(".md")
+    path.write_text(md)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,23 +670,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(raw)
     if args.background:
         return _background(raw, args.runs_dir / "log.txt")
+    report = (lambda p: write_embedding_report(p)) if args.embedding else (lambda p: write_report(p, args.tolerance))
     if not args.report_only:
-        settings = GridSettings(model=args.model, epochs_dense=args.epochs_dense, epochs_rew=args.epochs_rew,
-                                epochs_retrain=args.epochs_retrain, lr=args.lr, batch_size=args.batch_size,
-                                max_length=args.max_length, lam=args.lam, seed=args.seed,
-                                limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
-                                distill=args.distill)
-        grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
-                    [float(r) for r in args.ratios.split(",") if r], args.data_dir, args.runs_dir, args.threads,
-                    progress=not args.no_progress)
-        results = ResultsFile(args.results, settings)
-        try:
-            run_grid(grid, results)
-        finally:
-            if results.cells:
-                print(f"report: {write_report(args.results, args.tolerance)}")
+        ratios = [float(r) for r in args.ratios.split(",") if r]
+        if args.embedding:
+            settings = EmbeddingGridSettings(
+                model=args.model, text=args.text, epochs_gradual=args.epochs_rew, epochs_retrain=args.epochs_retrain,
+                lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+                hidden_weight=args.distill_hidden, allocation=args.allocation, seed=args.seed,
+                limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
+                freeze_embeddings=not args.train_embeddings, sensitivity_examples=args.sensitivity_examples,
+                calib_examples=args.calib_examples)
+            results = ResultsFile(args.results, settings)
+            try:
+                run_embedding_grid(settings, ratios, args.data_dir / "STS-B", args.runs_dir, results, args.threads,
+                                   progress=not args.no_progress)
+            finally:
+                if results.cells:
+                    print(f"report: {report(args.results)}")
+        else:
+            settings = GridSettings(model=args.model, epochs_dense=args.epochs_dense, epochs_rew=args.epochs_rew,
+                                    epochs_retrain=args.epochs_retrain, lr=args.lr, batch_size=args.batch_size,
+                                    max_length=args.max_length, lam=args.lam, seed=args.seed,
+                                    limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
+                                    distill=args.distill)
+            if args.method == "gradual":
+                settings = dataclasses.replace(
+                    settings, method="gradual", rgl_form="proximal", score="activation",
+                    distill_hidden=args.distill_hidden, allocation=args.allocation,
+                    sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
+                    sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples)
+            grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
+                        ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
+                        cells=_cells_arg(args.cells) if args.method == "gradual" else None)
+            results = ResultsFile(args.results, settings)
+            try:
+                run_grid(grid, results)
+            finally:
+                if results.cells:
+                    print(f"report: {report(args.results)}")
     elif args.results.is_file():
-        print(f"report: {write_report(args.results, args.tolerance)}")
+        print(f"report: {report(args.results)}")
     else:
         raise SystemExit(f"{args.results} does not exist yet; run the grid first")
     print(Path(args.results).with_suffix(".md").read_text())

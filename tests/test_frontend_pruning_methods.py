@@ -169,3 +169,16 @@ def test_measure_sensitivity_prunes_one_layer_at_a_time_and_restores():
         assert row[0] > 0 and row[-1] >= row[0]
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_sensitivity_cache_is_used_only_for_the_same_key(tmp_path):
+    from blockprune.frontends.allocation import load_curves, save_curves
+
+    curves = SensitivityCurves([0.5], {"a": [0.1]}, {"a": 10}, 0.0, 1.0)
+    path = str(tmp_path / "c" / "s.json")
+    assert load_curves(path, {"block": "16x1"}) is None
+    save_curves(path, {"block": "16x1"}, curves)
+    got = load_curves(path, {"block": "16x1"})
+    assert got is not None and got.loss == {"a": [0.1]} and got.sizes == {"a": 10}
+    assert load_curves(path, {"block": "4x4"}) is None
+    save_curves(None, {}, curves)  # no path: nothing written

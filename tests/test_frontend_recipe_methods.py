@@ -26,7 +26,7 @@ def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_pa
     cfg = small_config(tiny_model, tmp_path / "g", method="gradual", block="4x4", ratio=0.6, epochs_rew=2,
                        epochs_retrain=1, distill=0.5, distill_hidden=1.0, allocation="sensitivity",
                        sensitivity_ratios=[0.3, 0.6, 0.9], sensitivity_examples=32, calib_examples=32,
-                       prune_every=2, limit_train=64)
+                       prune_every=2, limit_train=64, exporter="legacy")
     res = run_recipe(cfg)
     rep = res.report
     alloc = rep["allocation"]
@@ -55,7 +55,7 @@ def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_pa
 def test_proximal_rgl_zeroes_groups_and_logs_refreshes(tiny_model, tmp_path):
     cfg = small_config(tiny_model, tmp_path / "p", rgl_form="proximal", lam=0.3, block="1x8", ratio=0.5,
                        epochs_rew=2, epochs_retrain=1, limit_train=64, refresh_every_steps=2,
-                       refresh_every_epochs=None)
+                       refresh_every_epochs=None, exporter="legacy")
     res = run_recipe(cfg)
     log = res.report["rgl_refreshes"]
     assert log[0]["refresh"] == 0 and len(log) >= 3

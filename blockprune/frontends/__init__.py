@@ -5,6 +5,13 @@ The stages follow ``design/method.md``: a reweighted group Lasso penalty during 
 keeps pruned weights exactly zero (``masked``). ``grouping`` holds the torch twin of the numpy
 block geometry in ``blockprune.blocks`` so both sides of the toolchain cut matrices identically.
 
+Improvements over the paper's recipe (issue #12): activation-aware block scores
+(``importance``; the numpy twin is ``blockprune.importance``), a proximal form of the group
+Lasso (``regularizer``), gradual pruning on a cubic schedule (``gradual``), per-layer ratios from
+measured sensitivity (``allocation``), and a label-free sentence-embedding mode (``embedding``).
+The GLUE run itself is ``recipe`` (wiring) over ``recipe_config``, ``data``, ``stages``,
+``run_state`` and ``outputs``.
+
 Submodules are imported lazily by callers (``from blockprune.frontends.glue import ...``);
 this package only re-exports the names a training loop needs, so importing it stays cheap and
 does not pull in ``transformers``.

@@ -142,3 +142,34 @@ def overall_ratio(ratios: Mapping[str, float], sizes: Mapping[str, int]) -> floa
     """Element-weighted mean ratio (= the fraction of pruned-layer weights removed)."""
     tot = sum(sizes[n] for n in ratios)
     return sum(ratios[n] * sizes[n] for n in ratios) / max(tot, 1)
+
+
+def load_curves(path: str | None, key: dict) -> SensitivityCurves | None:
+    """Curves cached in ``path`` for exactly ``key`` (anything else: None, measure again)."""
+    import json
+    from pathlib import Path
+
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("key") != json.loads(json.dumps(key)):
+        return None
+    c = data["curves"]
+    return SensitivityCurves(c["ratios"], c["loss"], c["sizes"], c.get("baseline", 0.0), c.get("seconds", 0.0))
+
+
+def save_curves(path: str | None, key: dict, curves: SensitivityCurves) -> None:
+    """Write ``{"key", "curves"}`` to ``path`` atomically (no-op without a path)."""
+    import json
+    from pathlib import Path
+
+    from blockprune.io import atomic_path
+
+    if not path:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(Path(path), suffix=".json") as tmp:
+        Path(tmp).write_text(json.dumps({"key": key, "curves": curves.to_json()}, indent=1) + "\n")

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 
 from blockprune.blocks import BlockShape, check_sparsity
 from blockprune.errors import BlockpruneError
-from blockprune.frontends.allocation import ALLOCATIONS, allocate, measure_sensitivity, overall_ratio
+from blockprune.frontends.allocation import (
+    ALLOCATIONS,
+    allocate,
+    load_curves,
+    measure_sensitivity,
+    overall_ratio,
+    save_curves,
+)
 from blockprune.frontends.data import LengthGroupedBatches, resolve_data_dir
 from blockprune.frontends.distill import frozen_teacher, hidden_mse
 from blockprune.frontends.gradual import CubicSchedule, GradualPruner
@@ -58,7 +65,7 @@ from blockprune.io import atomic_path
 
 STAGES = ("gradual", "retrain")
 MASK_SOURCE = "gradual-embedding-distillation"
-_NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "optimizer")
+_NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "optimizer", "sensitivity_file")
 
 
 @dataclass
@@ -97,6 +104,7 @@ class EmbeddingConfig:
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9])
     sensitivity_examples: int = 128
     max_layer_ratio: float = 0.9
+    sensitivity_file: str | None = None  # cache of the curves, shared by runs with the same key
     seed: int = 0
     limit_train: int | None = None
     limit_eval: int | None = None
@@ -455,8 +463,8 @@ def run_embedding(cfg: EmbeddingConfig) -> EmbeddingResult:
         "mode": "embedding", "metric": "stsb_spearman_zero_shot", "method": "gradual", "mask_source": MASK_SOURCE,
         "model": cfg.model, "block": cfg.block, "ratio": cfg.ratio, "score": cfg.score,
         "dense_metric": state.get("initial")["eval"]["score"], "pruned_metric": state.get("retrain")["eval"]["score"],
-        "stages": [{"stage": s, **{k: v for k, v in (state.get(s) or {}).items() if k != "allocation"}}
-                   for s in ("initial", *STAGES) if state.get(s)],
+        "task": "STS-B (zero-shot embedding)", "prune_mode": "layer",
+        "stages": [_stage_row(s, state.get(s)) for s in ("initial", *STAGES) if state.get(s)],
         "allocation": allocation, "compression_rate": comp["compression_rate"], "density": comp["density"],
         "counted_weights": {"total": comp["total"], "nonzero": comp["nonzero"],
                             "rule": "every 2-D weight except embeddings; CR = total / nonzero"},
@@ -483,6 +491,14 @@ def run_embedding(cfg: EmbeddingConfig) -> EmbeddingResult:
                            exported.onnx_path, exported.masks_path, report_path, report)
 
 
+def _stage_row(stage: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """A report row in the GLUE report's shape (``blockprune report`` renders both)."""
+    return {"stage": stage, "epochs": rec.get("epochs", 0), "lr": rec.get("lr"), "metric": rec["eval"]["score"],
+            "metrics": rec["eval"]["values"], "dev_loss": None, "train_loss": rec.get("loss"), "penalty": None,
+            "steps": rec.get("steps"), "steps_per_second": rec.get("steps_per_second"),
+            "history": rec.get("history"), "seconds": rec.get("seconds")}
+
+
 @torch.no_grad()
 def _allocation(cfg: EmbeddingConfig, model: torch.nn.Module, layers: dict[str, BlockShape],
                 fn: dict[str, torch.Tensor] | None, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -491,13 +507,23 @@ def _allocation(cfg: EmbeddingConfig, model: torch.nn.Module, layers: dict[str, 
         ratios = {n: float(cfg.ratio) for n in layers}
         return {"rule": "uniform", "ratios": ratios, "overall": overall_ratio(ratios, sizes), "curves": None}
     model.eval()
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     ref = [mean_pool(model(**b).last_hidden_state, b["attention_mask"]) for b in batches]
 
     def loss() -> float:
         cos = [(mean_pool(model(**b).last_hidden_state, b["attention_mask"]) * r).sum(-1) for b, r in zip(batches, ref)]
         return float(1.0 - torch.cat(cos).mean())
 
-    curves = measure_sensitivity(model, layers, cfg.sensitivity_ratios, loss, fn, log=print if cfg.progress else None)
+    key = {"model": cfg.model, "mode": "embedding", "text": str(cfg.text), "limit_train": cfg.limit_train,
+           "blocks": {n: str(b) for n, b in layers.items()}, "ratios": sorted(cfg.sensitivity_ratios),
+           "examples": cfg.sensitivity_examples, "score": cfg.score, "calib_examples": cfg.calib_examples,
+           "max_length": cfg.max_length}
+    curves = load_curves(cfg.sensitivity_file, key)
+    if curves is None:
+        curves = measure_sensitivity(model, layers, cfg.sensitivity_ratios, loss, fn,
+                                     log=print if cfg.progress else None)
+        save_curves(cfg.sensitivity_file, key, curves)
     ratios = allocate(curves, cfg.ratio, max_ratio=cfg.max_layer_ratio)
     return {"rule": "sensitivity", "ratios": ratios, "overall": overall_ratio(ratios, sizes),
             "curves": curves.to_json(), "measure": "1 - mean cosine to the unpruned embedding"}

@@ -45,7 +45,7 @@ import torch
 
 from blockprune.blocks import BlockShape
 from blockprune.errors import BlockpruneError
-from blockprune.frontends.allocation import allocate, measure_sensitivity, overall_ratio
+from blockprune.frontends.allocation import allocate, load_curves, measure_sensitivity, overall_ratio, save_curves
 from blockprune.frontends.data import (  # noqa: F401  (re-exported)
     LengthGroupedBatches,
     TaskData,
@@ -151,7 +151,9 @@ class _Calibration:
         if cfg.allocation == "uniform":
             ratios = {n: float(cfg.ratio) for n in self.layers}
             return {"rule": "uniform", "ratios": ratios, "overall": overall_ratio(ratios, sizes), "curves": None}
-        batches = self.tokenized.calib_batches(cfg, cfg.sensitivity_examples)
+        device = next(model.parameters()).device
+        batches = [{k: v.to(device) for k, v in b.items()}
+                   for b in self.tokenized.calib_batches(cfg, cfg.sensitivity_examples)]
         model.eval()
         teacher = [model(**b).logits.float() for b in batches]
         regression = self.spec.is_regression
@@ -169,7 +171,13 @@ class _Calibration:
             return tot / max(n, 1)
 
         log = print if cfg.progress else None
-        curves = measure_sensitivity(model, self.layers, cfg.sensitivity_ratios, loss, fn, log=log)
+        key = {"model": cfg.model, "task": self.spec.name, "blocks": {n: str(b) for n, b in self.layers.items()},
+               "ratios": sorted(cfg.sensitivity_ratios), "examples": cfg.sensitivity_examples, "score": cfg.score,
+               "calib_examples": cfg.calib_examples, "max_length": cfg.max_length, "limit_train": cfg.limit_train}
+        curves = load_curves(cfg.sensitivity_file, key)
+        if curves is None:
+            curves = measure_sensitivity(model, self.layers, cfg.sensitivity_ratios, loss, fn, log=log)
+            save_curves(cfg.sensitivity_file, key, curves)
         ratios = allocate(curves, cfg.ratio, max_ratio=cfg.max_layer_ratio)
         return {"rule": "sensitivity", "ratios": ratios, "overall": overall_ratio(ratios, sizes),
                 "curves": curves.to_json(), "measure": "logit KL to the unpruned model" if not regression

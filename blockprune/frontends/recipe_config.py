@@ -37,7 +37,7 @@ MASK_SOURCES = {"rgl": "reweighted-group-lasso", "magnitude": "magnitude", "grad
 #: Pooler and classifier heads; pruned only with ``include_heads`` (always counted in the CR).
 HEAD_PATTERN = r"(^|\.)(pooler|pre_classifier|classifier)\."
 #: Config fields that do not change what a run computes, so a resume may differ in them.
-_NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "optimizer")
+_NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "optimizer", "sensitivity_file")
 #: lambda when none is given: the penalty form's is the paper's; the proximal step shrinks each
 #: group by lr * lambda * alpha_g per step, so zeroing a group of norm ~0.3 within a few hundred
 #: steps at lr 2e-5 needs lambda ~10 (measured on MiniLM 16x1: pure proximal steps zero ~half the
@@ -103,6 +103,9 @@ class RecipeConfig:
     sensitivity_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9])
     sensitivity_examples: int = 128
     max_layer_ratio: float = 0.9
+    #: reuse sensitivity curves across runs: JSON written on first use, read when its key (model,
+    #: block, ratios, examples, score) matches; the accuracy grid shares one per task and block
+    sensitivity_file: str | None = None
     freeze_embeddings: bool = False  # word embeddings not trained (a third of MiniLM's AdamW work)
     attention: str = "sdpa"  # attention kernel while training/evaluating; export always uses eager
     optimizer: str = "fused"  # AdamW implementation (fused/foreach: one kernel over all tensors)

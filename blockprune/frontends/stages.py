@@ -119,7 +119,8 @@ def train_loop(accelerator: Any, model: torch.nn.Module, loader: Any, plan: Stag
     pmodel, popt, ploader, psched = accelerator.prepare(model, optimizer, loader, scheduler)
     inner = accelerator.unwrap_model(pmodel)
     raw_opt = getattr(popt, "optimizer", popt)
-    pruner = make_pruner(inner, total_steps) if make_pruner else None
+    # the pruner counts this process's optimizer steps: the prepared loader is this rank's shard
+    pruner = make_pruner(inner, plan.epochs * len(ploader)) if make_pruner else None
     if pruner is not None:
         pruner.attach_optimizer(raw_opt)
         masked = pruner.masked
