@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-forced", action="store_true", help="skip the forced --form variants")
     ap.add_argument("--quick", action="store_true", help="first two rows per model only")
     ap.add_argument("--work", help="build directory (default: a temp dir)")
+    ap.add_argument("--build-only", action="store_true", help="build into --work and stop (no timing)")
+    ap.add_argument("--reuse", action="store_true", help="time the artifacts already built in --work")
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--force", action="store_true", help="time even when the load average is above --max-load")
     ap.add_argument("--out", default=str(RESULTS / "default_flow.json"))
@@ -248,10 +250,20 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(ROWS)}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bp-default-flow-"))
     work.mkdir(parents=True, exist_ok=True)
-    builds = build_all(models, work, forced=not args.no_forced, quick=args.quick)
-    plan = {"builds": [asdict(b) for b in builds], "dense": {m: str(work / f"{m}.onnx") for m in models}}
     plan_path = work / "plan.json"
-    plan_path.write_text(json.dumps(plan))
+    if args.reuse and plan_path.is_file():  # built earlier (e.g. while the machine was busy): time only
+        plan = json.loads(plan_path.read_text())
+        builds = [Build(**b) for b in plan["builds"] if b["model"] in models]
+        plan["builds"] = [asdict(b) for b in builds]
+    else:
+        builds = build_all(models, work, forced=not args.no_forced, quick=args.quick)
+        plan = {"builds": [asdict(b) for b in builds], "dense": {m: str(work / f"{m}.onnx") for m in models}}
+        plan_path.write_text(json.dumps(plan))
+    if args.build_only:
+        print(f"built {len(builds)} artifacts in {work}; time them with --work {work} --reuse")
+        return
+    timing_plan = work / "plan-timing.json"  # just the models asked for
+    timing_plan.write_text(json.dumps(plan))
     timings = []
     loaded = False
     for t in [int(x) for x in args.threads.split(",")]:
@@ -262,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "pause it (the accuracy grid resumes) or pass --force (rows are marked loaded)")
             print(f"WARNING: load average {load:.2f} > {args.max_load}; timings are marked loaded", file=sys.stderr)
             loaded = True
-        res = subprocess.run([sys.executable, __file__, "--worker", str(plan_path), "--worker-threads", str(t),
+        res = subprocess.run([sys.executable, __file__, "--worker", str(timing_plan), "--worker-threads", str(t),
                               "--runs", str(args.runs), "--rounds", str(args.rounds)],
                              capture_output=True, text=True)
         if res.returncode != 0:
