@@ -142,9 +142,9 @@ def _lower_contrib(model: onnx.ModelProto, seq: int, fused: bool = False) -> int
         elif node.op_type in ("SkipLayerNormalization", "LayerNormalization"):
             eps = float(a.get("epsilon", 1e-12))
             if node.op_type == "SkipLayerNormalization":
-                if len(node.output) > 1 and any(node.output[1:]):
-                    raise BlockpruneError(f"node {tag!r} (SkipLayerNormalization) exposes its mean/variance outputs",
-                                          "compile the model from before onnxruntime's transformer optimizer")
+                if any(node.output[1:3]):  # mean / inv-std outputs: not lowered, refused by name below
+                    new_nodes.append(node)
+                    continue
                 s = fresh(f"{tag}/sum")
                 new_nodes.append(helper.make_node("Add", [node.input[0], node.input[1]], [s]))
                 if len(node.input) > 4 and node.input[4]:
@@ -152,6 +152,8 @@ def _lower_contrib(model: onnx.ModelProto, seq: int, fused: bool = False) -> int
                     new_nodes.append(helper.make_node("Add", [s, node.input[4]], [s2]))
                     s = s2
                 ins = [s, node.input[2]] + ([node.input[3]] if len(node.input) > 3 and node.input[3] else [])
+                if len(node.output) > 3 and node.output[3]:  # the residual sum, reused by the next layer
+                    new_nodes.append(helper.make_node("Identity", [s], [node.output[3]]))
             else:
                 ins = list(node.input)
             new_nodes.append(helper.make_node("LayerNormalization", ins, [node.output[0]], name=tag,
@@ -163,7 +165,11 @@ def _lower_contrib(model: onnx.ModelProto, seq: int, fused: bool = False) -> int
     if count:
         del model.graph.node[:]
         model.graph.node.extend(new_nodes)
-        if opset < 17:  # LayerNormalization is standard from opset 17
+        if opset < 13:
+            raise BlockpruneError(f"the model imports opset {opset}; lowering its onnxruntime contrib ops needs "
+                                  "LayerNormalization (opset 17), too far from it to raise safely",
+                                  "re-export the model at opset 14 or newer")
+        if opset < 17:  # LayerNormalization is standard from opset 17; 13..16 -> 17 changes no encoder op
             for o in model.opset_import:
                 if o.domain in ("", "ai.onnx"):
                     o.version = 17
