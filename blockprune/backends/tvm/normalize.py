@@ -282,14 +282,16 @@ def importer_errors() -> Iterator[None]:
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
     current: dict[str, str] = {}
-    original = fe.ONNXGraphImporter._convert_operator
+    importer_cls = getattr(fe, "ONNXGraphImporter", None)  # private TVM API: without it, no node name
+    original = getattr(importer_cls, "_convert_operator", None)
 
     def tracking(self, op_name, inputs, attrs, opset):
         current["op"] = op_name
         current["node"] = str((attrs.get("tvm_custom") or {}).get("name", "?"))
         return original(self, op_name, inputs, attrs, opset)
 
-    fe.ONNXGraphImporter._convert_operator = tracking
+    if original is not None:
+        importer_cls._convert_operator = tracking
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
@@ -305,4 +307,5 @@ def importer_errors() -> Iterator[None]:
             "in onnxruntime; report the node if the model runs there",
         ) from err
     finally:
-        fe.ONNXGraphImporter._convert_operator = original
+        if original is not None:
+            importer_cls._convert_operator = original
