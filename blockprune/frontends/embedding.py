@@ -539,7 +539,7 @@ def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
                               "--out runs/embedding/sentences.txt")
     sts = args.sts_dir or (str(Path(args.data_dir) / "STS-B") if args.data_dir else "../shared/data/glue/STS-B")
     return EmbeddingConfig(
-        text=args.text, out=args.out, model=args.model, sts_dir=sts, block=args.block if args.block else "16x1",
+        text=args.text, out=args.out, model=args.model, sts_dir=sts, block=args.block or "16x1",
         ratio=args.ratio, include=list(args.include or DEFAULT_INCLUDE), exclude=list(args.exclude or DEFAULT_EXCLUDE),
         block_overrides=list(args.block_override), epochs_gradual=args.epochs_rew, epochs_retrain=args.epochs_retrain,
         lr=args.lr if args.lr is not None else 5e-5, batch_size=args.batch_size, max_length=args.max_length,

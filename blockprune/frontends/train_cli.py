@@ -55,7 +55,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="glue: a labelled GLUE task; embedding: task-agnostic sentence-embedding distillation on "
                         "--text (see `blockprune train --mode embedding --help`)")
     p = t.add_argument_group("pruning")
-    p.add_argument("--block", default="1x32", help="block rows x cols in the PyTorch W[out, in] layout")
+    p.add_argument("--block", default=None,
+                   help="block rows x cols in the PyTorch W[out, in] layout (default 1x32; 16x1 in embedding mode)")
     p.add_argument("--ratio", type=float, default=0.5, help="fraction of weights removed per layer, in [0, 1)")
     p.add_argument("--prune-mode", choices=["layer", "global", "threshold"], default="layer",
                    help="layer: same ratio per layer (paper); global: one ratio over all layers; threshold: --threshold")
@@ -119,7 +120,9 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     r.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
                    help="attention kernel while training (the export always uses eager)")
     r.add_argument("--optimizer", choices=["fused", "foreach", "default"], default="fused", help="AdamW implementation")
-    e = t.add_argument_group("embedding mode (--mode embedding)")
+    e = t.add_argument_group("embedding mode (--mode embedding)",
+                             "gradual pruning during --epochs-rew epochs, then --epochs-retrain with masks fixed, distilling "
+                             "the dense model's sentence embeddings; --lr defaults to 5e-5; scored by zero-shot STS-B Spearman")
     e.add_argument("--text", default=None, help="plain text file, one sentence per line (no labels needed)")
     e.add_argument("--sts-dir", default=None,
                    help="STS-B folder holding dev.tsv for the zero-shot Spearman (default: DATA_DIR/STS-B)")
@@ -141,7 +144,7 @@ def config_from_args(args: argparse.Namespace):
                               f"e.g. {EXAMPLE}; or --mode embedding --text FILE for task-agnostic pruning")
     return RecipeConfig(
         model=args.model, task=args.task, data_dir=args.data_dir, out=args.out, method=args.method,
-        block=args.block, ratio=args.ratio, prune_mode=args.prune_mode, threshold=args.threshold,
+        block=args.block or "1x32", ratio=args.ratio, prune_mode=args.prune_mode, threshold=args.threshold,
         include=list(args.include or DEFAULT_INCLUDE), exclude=list(args.exclude or DEFAULT_EXCLUDE),
         include_heads=args.include_heads, block_overrides=list(args.block_override),
         epochs_dense=args.epochs_dense, epochs_rew=args.epochs_rew, epochs_retrain=args.epochs_retrain,
