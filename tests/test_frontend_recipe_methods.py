@@ -1,6 +1,7 @@
 """The new recipe paths end to end on a slice of RTE with a tiny random BERT:
 
-* ``method="gradual"`` with logit + hidden-state distillation and a sensitivity allocation: the
+* ``method="gradual"`` with logit + hidden-state distillation and a sensitivity allocation,
+  interrupted in its retrain stage and resumed: the
   per-layer ratios differ, meet the overall target exactly, are what the saved masks hold, and
   are written into the masks' metadata and the report; the retraining keeps the gradual masks;
 * ``method="rgl"`` in the (default) proximal form drives groups to exactly zero and logs each
@@ -27,7 +28,21 @@ def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_pa
                        epochs_retrain=1, distill=0.5, distill_hidden=1.0, allocation="sensitivity",
                        sensitivity_ratios=[0.3, 0.6, 0.9], sensitivity_examples=32, calib_examples=32,
                        prune_every=2, limit_train=64, exporter="legacy")
-    res = run_recipe(cfg)
+    from blockprune.frontends import recipe as recipe_mod
+
+    real = recipe_mod.train_stage
+
+    def crashing(accelerator, model, loader, plan, *args, **kw):
+        if plan.name == "retrain":
+            raise RuntimeError("simulated interruption")
+        return real(accelerator, model, loader, plan, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:  # interrupted in the retrain stage ...
+        mp.setattr(recipe_mod, "train_stage", crashing)
+        with pytest.raises(RuntimeError, match="simulated"):
+            run_recipe(cfg)
+    res = run_recipe(cfg)  # ... resumes with the gradual masks from disk and the dense teacher reloaded
+    assert res.stages_skipped == ["dense", "gradual"] and res.stages_run == ["retrain"]
     rep = res.report
     alloc = rep["allocation"]
     assert alloc["rule"] == "sensitivity" and alloc["overall"] == pytest.approx(0.6, abs=1e-9)
@@ -54,7 +69,7 @@ def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_pa
 
 def test_proximal_rgl_zeroes_groups_and_logs_refreshes(tiny_model, tmp_path):
     cfg = small_config(tiny_model, tmp_path / "p", rgl_form="proximal", lam=0.3, block="1x8", ratio=0.5,
-                       epochs_rew=2, epochs_retrain=1, limit_train=64, refresh_every_steps=2,
+                       epochs_dense=0, epochs_rew=2, epochs_retrain=0, limit_train=64, refresh_every_steps=2,
                        refresh_every_epochs=None, exporter="legacy")
     res = run_recipe(cfg)
     log = res.report["rgl_refreshes"]
