@@ -56,8 +56,8 @@ def take(ctx: PassContext, lm: LinearMatch, axis: str, index: np.ndarray) -> Non
         ctx.replace_values(lm.bias.name, np.ascontiguousarray(current_values(ctx, lm.bias)[index]))
 
 
-def zero_slices(ctx: PassContext, lm: LinearMatch, axis: str, index: np.ndarray, bias: bool = False) -> None:
-    """Set rows ("out") or columns ("in") ``index`` of W[out, in] to zero (and the bias rows if asked)."""
+def zero_slices(ctx: PassContext, lm: LinearMatch, axis: str, index: np.ndarray) -> None:
+    """Set rows ("out") or columns ("in") ``index`` of W[out, in] to zero, whatever the stored layout."""
     const = _weight_const(lm)
     oi = lm.weight.to_out_in(current_values(ctx, const)).copy()
     if axis == "out":
@@ -65,10 +65,6 @@ def zero_slices(ctx: PassContext, lm: LinearMatch, axis: str, index: np.ndarray,
     else:
         oi[:, index] = 0
     ctx.replace_values(const.name, np.ascontiguousarray(lm.weight.from_out_in(oi)))
-    if bias and axis == "out" and lm.bias is not None:
-        b = current_values(ctx, lm.bias).copy()
-        b[index] = 0
-        ctx.replace_values(lm.bias.name, b)
 
 
 def out_in(ctx: PassContext, lm: LinearMatch) -> np.ndarray:
