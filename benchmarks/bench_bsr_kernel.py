@@ -98,7 +98,7 @@ def ort_dense(w: np.ndarray, x: np.ndarray, threads: int, runs: int) -> tuple[fl
 
 def tvm_bsr(w: np.ndarray, x: np.ndarray, block: str, runs: int) -> tuple[tuple[float, float], str, float]:
     """(wall, cpu) medians of our kernel, its schedule, and its max error vs numpy."""
-    from blockprune.backends.tvm.bsr_kernel import build_bsr_kernel
+    from blockprune.backends.tvm.kernels.bsr_kernel import build_bsr_kernel
     from blockprune.bsr import dense_to_bsr
 
     bsr = dense_to_bsr(w, block)

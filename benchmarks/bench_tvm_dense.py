@@ -9,7 +9,7 @@ onnxruntime). This measures, at the same thread count for both engines (1 and 2)
   (Q K^T * scale + mask), context (P V), softmax, layernorm;
 * whole models: ``load_model("bert-base")`` (12 layers, random weights) and ``minilm``, exported
   with the legacy exporter, imported with ``from_onnx`` at [1, 128], compiled with
-  ``compile_relax`` (see ``blockprune/backends/tvm/cpu_schedules.py``).
+  ``compile_relax`` (see ``blockprune/backends/tvm/pipeline/cpu_schedules.py``).
 
 Each thread count runs in its own process (TVM_NUM_THREADS must be set before TVM's pool
 starts; onnxruntime gets intra_op_num_threads). Per case: medians of ``--runs`` calls (>= 20)
@@ -189,8 +189,8 @@ def _tvm_callable(mod, feeds: list[np.ndarray]):
     import tvm
     from tvm import relax
 
-    from blockprune.backends.tvm.cpu_schedules import compile_relax
-    from blockprune.backends.tvm.targets import host_preset
+    from blockprune.backends.tvm.pipeline.cpu_schedules import compile_relax
+    from blockprune.backends.tvm.targets.presets import host_preset
 
     vm = relax.VirtualMachine(compile_relax(mod, host_preset().target()), tvm.cpu())
     args = [tvm.runtime.tensor(a) for a in feeds]
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime
     import tvm
 
-    from blockprune.backends.tvm.targets import host_preset
+    from blockprune.backends.tvm.targets.presets import host_preset
 
     load = os.getloadavg()
     text = "\n".join([
@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.processor() or platform.machine()}, TVM target {host_preset().to_json()}, "
         f"{os.cpu_count()} cores, load average {load[0]:.1f} at the end (other jobs were running: "
         "compare the two engines within a row, not across runs).",
-        f"TVM {tvm.__version__} with `compile_relax` (blockprune/backends/tvm/cpu_schedules.py); "
+        f"TVM {tvm.__version__} with `compile_relax` (blockprune/backends/tvm/pipeline/cpu_schedules.py); "
         f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, all graph optimisations, "
         f"intra_op_num_threads = threads, idle-worker spinning {args.ort_spinning} (see --ort-spinning). "
         "Medians of "

@@ -66,8 +66,12 @@ def _run(cmd: list[str], log: list[str]) -> None:
         raise SystemExit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
 
 
-def build_all(models: list[str], work: Path, forced: bool, quick: bool) -> list[Build]:
-    """Export each model once, then compress + compile every row (and its forced forms)."""
+def build_all(models: list[str], work: Path, forced: bool, quick: bool,
+              previous: list[Build] = ()) -> list[Build]:
+    """Export each model once, then compress + compile every row (and its forced forms).
+
+    ``previous``: builds of an earlier run whose artifact directories still exist are kept (delete
+    an artifact to have it rebuilt)."""
     from tqdm.auto import tqdm
 
     exe = str(Path(sys.executable).with_name("blockprune"))
@@ -81,6 +85,12 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool) -> list[
     exported: dict[str, tuple[Path, list[str]]] = {}
     for model, block, sparsity, form in tqdm(jobs, desc="build", unit="artifact"):
         t0 = time.perf_counter()
+        tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
+        old = next((b for b in previous if b.artifact == str(work / f"{tag}.art")), None)
+        if old is not None and Path(old.artifact).is_dir():  # --keep-built: built before, still there
+            builds.append(old)
+            exported.setdefault(model, (work / f"{model}.onnx", [old.commands[0]]))
+            continue
         log: list[str] = []
         if model not in exported:
             dense = work / f"{model}.onnx"
@@ -88,7 +98,6 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool) -> list[
             exported[model] = (dense, list(log))
         dense, export_log = exported[model]
         log = list(export_log) if not log else log
-        tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
         src = dense
         if block is not None:
             src = work / f"{tag}.onnx"
@@ -112,7 +121,7 @@ def _worker(plan_path: Path, threads: int, runs: int, rounds: int, profile: bool
     import onnxruntime as ort
     import tvm
 
-    from blockprune.backends.tvm.runner import check_artifact, check_inputs, default_feeds, load_vm
+    from blockprune.backends.tvm.runtime.runner import check_artifact, check_inputs, default_feeds, load_vm
     from blockprune.bench_timing import interleaved_medians
 
     plan = json.loads(plan_path.read_text())
@@ -234,6 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", help="build directory (default: a temp dir)")
     ap.add_argument("--build-only", action="store_true", help="build into --work and stop (no timing)")
     ap.add_argument("--reuse", action="store_true", help="time the artifacts already built in --work")
+    ap.add_argument("--keep-built", action="store_true",
+                    help="build only the artifacts missing from --work (delete one to rebuild it)")
     ap.add_argument("--max-load", type=float, default=1.0)
     ap.add_argument("--force", action="store_true", help="time even when the load average is above --max-load")
     ap.add_argument("--out", default=str(RESULTS / "default_flow.json"))
@@ -256,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
         builds = [Build(**b) for b in plan["builds"] if b["model"] in models]
         plan["builds"] = [asdict(b) for b in builds]
     else:
-        builds = build_all(models, work, forced=not args.no_forced, quick=args.quick)
+        previous = [Build(**b) for b in json.loads(plan_path.read_text())["builds"]] \
+            if args.keep_built and plan_path.is_file() else []
+        builds = build_all(models, work, forced=not args.no_forced, quick=args.quick, previous=previous)
         plan = {"builds": [asdict(b) for b in builds], "dense": {m: str(work / f"{m}.onnx") for m in models}}
         plan_path.write_text(json.dumps(plan))
     if args.build_only:

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--q", type=int, default=6, help="coefficients of Q (Q[0] = 1)")
     args = ap.parse_args()
     p, q, err64 = fit(args.p, args.q)
-    from blockprune.backends.tvm.bsr_kernel import erf_approx_np  # noqa: F401 - shows the kernel's form
+    from blockprune.backends.tvm.kernels.bsr_kernel import erf_approx_np  # noqa: F401 - shows the kernel's form
 
     x = np.linspace(-4, 4, 200001).astype(np.float32)
     z = x * x

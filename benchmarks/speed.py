@@ -43,7 +43,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from blockprune.backends.tvm.calibrate import (  # noqa: E402  (shared with `blockprune calibrate`)
+from blockprune.backends.tvm.cost.calibrate import (  # noqa: E402  (shared with `blockprune calibrate`)
     block_sparse_weight, break_even_density, bsr_call, tvm_dense_call)
 from blockprune.bench_timing import cpu_name, time_calls
 
@@ -235,8 +235,8 @@ def _tvm_model(model, work: Path, name: str, batch: int, seq: int) -> tuple[Call
     """Compile, check against onnxruntime, and return (call, max-abs diff, compile seconds)."""
     import tvm
 
-    from blockprune.backends.tvm import runner
-    from blockprune.backends.tvm.compile import compile_model
+    from blockprune.backends.tvm.runtime import runner
+    from blockprune.backends.tvm.pipeline.compile import compile_model
 
     t0 = time.perf_counter()
     res = compile_model(model, work / name, target="host", batch=batch, seq=seq)
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import tvm
 
-    from blockprune.backends.tvm.targets import host_preset
+    from blockprune.backends.tvm.targets.presets import host_preset
 
     blocks = [b for b in args.blocks.split(",") if b]
     ratios = [float(r) for r in args.ratios.split(",") if r]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 if TYPE_CHECKING:  # pragma: no cover - types only
     import numpy as np
 
-    from blockprune.backends.tvm.artifact import Manifest
+    from blockprune.backends.tvm.runtime.artifact import Manifest
     from blockprune.compress_api import CompressResult
     from blockprune.models.export import ExportResult
     from blockprune.prune_api import PruneResult
@@ -100,8 +100,8 @@ def compile(model: str | os.PathLike, output: str | os.PathLike, target: Any = "
             cross_compiler: str | None = None) -> CompiledArtifact:
     """Compile with TVM into ``output`` (``model.so`` + ``manifest.json``), verified against
     onnxruntime on ``model`` before the directory appears (aarch64 under qemu)."""
-    from blockprune.backends.tvm.compile import compile_model
-    from blockprune.backends.tvm.compile_checks import static_dim
+    from blockprune.backends.tvm.pipeline.compile import compile_model
+    from blockprune.backends.tvm.onnx_import.compile_checks import static_dim
 
     res = compile_model(model, output, target=target, batch=static_dim(batch, "batch"),
                         seq=static_dim(seq, "seq"), lower_dense_below=bsr_below, dense_block=bsr_block,
@@ -122,7 +122,7 @@ class RunOutput:
 def run(artifact: str | os.PathLike, inputs: "Mapping[str, np.ndarray] | str | os.PathLike | None" = None,
         compare: str | os.PathLike | None = None, target: Any = None) -> RunOutput:
     """Run a compiled artifact once (random valid inputs by default); ``compare``: an ONNX model."""
-    from blockprune.backends.tvm.runner import compare_with_onnx, run_artifact
+    from blockprune.backends.tvm.runtime.runner import compare_with_onnx, run_artifact
 
     res = run_artifact(artifact, inputs, expect_target=target, model=compare)
     diffs = compare_with_onnx(res, compare) if compare is not None else {}
@@ -134,10 +134,10 @@ def bench(artifact: str | os.PathLike, number: int = 10, repeat: int = 5,
     """Seconds per call: here (native artifacts) or on a board's TVM RPC server (``HOST:PORT``)."""
     if rpc:
         from blockprune.backends.tvm.cli import _parse_rpc
-        from blockprune.backends.tvm.rpc import bench_rpc
+        from blockprune.backends.tvm.runtime.rpc import bench_rpc
 
         host, port = _parse_rpc(rpc)
         return list(bench_rpc(artifact, host, port, number=number, repeat=repeat))
-    from blockprune.backends.tvm.runner import bench_artifact
+    from blockprune.backends.tvm.runtime.runner import bench_artifact
 
     return bench_artifact(artifact, number=number, repeat=repeat)

@@ -93,7 +93,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         prune = _prune_config(args)
     break_even = args.break_even
     if args.break_even_file:
-        from blockprune.backends.tvm.calibrate import BreakEvenTable
+        from blockprune.backends.tvm.cost.calibrate import BreakEvenTable
 
         break_even = BreakEvenTable.load(args.break_even_file)
     res = compress_file(args.model, out, prune=prune, masks_path=args.masks, reorder=args.reorder,

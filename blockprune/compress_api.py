@@ -61,7 +61,7 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
     from tqdm.auto import tqdm
 
     if break_even is None:
-        from blockprune.backends.tvm.calibrate import default_break_even_table
+        from blockprune.backends.tvm.cost.calibrate import default_break_even_table
 
         break_even = default_break_even_table()
 

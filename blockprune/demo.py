@@ -71,8 +71,8 @@ def compile_and_time(compressed, dense, out: Path, threads: int = 1, runs: int =
     import onnxruntime as ort
     import tvm
 
-    from blockprune.backends.tvm.compile import compile_model
-    from blockprune.backends.tvm.runner import check_inputs, default_feeds, load_vm
+    from blockprune.backends.tvm.pipeline.compile import compile_model
+    from blockprune.backends.tvm.runtime.runner import check_inputs, default_feeds, load_vm
     from blockprune.bench_timing import interleaved_medians
 
     res = compile_model(compressed, out, target="x86-64")

@@ -66,7 +66,7 @@ def without_pyopencl(monkeypatch):
     OpenCL context is dropped before and after so neither side sees the other's."""
     import builtins
 
-    from blockprune.backends.tvm import opencl_verify as ov
+    from blockprune.backends.tvm.verify import opencl_verify as ov
 
     real_import = builtins.__import__
 

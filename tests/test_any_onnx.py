@@ -240,7 +240,7 @@ def test_masks_of_a_classifier_checkpoint_fit_its_export(routes, tmp_path):
 # compile: verification, normalisation, importer errors
 # ------------------------------------------------------------------------------------------------
 def test_failed_verification_publishes_nothing(routes, tmp_path, monkeypatch):
-    from blockprune.backends.tvm import runner
+    from blockprune.backends.tvm.runtime import runner
 
     src = routes("bert-tiny", "torch-legacy")
     good = bp.compile(src, tmp_path / "art", seq=SEQ)
@@ -258,7 +258,7 @@ def test_failed_verification_publishes_nothing(routes, tmp_path, monkeypatch):
 
 
 def test_shape_folding_honours_shape_start_end():
-    from blockprune.backends.tvm.normalize import normalize_for_tvm
+    from blockprune.backends.tvm.onnx_import.normalize import normalize_for_tvm
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
@@ -276,7 +276,7 @@ def test_shape_folding_honours_shape_start_end():
 def test_elementwise_contrib_ops_are_lowered_exactly():
     import onnxruntime as ort
 
-    from blockprune.backends.tvm.normalize import normalize_for_tvm
+    from blockprune.backends.tvm.onnx_import.normalize import normalize_for_tvm
 
     h = 8
     rng = np.random.default_rng(0)
@@ -301,8 +301,8 @@ def test_elementwise_contrib_ops_are_lowered_exactly():
 def test_importer_failure_names_the_node(monkeypatch):
     from tvm.relax.frontend.onnx import onnx_frontend as fe
 
-    from blockprune.backends.tvm.importer import import_onnx
-    from blockprune.backends.tvm.normalize import importer_errors
+    from blockprune.backends.tvm.onnx_import.importer import import_onnx
+    from blockprune.backends.tvm.onnx_import.normalize import importer_errors
 
     def broken(*args, **kwargs):
         raise ValueError("broadcast_to expects the input shape to have the number of ndim at least ...")

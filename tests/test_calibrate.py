@@ -7,7 +7,7 @@ import json
 import onnx
 import pytest
 
-from blockprune.backends.tvm.calibrate import BreakEven, BreakEvenTable, break_even_density
+from blockprune.backends.tvm.cost.calibrate import BreakEven, BreakEvenTable, break_even_density
 from blockprune.cli import main
 from blockprune.errors import BlockpruneError
 
@@ -66,7 +66,7 @@ def test_compress_defaults_to_the_shipped_measured_table(exports):
     """No --break-even: every pruned layer's form is decided by the shipped table, not by 0.6."""
     import json
 
-    from blockprune.backends.tvm.calibrate import default_break_even_table
+    from blockprune.backends.tvm.cost.calibrate import default_break_even_table
     from blockprune.compress_api import compress_model
     from blockprune.passes import PruneConfig
 

@@ -21,9 +21,9 @@ from blockprune.errors import BlockpruneError
 
 tvm = pytest.importorskip("tvm")
 
-from blockprune.backends.tvm import gpu_verify as gv  # noqa: E402
-from blockprune.backends.tvm import opencl_verify as ov  # noqa: E402
-from blockprune.backends.tvm.gpu_compile import (  # noqa: E402
+from blockprune.backends.tvm.verify import gpu_verify as gv  # noqa: E402
+from blockprune.backends.tvm.verify import opencl_verify as ov  # noqa: E402
+from blockprune.backends.tvm.pipeline.gpu_compile import (  # noqa: E402
     KERNELS_CL,
     compile_gpu_model,
     gpu_forms,
@@ -70,7 +70,7 @@ def _cli():
 
 # ---- compile ---------------------------------------------------------------------------------------
 def test_compile_writes_library_manifest_and_kernel_source(mali_artifact, bsr_model):
-    from blockprune.backends.tvm.runner import library_arch
+    from blockprune.backends.tvm.runtime.runner import library_arch
 
     res, out = mali_artifact, mali_artifact.directory
     assert {p.name for p in out.iterdir()} >= {"model.so", "manifest.json", KERNELS_CL}
@@ -179,7 +179,7 @@ def test_artifact_for_another_gpu_is_refused(mali_artifact):
 
 
 def test_verify_exits_1_when_a_kernel_fails(monkeypatch, capsys, tmp_path):
-    from blockprune.backends.tvm.gpu_targets import LaunchConfig
+    from blockprune.backends.tvm.targets.gpu_presets import LaunchConfig
 
     bad = gv.VerifyReport("mali", [gv.KernelRow("f", "f_kernel", "dense (dlight)", LaunchConfig((1, 1, 1), (8, 1, 1)),
                                                 1, 0.5, 1e-5)])

@@ -16,14 +16,14 @@ from blockprune.errors import BlockpruneError
 
 tvm = pytest.importorskip("tvm")
 
-from blockprune.backends.tvm import opencl_verify as ov  # noqa: E402
-from blockprune.backends.tvm.bsr_gpu_kernel import (  # noqa: E402
+from blockprune.backends.tvm.verify import opencl_verify as ov  # noqa: E402
+from blockprune.backends.tvm.kernels.bsr_gpu_kernel import (  # noqa: E402
     GPUBSRSchedule,
     build_gpu_bsr_module,
     choose_gpu_schedule,
     gpu_kernel_inputs,
 )
-from blockprune.backends.tvm.gpu_targets import (  # noqa: E402
+from blockprune.backends.tvm.targets.gpu_presets import (  # noqa: E402
     LaunchConfig,
     check_launch,
     get_gpu_preset,

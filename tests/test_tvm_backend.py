@@ -22,9 +22,11 @@ from blockprune.errors import BlockpruneError
 
 tvm = pytest.importorskip("tvm")
 
-from blockprune.backends.tvm import runner, targets  # noqa: E402
-from blockprune.backends.tvm.artifact import MANIFEST, Manifest  # noqa: E402
-from blockprune.backends.tvm.compile import compile_model  # noqa: E402
+from blockprune.backends.tvm.runtime import runner  # noqa: E402
+
+from blockprune.backends.tvm.targets import presets as targets  # noqa: E402
+from blockprune.backends.tvm.runtime.artifact import MANIFEST, Manifest  # noqa: E402
+from blockprune.backends.tvm.pipeline.compile import compile_model  # noqa: E402
 
 BATCH, SEQ, ATOL = 2, 16, 1e-4
 FORMS = {  # form -> (block, sparsity, compress form)
@@ -223,7 +225,7 @@ def test_cli_compile_run_compare(x86_artifact, models, tmp_path, capsys):
 def test_bench_over_loopback_rpc(x86_artifact):
     from tvm import rpc
 
-    from blockprune.backends.tvm.rpc import bench_rpc
+    from blockprune.backends.tvm.runtime.rpc import bench_rpc
 
     server = rpc.Server("127.0.0.1", port=9190, port_end=9290, silent=True)
     try:
@@ -257,7 +259,7 @@ def test_bundle_runs_without_python(models, tmp_path, arch):
     """`blockprune bundle`: the C++ runner in the bundle runs the model (natively, or under qemu)."""
     import subprocess
 
-    from blockprune.backends.tvm.bundle import bundle
+    from blockprune.backends.tvm.runtime.bundle import bundle
 
     target = "x86-64" if arch == "x86_64" else "cortex-a72"
     if arch == "aarch64":
@@ -306,7 +308,7 @@ def test_cross_compiler_override(models, tmp_path, capsys):
 def test_kernel_choice_errors_cross_the_relax_mutator_as_clear_errors(models, raised):
     """An error inside the Relax mutator (a kernel chooser that refuses a layer) reaches the
     user as itself or as one BlockpruneError, not as an FFI RuntimeError with a C++ backtrace."""
-    from blockprune.backends.tvm.importer import import_onnx
+    from blockprune.backends.tvm.onnx_import.importer import import_onnx
 
     def chooser(spec, bsr):
         raise raised

@@ -76,8 +76,8 @@ def test_inconsistent_arrays_are_refused():
 
 # ---- kernel ----------------------------------------------------------------------------------
 tvm = pytest.importorskip("tvm")
-from blockprune.backends.tvm import bsr_kernel as bk  # noqa: E402
-from blockprune.backends.tvm import targets  # noqa: E402
+from blockprune.backends.tvm.kernels import bsr_kernel as bk  # noqa: E402
+from blockprune.backends.tvm.targets import presets as targets  # noqa: E402
 
 
 def check_kernel(x, w, block, bias=None, target="host"):
@@ -256,7 +256,7 @@ def test_aarch64_cross_compile_gives_a_neon_elf(tmp_path):
 
 def test_android_preset_needs_an_ndk(monkeypatch, tmp_path):
     """The Android preset says clearly that it needs an NDK, and finds one where ANDROID_NDK_HOME points."""
-    from blockprune.backends.tvm.targets import find_cross_compiler, get_preset
+    from blockprune.backends.tvm.targets.presets import find_cross_compiler, get_preset
 
     for var in ("ANDROID_NDK_HOME", "ANDROID_NDK_ROOT", "ANDROID_NDK"):
         monkeypatch.delenv(var, raising=False)

@@ -18,11 +18,11 @@ import pytest
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from blockprune.backends.tvm.cpu_schedules import (compile_relax, schedule_relax,  # noqa: E402
+from blockprune.backends.tvm.pipeline.cpu_schedules import (compile_relax, schedule_relax,  # noqa: E402
                                                    schedule_report)
-from blockprune.backends.tvm.schedules import CpuInfo, choose_matmul_tile  # noqa: E402
-from blockprune.backends.tvm.schedules.matmul import choose_padded_tile  # noqa: E402
-from blockprune.backends.tvm.targets import get_preset, host_preset  # noqa: E402
+from blockprune.backends.tvm.pipeline.schedules import CpuInfo, choose_matmul_tile  # noqa: E402
+from blockprune.backends.tvm.pipeline.schedules.matmul import choose_padded_tile  # noqa: E402
+from blockprune.backends.tvm.targets.presets import get_preset, host_preset  # noqa: E402
 
 ATOL = 1e-4
 
@@ -261,8 +261,8 @@ def test_tiny_bert_cross_compiles_for_aarch64_neon(tiny_bert):
 
 def test_hand_written_kernels_are_left_alone(host_target):
     """A module mixing the IRBuilder BSR kernel with a legalized op: only the op is scheduled."""
-    from blockprune.backends.tvm.bsr_kernel import BSRKernelSpec, bsr_matmul_primfunc, choose_schedule
-    from blockprune.backends.tvm.cpu_schedules import PRESCHEDULED, apply_cpu_schedules
+    from blockprune.backends.tvm.kernels.bsr_kernel import BSRKernelSpec, bsr_matmul_primfunc, choose_schedule
+    from blockprune.backends.tvm.pipeline.cpu_schedules import PRESCHEDULED, apply_cpu_schedules
     from blockprune.blocks import BlockShape
 
     spec = BSRKernelSpec((1, 16, 64), 96, BlockShape.parse("16x1"), True)

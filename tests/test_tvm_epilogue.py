@@ -18,8 +18,8 @@ from onnx import helper as h
 
 tvm = pytest.importorskip("tvm")
 
-from blockprune.backends.tvm import bsr_kernel as bk  # noqa: E402
-from blockprune.backends.tvm.epilogue import GraphIndex, absorb_epilogue  # noqa: E402
+from blockprune.backends.tvm.kernels import bsr_kernel as bk  # noqa: E402
+from blockprune.backends.tvm.onnx_import.epilogue import GraphIndex, absorb_epilogue  # noqa: E402
 from blockprune.blocks import BlockShape  # noqa: E402
 from blockprune.bsr import dense_to_bsr  # noqa: E402
 
@@ -123,8 +123,8 @@ def bsr_tiny(exports):
 
 
 def test_model_with_fused_epilogues_matches_onnxruntime(bsr_tiny, tmp_path):
-    from blockprune.backends.tvm.compile import compile_model
-    from blockprune.backends.tvm.runner import compare_with_onnx, run_artifact
+    from blockprune.backends.tvm.pipeline.compile import compile_model
+    from blockprune.backends.tvm.runtime.runner import compare_with_onnx, run_artifact
 
     res = compile_model(bsr_tiny, tmp_path / "a", batch=2, seq=16, verify=False)
     epilogues = {layer["name"].split(".")[-2] + "." + layer["name"].split(".")[-3]: layer.get("epilogue")

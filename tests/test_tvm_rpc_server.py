@@ -20,11 +20,11 @@ from blockprune.errors import BlockpruneError
 
 tvm = pytest.importorskip("tvm")
 
-from blockprune.backends.tvm import rpc_server  # noqa: E402
-from blockprune.backends.tvm.compile import compile_model  # noqa: E402
-from blockprune.backends.tvm.rpc import bench_rpc, connect, run_rpc  # noqa: E402
-from blockprune.backends.tvm.runner import QEMU_LD_PREFIX, compare_with_onnx  # noqa: E402
-from blockprune.backends.tvm.targets import AARCH64_CROSS_CXX, QEMU_AARCH64  # noqa: E402
+from blockprune.backends.tvm.runtime import rpc_server  # noqa: E402
+from blockprune.backends.tvm.pipeline.compile import compile_model  # noqa: E402
+from blockprune.backends.tvm.runtime.rpc import bench_rpc, connect, run_rpc  # noqa: E402
+from blockprune.backends.tvm.runtime.runner import QEMU_LD_PREFIX, compare_with_onnx  # noqa: E402
+from blockprune.backends.tvm.targets.presets import AARCH64_CROSS_CXX, QEMU_AARCH64  # noqa: E402
 
 BATCH, SEQ, ATOL = 2, 16, 1e-4
 RPC_MAGIC = 0xFF271

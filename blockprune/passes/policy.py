@@ -7,7 +7,7 @@ now (the TVM backends measure break-evens per target and will feed them here). T
 its reason go into metadata ``blockprune.layers`` for `blockprune inspect` and the backends.
 
 ``break_even`` is a number, or a measured table from the backend's calibration
-(``blockprune.backends.tvm.calibrate.BreakEvenTable``; any object with
+(``blockprune.backends.tvm.cost.calibrate.BreakEvenTable``; any object with
 ``lookup(out, in, block) -> (density, source)``), so that passes never import a backend.
 """
 

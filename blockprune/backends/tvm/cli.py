@@ -13,7 +13,7 @@ from blockprune.errors import BlockpruneError
 
 
 def _target_help() -> str:
-    from .targets import preset_names
+    from blockprune.backends.tvm.targets.presets import preset_names
 
     return f"one of {', '.join(preset_names())}, or a TVM target JSON dict (default x86-64)"
 
@@ -21,7 +21,7 @@ def _target_help() -> str:
 def cmd_compile(args: argparse.Namespace) -> int:
     from blockprune.console import console
 
-    from .compile import compile_model
+    from blockprune.backends.tvm.pipeline.compile import compile_model
 
     with console.status(f"compiling {args.model} for {args.target} (batch {args.batch}, seq {args.seq})"):
         res = compile_model(args.model, args.output, target=args.target, batch=args.batch, seq=args.seq,
@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from blockprune.console import console
 
-    from .runner import compare_with_onnx, run_artifact
+    from blockprune.backends.tvm.runtime.runner import compare_with_onnx, run_artifact
 
     res = run_artifact(args.artifact, args.inputs, expect_target=args.target, model=args.compare)
     console.print(f"ran {args.artifact} ({res.how}) in {res.seconds * 1e3:.1f} ms")
@@ -81,13 +81,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from blockprune.console import console
 
     if args.rpc:
-        from .rpc import bench_rpc
+        from blockprune.backends.tvm.runtime.rpc import bench_rpc
 
         host, port = _parse_rpc(args.rpc)
         times = bench_rpc(args.artifact, host, port, number=args.number, repeat=args.repeat)
         where = f"over RPC at {args.rpc}"
     else:
-        from .runner import bench_artifact
+        from blockprune.backends.tvm.runtime.runner import bench_artifact
 
         times = bench_artifact(args.artifact, number=args.number, repeat=args.repeat)
         where = "on this host"
@@ -113,7 +113,7 @@ def _shape_list(text: str) -> list[tuple[int, int]]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from blockprune.backends.tvm.calibrate import calibrate
+    from blockprune.backends.tvm.cost.calibrate import calibrate
     from blockprune.console import console, kv_table
 
     if args.model:
@@ -133,7 +133,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from blockprune.backends.tvm.bundle import bundle
+    from blockprune.backends.tvm.runtime.bundle import bundle
     from blockprune.console import console
 
     out = bundle(args.artifact, args.output)
@@ -145,7 +145,7 @@ def _static_dim(what: str):
     """argparse type for --batch/--seq: a positive integer; 'dynamic' etc. get one clear error."""
 
     def parse(text: str) -> int:
-        from .compile_checks import static_dim
+        from blockprune.backends.tvm.onnx_import.compile_checks import static_dim
 
         return static_dim(text, what)
 

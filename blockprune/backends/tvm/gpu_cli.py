@@ -23,7 +23,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """Print the per-kernel PoCL-vs-CPU table; exit 1 when any kernel is off."""
     from blockprune.console import console
 
-    from .gpu_verify import verify_artifact_kernels
+    from blockprune.backends.tvm.verify.gpu_verify import verify_artifact_kernels
 
     with console.status(f"verifying the OpenCL kernels of {args.source} on PoCL"):
         report = verify_artifact_kernels(args.source, args.target, batch=args.batch, seq=args.seq,
@@ -40,7 +40,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_gpu_compile(args: argparse.Namespace) -> int:
     from blockprune.console import console
 
-    from .gpu_compile import compile_gpu_model
+    from blockprune.backends.tvm.pipeline.gpu_compile import compile_gpu_model
 
     with console.status(f"compiling {args.model} for {args.target} (OpenCL, batch {args.batch}, seq {args.seq})"):
         res = compile_gpu_model(args.model, args.output, target=args.target, batch=args.batch, seq=args.seq,
@@ -57,8 +57,8 @@ def cmd_gpu_compile(args: argparse.Namespace) -> int:
 def _gpu_artifact(path: str) -> bool:
     from pathlib import Path
 
-    from .artifact import MANIFEST, Manifest
-    from .gpu_compile import is_gpu_artifact
+    from blockprune.backends.tvm.runtime.artifact import MANIFEST, Manifest
+    from blockprune.backends.tvm.pipeline.gpu_compile import is_gpu_artifact
 
     if not (Path(path) / MANIFEST).is_file():
         return False
@@ -70,7 +70,7 @@ def _gpu_artifact(path: str) -> bool:
 
 def _compile_dispatch(cpu: Callable) -> Callable:
     def run(args: argparse.Namespace) -> int:
-        from .gpu_compile import is_gpu_target
+        from blockprune.backends.tvm.pipeline.gpu_compile import is_gpu_target
 
         return cmd_gpu_compile(args) if is_gpu_target(args.target) else cpu(args)
 
@@ -100,8 +100,8 @@ def _bench_dispatch(cpu: Callable) -> Callable:
 
         from blockprune.console import console
 
-        from .cli import _parse_rpc
-        from .gpu_compile import bench_rpc_gpu
+        from blockprune.backends.tvm.cli import _parse_rpc
+        from blockprune.backends.tvm.pipeline.gpu_compile import bench_rpc_gpu
 
         host, port = _parse_rpc(args.rpc)
         times = bench_rpc_gpu(args.artifact, host, port, number=args.number, repeat=args.repeat)
@@ -117,7 +117,7 @@ def _bench_dispatch(cpu: Callable) -> Callable:
 
 def add_gpu_parsers(sub) -> None:
     """Add ``verify``; extend ``compile``/``run``/``bench`` (if already added) for GPU targets."""
-    from .gpu_compile import DEFAULT_GPU_BREAK_EVEN
+    from blockprune.backends.tvm.pipeline.gpu_compile import DEFAULT_GPU_BREAK_EVEN
 
     v = sub.add_parser("verify", help="run every OpenCL kernel of a GPU build on PoCL and compare with the CPU")
     v.add_argument("source", help="artifact directory from compile --target mali|adreno, or an ONNX model")

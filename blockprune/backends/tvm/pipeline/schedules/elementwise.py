@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from .common import (CpuRule, MIN_PARALLEL_ELEMENTS, RuleContext, cpu_info, extent, is_spatial,
+from blockprune.backends.tvm.pipeline.schedules.common import (CpuRule, MIN_PARALLEL_ELEMENTS, RuleContext, cpu_info, extent, is_spatial,
                      output_elements, root_blocks, vector_width)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import tvm
 from tvm import relax, tirx
 
-from .schedules import RULE_ATTR, CpuRule, RuleContext, default_rules
+from blockprune.backends.tvm.pipeline.schedules import RULE_ATTR, CpuRule, RuleContext, default_rules
 
 _LOG = logging.getLogger(__name__)
 PRESCHEDULED = "pre-scheduled"
@@ -273,7 +273,7 @@ def build_cpu_pipeline(target: tvm.target.Target, schedule: bool = True) -> tvm.
 
 
 def _as_target(target: Any) -> tvm.target.Target:
-    from .targets import resolve_target
+    from blockprune.backends.tvm.targets.presets import resolve_target
 
     return target if isinstance(target, tvm.target.Target) else resolve_target(target).target()
 
@@ -320,7 +320,7 @@ def contains_matmul(func: tirx.PrimFunc) -> bool:
     """A multiply-accumulate (``C += A * B``) reduction block anywhere in ``func``."""
     from tvm import s_tir
 
-    from .schedules.matmul import is_multiply_accumulate
+    from blockprune.backends.tvm.pipeline.schedules.matmul import is_multiply_accumulate
 
     sch = s_tir.Schedule(func)
 

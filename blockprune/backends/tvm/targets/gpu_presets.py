@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 from blockprune.errors import BlockpruneError
 
-from .targets import AARCH64_TRIPLE
+from blockprune.backends.tvm.targets.presets import AARCH64_TRIPLE
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from blockprune.errors import BlockpruneError
 
-from .runner import QEMU_LD_PREFIX, ensure_aarch64_runtime, find_qemu
-from .targets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, host_arch
+from blockprune.backends.tvm.runtime.runner import QEMU_LD_PREFIX, ensure_aarch64_runtime, find_qemu
+from blockprune.backends.tvm.targets.presets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, host_arch
 
 CPP_SERVER = Path(__file__).resolve().parent / "cpp" / "rpc_server.cc"
 _LISTEN_RE = re.compile(r"listening on [0-9.]+:(\d+)")
@@ -198,7 +198,7 @@ def start_server(arch: str | None = None, port: int = 0, key: str = "", max_sess
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m blockprune.backends.tvm.rpc_server [--arch aarch64] [--port P] ...``: serve in the
+    """``python -m blockprune.backends.tvm.runtime.rpc_server [--arch aarch64] [--port P] ...``: serve in the
     foreground until the sessions are used up or the timeout."""
     import argparse
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blockprune.errors import BlockpruneError
 
-from .runner import check_artifact, check_inputs, default_feeds
+from blockprune.backends.tvm.runtime.runner import check_artifact, check_inputs, default_feeds
 
 
 def connect(host: str, port: int):
@@ -59,7 +59,7 @@ def run_rpc(directory: str | os.PathLike, host: str, port: int, inputs=None, mod
     import tvm
     from tvm import relax
 
-    from .runner import RunResult
+    from blockprune.backends.tvm.runtime.runner import RunResult
 
     manifest = check_artifact(directory)
     feeds = default_feeds(manifest, model) if inputs is None else dict(inputs)

@@ -35,11 +35,11 @@ import onnx
 
 from blockprune.errors import BlockpruneError
 
-from . import opencl_verify as ov
-from .artifact import MANIFEST, Manifest
-from .gpu_compile import GPU_PREFIX, KERNELS_CL, GPUImport, import_for_gpu, kernel_names, schedule_for_gpu
-from .gpu_targets import LaunchConfig, resolve_gpu_target
-from .importer import DEFAULT_BATCH, DEFAULT_SEQ
+from blockprune.backends.tvm.verify import opencl_verify as ov
+from blockprune.backends.tvm.runtime.artifact import MANIFEST, Manifest
+from blockprune.backends.tvm.pipeline.gpu_compile import GPU_PREFIX, KERNELS_CL, GPUImport, import_for_gpu, kernel_names, schedule_for_gpu
+from blockprune.backends.tvm.targets.gpu_presets import LaunchConfig, resolve_gpu_target
+from blockprune.backends.tvm.onnx_import.importer import DEFAULT_BATCH, DEFAULT_SEQ
 
 DEFAULT_RTOL, DEFAULT_ATOL = 1e-4, 1e-5
 
@@ -98,7 +98,7 @@ def _from_artifact(directory: Path, target: Any) -> tuple[onnx.ModelProto, dict[
     """The source model and the compile options of an artifact; refuses a mismatch clearly."""
     from blockprune.onnx_io import load_onnx
 
-    from .artifact import sha256_file
+    from blockprune.backends.tvm.runtime.artifact import sha256_file
 
     manifest = Manifest.read(directory)
     if manifest.target.get("device") != "opencl":
@@ -217,7 +217,7 @@ def gpu_modules(model: onnx.ModelProto, target: Any = "mali", batch: int = DEFAU
     """Import and schedule ``model`` exactly as compile does; pair each PrimFunc with its reference."""
     import tvm
 
-    from .bsr_gpu_kernel import bsr_reference_primfunc
+    from blockprune.backends.tvm.kernels.bsr_gpu_kernel import bsr_reference_primfunc
 
     gpu_import = import_for_gpu(model, target, batch, seq, **options)
     scheduled, unscheduled = schedule_for_gpu(gpu_import.imported.mod, gpu_import.preset)

@@ -18,8 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from blockprune.backends.tvm.rpc_server import CPP_SERVER, toolchain
-from blockprune.backends.tvm.runner import CPP_RUNNER, check_artifact
+from blockprune.backends.tvm.runtime.rpc_server import CPP_SERVER, toolchain
+from blockprune.backends.tvm.runtime.runner import CPP_RUNNER, check_artifact
 from blockprune.errors import BlockpruneError
 
 USAGE = """blockprune bundle for {target} ({arch})

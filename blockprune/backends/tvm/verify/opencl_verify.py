@@ -29,7 +29,7 @@ import numpy as np
 
 from blockprune.errors import BlockpruneError
 
-from .gpu_targets import GPUPreset, LaunchConfig, check_launch, resolve_gpu_target
+from blockprune.backends.tvm.targets.gpu_presets import GPUPreset, LaunchConfig, check_launch, resolve_gpu_target
 
 OPENCL_INSTALL_FIX = ("install an OpenCL platform and the Python binding: "
                       "apt-get install pocl-opencl-icd ocl-icd-opencl-dev && pip install pyopencl")
@@ -545,7 +545,7 @@ def bsr_table(m: int = 128, k: int = 768, n: int = 3072, sparsity: float = 0.8,
     """Verify the BSR GPU kernel at one shape for each block and preset (for the results page)."""
     from blockprune.bsr import dense_to_bsr
 
-    from .bsr_gpu_kernel import build_gpu_bsr_module, gpu_kernel_inputs
+    from blockprune.backends.tvm.kernels.bsr_gpu_kernel import build_gpu_bsr_module, gpu_kernel_inputs
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -564,5 +564,5 @@ def bsr_table(m: int = 128, k: int = 768, n: int = 3072, sparsity: float = 0.8,
     return rows
 
 
-if __name__ == "__main__":  # python -m blockprune.backends.tvm.opencl_verify
+if __name__ == "__main__":  # python -m blockprune.backends.tvm.verify.opencl_verify
     print(format_table(bsr_table()))

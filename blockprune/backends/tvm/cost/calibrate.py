@@ -67,8 +67,8 @@ def tvm_dense_call(wt: np.ndarray, x: np.ndarray, target: str = "host") -> Calla
     import tvm
     from tvm import relax
 
-    from blockprune.backends.tvm.compile import compile_relax
-    from blockprune.backends.tvm.targets import resolve_target
+    from blockprune.backends.tvm.pipeline.compile import compile_relax
+    from blockprune.backends.tvm.targets.presets import resolve_target
 
     bb = relax.BlockBuilder()
     xv = relax.Var(name="x", ty=relax.TensorType(shape=list(x.shape), dtype="float32"))
@@ -90,7 +90,7 @@ def tvm_dense_call(wt: np.ndarray, x: np.ndarray, target: str = "host") -> Calla
 
 def bsr_call(w: np.ndarray, x: np.ndarray, block: str, target: str = "host") -> tuple[Callable[[], object], float]:
     """The TVM BSR kernel for ``W[n, k]`` (and its max error vs numpy)."""
-    from blockprune.backends.tvm.bsr_kernel import build_bsr_kernel
+    from blockprune.backends.tvm.kernels.bsr_kernel import build_bsr_kernel
     from blockprune.bsr import dense_to_bsr
 
     bsr = dense_to_bsr(w, block)
@@ -180,7 +180,7 @@ def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT
 
     from tqdm.auto import tqdm
 
-    from blockprune.backends.tvm.targets import resolve_target
+    from blockprune.backends.tvm.targets.presets import resolve_target
     from blockprune.bench_timing import time_calls
 
     preset = resolve_target(target)

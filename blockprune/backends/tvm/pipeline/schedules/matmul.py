@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import s_tir, tirx
 
-from .common import (CpuInfo, CpuRule, MAX_STACK_BYTES, RuleContext, cpu_info, extent, root_blocks,
+from blockprune.backends.tvm.pipeline.schedules.common import (CpuInfo, CpuRule, MAX_STACK_BYTES, RuleContext, cpu_info, extent, root_blocks,
                      vector_width, vectorize_innermost)
 
 _MAX_TILE_ROWS = 12

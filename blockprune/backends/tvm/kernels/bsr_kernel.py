@@ -51,7 +51,7 @@ from blockprune.blocks import BlockShape
 from blockprune.bsr import BSRMatrix
 from blockprune.errors import BlockpruneError
 
-from .targets import TargetPreset, export_fcompile, resolve_target
+from blockprune.backends.tvm.targets.presets import TargetPreset, export_fcompile, resolve_target
 
 _MAX_ACC_BYTES = 1020  # one accumulator buffer must stay below TVM's 1024-byte stack limit
 # More X rows per tile barely improves FMAs per load (TI/(TI+1) for n-lanes with one weight

@@ -44,10 +44,10 @@ from onnx import numpy_helper
 from blockprune.bsr import BSRMatrix, bsr_to_dense
 from blockprune.errors import BlockpruneError
 
-from .artifact import LIBRARY, Manifest, atomic_dir, versions
-from .gpu_targets import GPUPreset, check_launch, resolve_gpu_target
-from .importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, KernelPlan, _attr, import_onnx
-from .targets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE
+from blockprune.backends.tvm.runtime.artifact import LIBRARY, Manifest, atomic_dir, versions
+from blockprune.backends.tvm.targets.gpu_presets import GPUPreset, check_launch, resolve_gpu_target
+from blockprune.backends.tvm.onnx_import.importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, KernelPlan, _attr, import_onnx
+from blockprune.backends.tvm.targets.presets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE
 
 KERNELS_CL = "kernels.cl"
 # Block density above which a layer runs dense on a mobile GPU (see module doc, step 1). Lower
@@ -131,8 +131,8 @@ class GPUKernelChooser:
     specs: dict[str, Any] = field(default_factory=dict)  # PrimFunc name -> (spec, schedule)
 
     def __call__(self, spec, bsr: BSRMatrix) -> KernelPlan:
-        from .bsr_gpu_kernel import bsr_gpu_primfunc, choose_gpu_schedule, gpu_kernel_arrays
-        from .bsr_kernel import BSRKernelSpec
+        from blockprune.backends.tvm.kernels.bsr_gpu_kernel import bsr_gpu_primfunc, choose_gpu_schedule, gpu_kernel_arrays
+        from blockprune.backends.tvm.kernels.bsr_kernel import BSRKernelSpec
 
         # The kernel always takes X as [M, K]: flatten_bsr_calls() reshapes around the call. A
         # [B, S, K] kernel would read X through an unnamed buffer view, which the per-kernel
@@ -160,8 +160,8 @@ def check_bsr_launches(model: onnx.ModelProto, preset: GPUPreset, m: int) -> Non
     from blockprune.blocks import BlockShape
     from blockprune.passes.bsr_function import DOMAIN, OP
 
-    from .bsr_gpu_kernel import choose_gpu_schedule
-    from .bsr_kernel import BSRKernelSpec
+    from blockprune.backends.tvm.kernels.bsr_gpu_kernel import choose_gpu_schedule
+    from blockprune.backends.tvm.kernels.bsr_kernel import BSRKernelSpec
 
     for node in model.graph.node:
         if node.domain == DOMAIN and node.op_type == OP:
@@ -350,7 +350,7 @@ class GPUCompileResult:
 
 
 def _load(model: "str | os.PathLike | onnx.ModelProto"):
-    from .compile import _load as load
+    from blockprune.backends.tvm.pipeline.compile import _load as load
 
     return load(model)
 
@@ -423,7 +423,7 @@ def is_gpu_target(target: Any) -> bool:
                 return json.loads(text).get("kind") == "opencl"
             except (json.JSONDecodeError, AttributeError):
                 return False
-        from .gpu_targets import gpu_preset_names
+        from blockprune.backends.tvm.targets.gpu_presets import gpu_preset_names
 
         return text.lower() in gpu_preset_names()
     return False
@@ -443,8 +443,8 @@ def bench_rpc_gpu(directory: str | os.PathLike, host: str, port: int, number: in
     import tvm
     from tvm import relax
 
-    from .rpc import connect
-    from .runner import check_artifact, check_inputs, default_feeds
+    from blockprune.backends.tvm.runtime.rpc import connect
+    from blockprune.backends.tvm.runtime.runner import check_artifact, check_inputs, default_feeds
 
     manifest = check_artifact(directory)
     if not is_gpu_artifact(manifest):

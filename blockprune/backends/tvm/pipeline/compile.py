@@ -16,11 +16,11 @@ import onnx
 
 from blockprune.errors import BlockpruneError
 
-from .artifact import LIBRARY, Manifest, atomic_dir, sha256_file, versions
-from .importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, import_onnx
-from .normalize import importer_errors
-from .verify_artifact import verify_artifact
-from .targets import TargetPreset, export_fcompile, find_cross_compiler, resolve_target
+from blockprune.backends.tvm.runtime.artifact import LIBRARY, Manifest, atomic_dir, sha256_file, versions
+from blockprune.backends.tvm.onnx_import.importer import DEFAULT_BATCH, DEFAULT_SEQ, ImportResult, import_onnx
+from blockprune.backends.tvm.onnx_import.normalize import importer_errors
+from blockprune.backends.tvm.verify.artifact_check import verify_artifact
+from blockprune.backends.tvm.targets.presets import TargetPreset, export_fcompile, find_cross_compiler, resolve_target
 
 
 def compile_relax(mod, preset: TargetPreset):
@@ -33,7 +33,7 @@ def compile_relax(mod, preset: TargetPreset):
     """
     import tvm
 
-    from .cpu_schedules import build_cpu_pipeline
+    from blockprune.backends.tvm.pipeline.cpu_schedules import build_cpu_pipeline
 
     target = preset.target()
     scheduled = os.environ.get("BLOCKPRUNE_TVM_CPU_SCHEDULES", "1") != "0"

@@ -51,8 +51,8 @@ def verify_artifact(directory: str | os.PathLike, model: onnx.ModelProto, atol: 
     """Run the artifact in ``directory`` and onnxruntime on ``model``; raise when they differ by > ``atol``."""
     from blockprune.sample_inputs import make_feeds
 
-    from .artifact import Manifest
-    from .runner import compare_with_onnx, run_artifact
+    from blockprune.backends.tvm.runtime.artifact import Manifest
+    from blockprune.backends.tvm.runtime.runner import compare_with_onnx, run_artifact
 
     manifest = Manifest.read(directory)
     check = ArtifactCheck(atol=atol)

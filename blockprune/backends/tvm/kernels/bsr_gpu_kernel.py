@@ -38,8 +38,8 @@ from blockprune.blocks import BlockShape
 from blockprune.bsr import BSRMatrix
 from blockprune.errors import BlockpruneError
 
-from .bsr_kernel import BSRKernelSpec
-from .gpu_targets import GPUPreset, LaunchConfig, resolve_gpu_target
+from blockprune.backends.tvm.kernels.bsr_kernel import BSRKernelSpec
+from blockprune.backends.tvm.targets.gpu_presets import GPUPreset, LaunchConfig, resolve_gpu_target
 
 # Work-items per group we aim for: big enough to hide latency on Mali (which schedules
 # threads in warps of 4-16) and Adreno (waves of 64-128), small enough to give many groups.
@@ -284,7 +284,7 @@ def build_gpu_bsr_module(x_shape, n: int, block: "BlockShape | str", *, bias: bo
     """
     import tvm
 
-    from .gpu_targets import check_launch
+    from blockprune.backends.tvm.targets.gpu_presets import check_launch
 
     preset: GPUPreset = resolve_gpu_target(target)
     spec = BSRKernelSpec(tuple(int(d) for d in x_shape), int(n), BlockShape.parse(block), bool(bias))

@@ -9,7 +9,7 @@ from typing import Any
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 
-from ..bsr_kernel import vector_isa
+from blockprune.backends.tvm.kernels.bsr_kernel import vector_isa
 
 # Function attribute naming the rule that scheduled a PrimFunc (tests and reports read it).
 RULE_ATTR = "blockprune.schedule_rule"

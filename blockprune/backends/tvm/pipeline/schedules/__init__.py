@@ -2,7 +2,7 @@
 
 Each rule is a ``tvm.s_tir.dlight`` ``ScheduleRule``: it gets one legalized (and fused)
 PrimFunc and returns a ``Schedule`` or ``None`` (not applicable). :func:`default_rules` lists
-them in the order they are tried; :mod:`blockprune.backends.tvm.cpu_schedules` runs them over
+them in the order they are tried; :mod:`blockprune.backends.tvm.pipeline.cpu_schedules` runs them over
 a whole Relax module. Why not MetaSchedule: tuning a BERT takes ~10 minutes on 2 cores and
 nothing can be measured for a cross-compiled aarch64 target, while these rules are instant
 and sized from the target's vector unit (:func:`..bsr_kernel.vector_isa`).
@@ -10,10 +10,10 @@ and sized from the target's vector unit (:func:`..bsr_kernel.vector_isa`).
 
 from __future__ import annotations
 
-from .common import RULE_ATTR, CpuInfo, CpuRule, RuleContext, cpu_info
-from .elementwise import ElementwiseRule, FallbackRule
-from .matmul import MatmulRule, MatmulTile, choose_matmul_tile, match_matmul
-from .row_reduction import RowReductionRule
+from blockprune.backends.tvm.pipeline.schedules.common import RULE_ATTR, CpuInfo, CpuRule, RuleContext, cpu_info
+from blockprune.backends.tvm.pipeline.schedules.elementwise import ElementwiseRule, FallbackRule
+from blockprune.backends.tvm.pipeline.schedules.matmul import MatmulRule, MatmulTile, choose_matmul_tile, match_matmul
+from blockprune.backends.tvm.pipeline.schedules.row_reduction import RowReductionRule
 
 
 def default_rules() -> list[CpuRule]:

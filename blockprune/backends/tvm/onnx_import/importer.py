@@ -26,10 +26,10 @@ from blockprune.bsr import BSRMatrix, dense_to_bsr
 from blockprune.errors import BlockpruneError
 from blockprune.passes.bsr_function import DOMAIN, OP, drop_block_sparse_function
 
-from . import bsr_kernel as bk
-from .epilogue import Epilogue, GraphIndex, absorb_epilogue
-from .normalize import normalize_for_tvm
-from .targets import TargetPreset, resolve_target
+from blockprune.backends.tvm.kernels import bsr_kernel as bk
+from blockprune.backends.tvm.onnx_import.epilogue import Epilogue, GraphIndex, absorb_epilogue
+from blockprune.backends.tvm.onnx_import.normalize import normalize_for_tvm
+from blockprune.backends.tvm.targets.presets import TargetPreset, resolve_target
 
 MAGIC = 1234567.0  # exactly representable in float32; a real weight never starts with it
 DEFAULT_BATCH, DEFAULT_SEQ = 1, 128

@@ -77,7 +77,7 @@ def _lower_contrib(model: onnx.ModelProto, seq: int, fused: bool = False) -> int
     (its mask's rank is read from shape inference, which needs the embedding lowered first).
     Unsupported variants are left in place and refused afterwards by name.
     """
-    from .contrib_fused import lower_attention, lower_embed_layernorm
+    from blockprune.backends.tvm.onnx_import.contrib_fused import lower_attention, lower_embed_layernorm
 
     shapes = _known_shapes(model) if fused else {}
     inits = {t.name: list(t.dims) for t in model.graph.initializer}

@@ -23,8 +23,8 @@ import numpy as np
 
 from blockprune.errors import BlockpruneError
 
-from .artifact import Manifest
-from .targets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, QEMU_AARCH64, QEMU_PACKAGE, host_arch, resolve_target
+from blockprune.backends.tvm.runtime.artifact import Manifest
+from blockprune.backends.tvm.targets.presets import AARCH64_CROSS_CXX, AARCH64_CROSS_PACKAGE, QEMU_AARCH64, QEMU_PACKAGE, host_arch, resolve_target
 
 # Shipped inside the package (package-data), so a non-editable install finds them too.
 FETCH_SCRIPT = Path(__file__).resolve().parent / "scripts" / "fetch-aarch64-runtime.sh"

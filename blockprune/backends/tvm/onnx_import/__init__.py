@@ -1,0 +1,1 @@
+"""ONNX -> Relax: normalise the graph, lower block-sparse layers (and their epilogues) to our kernels."""

@@ -1,0 +1,1 @@
+"""Relax -> executable: fast-math legalization, fusion, our CPU schedules; the GPU pipeline."""

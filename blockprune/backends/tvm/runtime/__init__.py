@@ -1,0 +1,1 @@
+"""Artifacts and running them: manifest, native/qemu runners, RPC server, board bundles."""

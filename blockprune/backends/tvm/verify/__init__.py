@@ -1,0 +1,1 @@
+"""Checking what was compiled against onnxruntime: whole artifacts, GPU kernels on PoCL."""
