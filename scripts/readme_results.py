@@ -26,13 +26,9 @@ def render(result: dict) -> str:
     from default_flow import profile_table, table
 
     loads = ", ".join(f"{t['threads']} thread(s): {t['load_before']:.2f}" for t in result["timings"])
-    cmds = []
-    for b in result["builds"]:
-        for c in b["commands"]:
-            c = " ".join(["blockprune"] + c.split()[1:]) if c.split()[0].endswith("blockprune") else c
-            if c not in cmds:
-                cmds.append(c)
-    example = [c for c in cmds if "16x1" in c and "0.8" in c and "--form" not in c] or cmds[:1]
+    row = next((b for b in result["builds"] if b["block"] == "16x1" and b["sparsity"] == 0.8
+                and b["form"] == "default"), result["builds"][0])
+    example = [" ".join(["blockprune"] + c.split()[1:]) for c in row["commands"]]
     warn = ("\n\n**These timings were taken with the load average above "
             f"{result['max_load']}: treat them as indicative.**") if result.get("loaded") else ""
     return "\n".join([
