@@ -90,9 +90,8 @@ def _bias(index: GraphIndex, y: str, n: int) -> tuple[onnx.NodeProto, np.ndarray
         return None
     other = add.input[1] if add.input[0] == y else add.input[0]
     b = index.constant(other)
-    if b is None or b.dtype != np.float32 or b.size != n or b.reshape(-1).shape != (n,) or b.ndim > 1 and \
-            any(d != 1 for d in b.shape[:-1]):
-        return None
+    if b is None or b.dtype != np.float32 or b.size != n or b.shape[-1:] != (n,):
+        return None  # a bias is [N] (or [1, .., 1, N]): one value per output feature
     return add, b.reshape(n).astype(np.float32)
 
 
@@ -172,7 +171,7 @@ def _gelu(index: GraphIndex, h: str) -> tuple[list[onnx.NodeProto], str] | None:
     return chosen, out
 
 
-def _residual(index: GraphIndex, h: str, y_shape_known: bool = True) -> onnx.NodeProto | None:
+def _residual(index: GraphIndex, h: str) -> onnx.NodeProto | None:
     add = index.only_consumer(h)
     if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
         return None
