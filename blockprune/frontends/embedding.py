@@ -412,8 +412,7 @@ def run_embedding(cfg: EmbeddingConfig) -> EmbeddingResult:
             info["allocation"] = allocation
 
             def make_pruner(inner: torch.nn.Module, total_steps: int) -> GradualPruner:
-                sch = CubicSchedule(ramp_steps=max(1, int(round(cfg.ramp_fraction * total_steps))),
-                                    every=cfg.prune_every)
+                sch = CubicSchedule.over_run(total_steps, cfg.ramp_fraction, cfg.prune_every)
                 box.append(GradualPruner(inner, layers, allocation["ratios"], sch, fn))
                 return box[-1]
             stage_masks = None

@@ -51,6 +51,11 @@ class CubicSchedule:
             raise BlockpruneError(f"gradual pruning initial fraction {self.initial!r} is outside [0, 1]",
                                   "use 0 to start from the dense model")
 
+    @classmethod
+    def over_run(cls, total_steps: int, ramp_fraction: float, every: int) -> "CubicSchedule":
+        """The ramp over the first ``ramp_fraction`` of a stage of ``total_steps`` steps (at least one)."""
+        return cls(ramp_steps=max(1, int(round(ramp_fraction * total_steps))), every=every)
+
     def fraction(self, step: int) -> float:
         """Share of the target sparsity reached after ``step`` optimizer steps."""
         t = min(max(step - self.start, 0), self.ramp_steps)

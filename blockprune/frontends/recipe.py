@@ -300,8 +300,7 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             targets = allocation["ratios"]
 
             def make_pruner(inner: torch.nn.Module, total_steps: int) -> GradualPruner:
-                schedule = CubicSchedule(ramp_steps=max(1, int(round(cfg.ramp_fraction * total_steps))),
-                                         every=cfg.prune_every)
+                schedule = CubicSchedule.over_run(total_steps, cfg.ramp_fraction, cfg.prune_every)
                 pruner_box.append(GradualPruner(inner, layers, targets, schedule, fn))
                 return pruner_box[-1]
         elif stage.name == "retrain":
