@@ -66,12 +66,15 @@ def prune(model: str | os.PathLike, output: str | os.PathLike, block: str = "1x3
 def compress(model: str | os.PathLike, output: str | os.PathLike, sparsity: float | None = None,
              block: str = "1x32", masks: str | os.PathLike | None = None, reorder: bool = True,
              form: str = "auto", break_even: "float | None" = None, include_heads: bool = False,
-             verify: bool = True, atol: float = 1e-4) -> "CompressResult":
-    """Reorder -> compact -> policy -> block-sparse rewrite, each stage verified.
+             verify: bool = True, atol: float = 1e-4, quantize: str | None = None) -> "CompressResult":
+    """Reorder -> compact -> policy -> block-sparse rewrite [-> int8], each stage verified.
 
     ``sparsity`` prunes one-shot first; without it (and without ``masks``) the model is taken as
     already pruned, and the block shape is read from its metadata or detected from its zeros.
     ``break_even`` None uses the measured per-shape table shipped for x86-64 AVX2.
+    ``quantize="int8"``: int8 weights (per output channel) and dynamic uint8 activations for
+    dense and block-sparse layers alike, heads only with ``include_heads``; verified against the
+    float32 model with the quantization tolerance (sentence-vector cosine, relative error).
     """
     from blockprune.compress_api import compress_file
     from blockprune.passes import PruneConfig
@@ -79,7 +82,8 @@ def compress(model: str | os.PathLike, output: str | os.PathLike, sparsity: floa
     cfg = PruneConfig(block=block, sparsity=sparsity, include_heads=include_heads) \
         if (sparsity is not None and masks is None) else None
     return compress_file(model, output, prune=cfg, masks_path=masks, reorder=reorder, form=form,
-                         break_even=break_even, verify=verify, atol=atol, progress=False)
+                         break_even=break_even, verify=verify, atol=atol, progress=False, quantize=quantize,
+                         quantize_heads=include_heads)
 
 
 @dataclass

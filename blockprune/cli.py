@@ -98,7 +98,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         break_even = BreakEvenTable.load(args.break_even_file)
     res = compress_file(args.model, out, prune=prune, masks_path=args.masks, reorder=args.reorder,
                         reorder_block=args.reorder_block, form=args.form, break_even=break_even,
-                        verify=not args.no_verify, atol=args.atol, progress=True)
+                        verify=not args.no_verify, atol=args.atol, progress=True, quantize=args.quantize,
+                        quantize_heads=args.include_heads)
     console.print(layer_table(res.stats, title=f"{out.name}: prunable layers"))
     rows = [("output", str(res.output)),
             ("file size", f"{human_bytes(res.input_bytes)} -> {human_bytes(res.output_bytes)} "
@@ -121,6 +122,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
             continue
         if st.report is not None and st.report.name == "block-sparse":
             what += f", {st.report.changed} layer(s) rewritten to BSR"
+        if st.quality is not None:
+            q = st.quality
+            what += (f", verified: sentence cosine >= {q['min_sentence_cosine']:.4f} (bound {q['min_cosine_bound']:g}), "
+                     f"relative error {q['max_rel_error']:.3f} (bound {q['max_rel_error_bound']:g})")
+        if st.report is not None and st.report.name == "quantize-int8":
+            what += f", {st.report.changed} layer(s) int8"
         rows.append((f"stage {st.name}", what))
         for note in (st.report.notes if st.report else [])[:6]:
             rows.append(("", note))
@@ -219,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one density at or below which every layer goes block-sparse (default: the measured "
                         "per-shape table shipped for x86-64 AVX2; see `blockprune calibrate`)")
     c.add_argument("--break-even-file", help="measured break-evens from `blockprune calibrate` (overrides --break-even)")
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weights (symmetric per output channel) and dynamic uint8 activations, dense and "
+                        "block-sparse layers; heads only with --include-heads; verified with a quantization "
+                        "tolerance (sentence-vector cosine >= 0.98, relative error <= 0.35)")
     c.add_argument("--atol", type=float, default=1e-4)
     c.add_argument("--no-verify", action="store_true")
     c.set_defaults(func=cmd_compress)

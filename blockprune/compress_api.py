@@ -1,8 +1,10 @@
-"""The compression workflow: prune or apply masks -> reorder -> compact -> policy -> rewrite -> verify.
+"""The compression workflow: prune or apply masks -> reorder -> compact -> policy -> rewrite
+[-> quantize] -> verify.
 
 Each stage is verified in onnxruntime before the next one runs: pruning against the numpy
-masked-dense reference, every later (exact) stage against the pruned model. Nothing is written
-unless all pass.
+masked-dense reference, every later (exact) stage against the pruned model, and the optional
+int8 quantization against it too, with the tolerance stated for quantization
+(``passes/quant_verify.py``). Nothing is written unless all pass.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from blockprune.passes.detect_blocks import DetectBlocks
 from blockprune.passes.dtype_check import require_float32_weights
 from blockprune.passes.layer_stats import ModelStats, model_stats
 from blockprune.passes.policy import Policy
+from blockprune.passes.quant_verify import compare_quantized
+from blockprune.passes.quantize import QuantizeInt8
 from blockprune.passes.reorder import Reorder
 from blockprune.passes.verify import DEFAULT_ATOL, compare
 from blockprune.prune_api import prune_model
@@ -36,6 +40,7 @@ class StageResult:
     report: PassReport | None
     max_abs_diff: float | None
     seconds: float
+    quality: dict[str, float] | None = None  # quantized stages: sentence cosine and relative error
 
 
 @dataclass
@@ -51,11 +56,14 @@ class CompressResult:
 def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, masks: MaskSet | None = None,
                    reorder: bool = True, reorder_block: str | BlockShape | None = None, form: str = "auto",
                    break_even: "float | object | None" = None, verify: bool = True, atol: float = DEFAULT_ATOL,
-                   progress: bool = False) -> CompressResult:
+                   progress: bool = False, quantize: str | None = None,
+                   quantize_heads: bool | None = None) -> CompressResult:
     """Prune or apply masks, then reorder -> compact -> policy -> block-sparse rewrite, verified.
 
     ``break_even``: a density, a measured table (``BreakEvenTable``), or None for the table
     shipped with blockprune (measured on x86-64 AVX2; :func:`default_break_even_table`).
+    ``quantize="int8"`` ends with :class:`QuantizeInt8` (dense, compacted and block-sparse layers);
+    ``quantize_heads`` (default: the pruning config's ``include_heads``) also quantizes the heads.
     """
     from blockprune.errors import BlockpruneError
     from tqdm.auto import tqdm
@@ -65,6 +73,9 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
 
         break_even = default_break_even_table()
 
+    if quantize not in QUANTIZE_SCHEMES:
+        raise BlockpruneError(f"unknown quantization {quantize!r}",
+                              "use --quantize int8, or leave it out to keep float32")
     require_float32_weights(model, "compress")
     if uses_block_sparse(model):
         raise BlockpruneError("the model already contains block-sparse (ai.blockprune) layers",
@@ -99,7 +110,30 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
         if verify and p.name != "policy":
             diff = compare(model, reference, atol=atol, what=f"model after {p.name}").max_abs_diff
         stages.append(StageResult(p.name, report, diff, time.perf_counter() - t))
-    return CompressResult(model, model_stats(model), stages)
+    stats = model_stats(model)  # sparsity and forms are what quantization keeps
+    if quantize == "int8":
+        heads = quantize_heads if quantize_heads is not None else bool(prune is not None and prune.include_heads)
+        model, stage = _quantize_stage(model, reference, heads, verify)
+        stages.append(stage)
+    return CompressResult(model, stats, stages)
+
+
+QUANTIZE_SCHEMES = (None, "int8")
+
+
+def _quantize_stage(model: onnx.ModelProto, reference: onnx.ModelProto, include_heads: bool,
+                    verify: bool) -> tuple[onnx.ModelProto, StageResult]:
+    """QuantizeInt8, verified against the float32 model with the quantization tolerance, and the
+    verification recorded in the model's ``blockprune.quantization`` metadata."""
+    from blockprune.onnx_io import get_meta, set_meta
+
+    t = time.perf_counter()
+    model, report = QuantizeInt8(include_heads=include_heads).run(model)
+    quality = None
+    if verify:
+        quality = compare_quantized(model, reference, what="model after quantize-int8").as_dict()
+        set_meta(model, "quantization", {**get_meta(model, "quantization", {}), "verified": quality})
+    return model, StageResult(report.name, report, None, time.perf_counter() - t, quality)
 
 
 def _recorded_block(model: onnx.ModelProto) -> BlockShape | None:

@@ -29,11 +29,17 @@ def _const(name: str, value) -> onnx.NodeProto:
     return h.make_node("Constant", [], [name], value=numpy_helper.from_array(arr, name + "_v"))
 
 
-def block_sparse_matmul_function(opset: int = 18) -> onnx.FunctionProto:
-    nodes = [
+def dense_weight_nodes(values: str = "values", out: str = "WT") -> list[onnx.NodeProto]:
+    """Nodes that rebuild ``W^T [in, out]`` (float32) from BSR arrays named ``values`` (float32
+    ``[nnzb, r, c]``), ``indices``, ``indptr`` and the activation ``X`` (for the input extent).
+
+    Shared by every BSR function body (fp32 here, int8 in ``bsr_int8_function``): one scatter,
+    constant-folded by onnxruntime at session start since its inputs are initializers.
+    """
+    return [
         _const("i0", [0]), _const("i1", [1]), _const("i2", [2]), _const("i3", [3]), _const("im1", [-1]),
         _const("end", [np.iinfo(np.int64).max]), _const("s0", 0), _const("s1", 1),
-        h.make_node("Shape", ["values"], ["vshape"]),
+        h.make_node("Shape", [values], ["vshape"]),
         h.make_node("Slice", ["vshape", "i0", "i1"], ["nnzb1"]),
         h.make_node("Slice", ["vshape", "i1", "i2"], ["r1"]),
         h.make_node("Slice", ["vshape", "i2", "i3"], ["c1"]),
@@ -59,17 +65,22 @@ def block_sparse_matmul_function(opset: int = 18) -> onnx.FunctionProto:
         h.make_node("Concat", ["nrows1", "ncols1", "r1", "c1"], ["grid"], axis=0),
         h.make_node("ConstantOfShape", ["grid"], ["zeros"],
                     value=numpy_helper.from_array(np.zeros(1, dtype=np.float32), "zero")),
-        h.make_node("ScatterND", ["zeros", "coords", "values"], ["dense4"]),
+        h.make_node("ScatterND", ["zeros", "coords", values], ["dense4"]),
         h.make_node("Transpose", ["dense4"], ["dense4t"], perm=[0, 2, 1, 3]),
         h.make_node("Mul", ["nrows1", "r1"], ["out1"]),
         h.make_node("Concat", ["out1", "in1"], ["wshape"], axis=0),
         h.make_node("Reshape", ["dense4t", "wshape"], ["W"]),
-        h.make_node("Transpose", ["W"], ["WT"], perm=[1, 0]),
-        h.make_node("MatMul", ["X", "WT"], ["Y"]),
+        h.make_node("Transpose", ["W"], [out], perm=[1, 0]),
     ]
+
+
+ATTRIBUTES = ["blocksize", "dense_shape", "weight_name", "weight_layout"]
+
+
+def block_sparse_matmul_function(opset: int = 18) -> onnx.FunctionProto:
+    nodes = dense_weight_nodes("values", "WT") + [h.make_node("MatMul", ["X", "WT"], ["Y"])]
     return h.make_function(DOMAIN, OP, ["X", "values", "indices", "indptr"], ["Y"], nodes,
-                           [h.make_opsetid("", opset)],
-                           attributes=["blocksize", "dense_shape", "weight_name", "weight_layout"])
+                           [h.make_opsetid("", opset)], attributes=ATTRIBUTES)
 
 
 def drop_block_sparse_function(model: onnx.ModelProto) -> None:

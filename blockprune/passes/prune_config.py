@@ -53,9 +53,7 @@ class PruneConfig:
 
     def selects(self, role: str | None) -> bool:
         """Encoder Linears always; pooler/classifier only when asked; unknown-role weights always."""
-        from blockprune.models.registry import ROLES
-
-        return role is None or role in ROLES or self.include_heads
+        return selects_role(role, self.include_heads)
 
     def resolve(self, name: str) -> LayerSpec:
         for rule in self.rules:
@@ -105,3 +103,11 @@ class PruneConfig:
         if not isinstance(data, dict):
             raise BlockpruneError(f"pruning config {str(path)!r} must be a mapping", "see `blockprune prune --help`")
         return cls.from_dict(data, defaults)
+
+
+def selects_role(role: str | None, include_heads: bool) -> bool:
+    """The head rule shared by pruning and quantization: encoder Linears (and weights of unknown
+    role) always, pooler/classifier heads only with ``include_heads``."""
+    from blockprune.models.registry import ROLES
+
+    return role is None or role in ROLES or include_heads
