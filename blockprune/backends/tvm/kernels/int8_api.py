@@ -28,7 +28,7 @@ from blockprune.errors import BlockpruneError
 from blockprune.backends.tvm.kernels.int8_kernel import (Int8KernelSpec, Int8Schedule, choose_int8_schedule,
                                                          int8_matmul_primfunc)
 from blockprune.backends.tvm.kernels.int8_quantize import QuantizeSpec, dynamic_quantize_np, quantize_primfunc
-from blockprune.backends.tvm.targets.presets import TargetPreset, export_fcompile, resolve_target
+from blockprune.backends.tvm.targets.presets import TargetPreset, export_fcompile, resolve_target  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -229,3 +229,31 @@ def int8_reference(x: np.ndarray, wq: np.ndarray, w_scale: np.ndarray, bias: np.
     if residual is not None:
         y = y + residual.reshape(y.shape).astype(np.float64)
     return acc, y
+
+
+def relax_module(layer: Int8Layer):
+    """A Relax ``main(X) -> Y`` calling both kernels with the constants embedded.
+
+    This is the wiring the importer does per layer (and what the aarch64 test runs under qemu):
+    one ``call_tir`` for the quantizer with three outputs, one for the matmul.
+    """
+    from tvm import relax
+
+    spec = layer.spec
+    bb = relax.BlockBuilder()
+    x = relax.Var("X", relax.TensorType(spec.x_shape, "float32"))
+    params = [x]
+    if spec.residual:
+        params.append(relax.Var("R", relax.TensorType(spec.y_shape, "float32")))
+    with bb.function("main", params):
+        gq = bb.add_func(layer.quantize_func, layer.quantize_func.attrs["global_symbol"])
+        gm = bb.add_func(layer.matmul_func, layer.matmul_func.attrs["global_symbol"])
+        with bb.dataflow():
+            q = bb.emit(relax.call_tir(gq, relax.Tuple([x]),
+                                       out_ty=[relax.TensorType(s, d) for s, d in layer.quantize_outputs]))
+            args = [bb.emit(relax.TupleGetItem(q, i)) for i in range(3)]
+            args += [relax.const(c) for c in layer.constants] + params[1:]
+            y = bb.emit(relax.call_tir(gm, relax.Tuple(args), out_ty=relax.TensorType(spec.y_shape, spec.out_dtype)))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
