@@ -110,12 +110,11 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
         if verify and p.name != "policy":
             diff = compare(model, reference, atol=atol, what=f"model after {p.name}").max_abs_diff
         stages.append(StageResult(p.name, report, diff, time.perf_counter() - t))
-    stats = model_stats(model)  # sparsity and forms are what quantization keeps
     if quantize == "int8":
         heads = quantize_heads if quantize_heads is not None else bool(prune is not None and prune.include_heads)
         model, stage = _quantize_stage(model, reference, heads, verify)
         stages.append(stage)
-    return CompressResult(model, stats, stages)
+    return CompressResult(model, model_stats(model), stages)
 
 
 QUANTIZE_SCHEMES = (None, "int8")
