@@ -87,7 +87,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     out = _check_output(args.output)
     prune = None
-    if args.masks is None and (args.sparsity is not None or args.config):
+    plan = _compress_plan(args) if getattr(args, "plan", None) else None
+    if plan is not None:
+        prune = plan
+    elif args.masks is None and (args.sparsity is not None or args.config):
         if args.sparsity is None:
             args.sparsity = 0.5
         prune = _prune_config(args)
@@ -132,7 +135,33 @@ def cmd_compress(args: argparse.Namespace) -> int:
         for note in (st.report.notes if st.report else [])[:6]:
             rows.append(("", note))
     console.print(kv_table("summary", rows))
+    if plan is not None:
+        from blockprune.plan.cli import planned_vs_achieved
+
+        table, off = planned_vs_achieved(plan, res.model)
+        console.print(table)
+        console.print(f"plan: predicted {plan.plan['predicted_ms']:.2f} ms on {plan.plan['target']}"
+                      + (f", {plan.plan['predicted_speedup']:.2f}x" if plan.plan.get("predicted_speedup") else "")
+                      + (f"; {len(off)} layer(s) off the plan" if off else "; every layer as planned")
+                      + "; time it with `blockprune compile` then `blockprune bench ARTIFACT --plan PLAN`")
     return 0
+
+
+def _compress_plan(args: argparse.Namespace):
+    """The plan as the pruning config (one-shot); reorder off when it mixes block shapes, since the
+    reorder objective counts empty blocks of one shape and could fill another shape's blocks."""
+    from blockprune.console import console
+    from blockprune.plan.plan_file import planned_blocks, read_plan
+
+    if args.masks or args.config or args.sparsity is not None:
+        raise BlockpruneError("--plan gives every layer's block and ratio; it cannot be combined with "
+                              "--masks, --config or --sparsity", "drop the other option, or edit the plan")
+    plan = read_plan(args.plan)
+    if args.reorder and len(planned_blocks(plan)) > 1:
+        args.reorder = False
+        console.print(f"plan mixes blocks {', '.join(sorted(planned_blocks(plan)))}: reorder off (its objective "
+                      "scores one block shape)")
+    return plan
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -218,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--global", dest="global_ranking", action="store_true")
     c.add_argument("--include-heads", action="store_true")
     c.add_argument("--config", help="YAML: per-layer regex -> {block, sparsity}")
+    c.add_argument("--plan", help="plan.yaml from `blockprune plan`: per-layer blocks, ratios and forms (one-shot)")
     c.add_argument("--reorder", action=argparse.BooleanOptionalAction, default=True,
                    help="permute FFN neurons and heads to cluster nonzero blocks (default on)")
     c.add_argument("--reorder-block", help="target block of the reorder objective (default: the pruning block)")
@@ -253,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     from blockprune.report_cli import add_report_parser  # report: one run rendered to Markdown
 
     add_report_parser(sub)
+
+    from blockprune.plan.cli import add_plan_parser  # plan: per-layer choices under a latency budget
+
+    add_plan_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the bundled MiniLM")
     d.add_argument("--workdir", default="runs/demo")

@@ -68,6 +68,8 @@ class BlockPrune(Pass):
             achieved = 1.0 - float(mask.mean())
             infos[w.initializer] = LayerMaskInfo(str(s.block), achieved, w.hf_name, w.layout)
             layers[w.initializer] = {"block": str(s.block), "sparsity": achieved, "source": "one-shot-l2"}
+            if s.form is not None:  # a plan fixed the form: the Policy obeys it
+                layers[w.initializer]["planned_form"] = s.form
             changed += 1
         record_layers(ctx, layers)
         self.masks = MaskSet(masks, source="one-shot-l2", layers=infos,

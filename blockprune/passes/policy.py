@@ -5,6 +5,8 @@ removed by the Compact pass, recorded as ``compacted`` in the layer's metadata).
 a pruned layer is a break-even density: below it BSR beats dense; the default is a parameter for
 now (the TVM backends measure break-evens per target and will feed them here). The decision and
 its reason go into metadata ``blockprune.layers`` for `blockprune inspect` and the backends.
+A layer pruned from a plan (``planned_form`` in its metadata) gets the planned form under
+``--form auto``: the plan chose it with the same cost table, per layer.
 
 ``break_even`` is a number, or a measured table from the backend's calibration
 (``blockprune.backends.tvm.cost.calibrate.BreakEvenTable``; any object with
@@ -67,6 +69,8 @@ class Policy(Pass):
                 form, why = "dense", f"block {block} does not divide {oi.shape[0]}x{oi.shape[1]}"
             elif self.form == "bsr":
                 form, why = "bsr", "--form bsr"
+            elif self.form == "auto" and info.get("planned_form"):
+                form, why = info["planned_form"], f"planned by `blockprune plan` (density {density:.2f})"
             else:
                 be, src = (self.table.lookup(oi.shape[0], oi.shape[1], str(block)) if self.table is not None
                            else (self.break_even, "parameter"))

@@ -13,6 +13,10 @@ or in the initializer name when the model has no HF mapping)::
         sparsity: 0.7
       - match: 'pooler|classifier'
         sparsity: 0.0    # keep dense
+
+A rule may also fix the ``form`` the layer is run in (``dense`` or ``bsr``; the Policy obeys it
+instead of the break-even table): ``blockprune plan`` writes such rules, one per layer, plus a
+``plan:`` section (its predictions) that pruning ignores.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from blockprune.blocks import BlockShape, check_sparsity
 from blockprune.errors import BlockpruneError
 
 
+PLANNED_FORMS = ("dense", "bsr")
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     block: BlockShape
     sparsity: float
+    form: str | None = None  # planned form (``blockprune plan``); None: the Policy decides
 
 
 @dataclass
@@ -37,6 +45,7 @@ class Rule:
     pattern: re.Pattern
     block: BlockShape | None = None
     sparsity: float | None = None
+    form: str | None = None
 
 
 @dataclass
@@ -46,6 +55,7 @@ class PruneConfig:
     global_ranking: bool = False
     include_heads: bool = False
     rules: list[Rule] = field(default_factory=list)
+    plan: dict[str, Any] | None = None  # a plan file's predictions (not used for pruning)
 
     def __post_init__(self) -> None:
         self.block = BlockShape.parse(self.block)
@@ -59,13 +69,13 @@ class PruneConfig:
         for rule in self.rules:
             if rule.pattern.search(name):
                 return LayerSpec(rule.block or self.block,
-                                 self.sparsity if rule.sparsity is None else rule.sparsity)
+                                 self.sparsity if rule.sparsity is None else rule.sparsity, rule.form)
         return LayerSpec(self.block, self.sparsity)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], defaults: "PruneConfig | None" = None) -> "PruneConfig":
         base = defaults or cls()
-        known = {"block", "sparsity", "global", "include_heads", "layers"}
+        known = {"block", "sparsity", "global", "include_heads", "layers", "plan"}
         unknown = set(data) - known
         if unknown:
             raise BlockpruneError(f"unknown keys in the pruning config: {sorted(unknown)}",
@@ -80,13 +90,18 @@ class PruneConfig:
             except re.error as exc:
                 raise BlockpruneError(f"layers[{i}].match {item['match']!r} is not a valid regex: {exc}",
                                       "fix the regular expression") from exc
+            form = item.get("form")
+            if form is not None and form not in PLANNED_FORMS:
+                raise BlockpruneError(f"layers[{i}].form {form!r} is unknown", f"use one of: {', '.join(PLANNED_FORMS)}")
             rules.append(Rule(pat,
                               BlockShape.parse(item["block"]) if "block" in item else None,
-                              check_sparsity(item["sparsity"], f"layers[{i}].sparsity") if "sparsity" in item else None))
+                              check_sparsity(item["sparsity"], f"layers[{i}].sparsity") if "sparsity" in item else None,
+                              form))
         return cls(block=BlockShape.parse(data.get("block", base.block)),
                    sparsity=check_sparsity(data.get("sparsity", base.sparsity)),
                    global_ranking=bool(data.get("global", base.global_ranking)),
-                   include_heads=bool(data.get("include_heads", base.include_heads)), rules=rules)
+                   include_heads=bool(data.get("include_heads", base.include_heads)), rules=rules,
+                   plan=data.get("plan"))
 
     @classmethod
     def from_yaml(cls, path: str | Path, defaults: "PruneConfig | None" = None) -> "PruneConfig":

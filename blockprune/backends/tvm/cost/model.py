@@ -1,0 +1,306 @@
+"""Predicted time of one Linear layer (per form, block and density) and of a whole model, per target.
+
+Why: the planner (``blockprune plan``) must compare thousands of per-layer choices without
+compiling any of them. Two models answer the same questions:
+
+* :class:`MeasuredCost` reads a ``blockprune calibrate`` table (per layer shape and block: the
+  dense TVM matmul time and the BSR kernel time at each swept density). The sweep is noisy
+  (neighbouring densities can swap order on a shared machine), so each sweep is first made
+  non-decreasing in density (pool-adjacent-violators: the least-squares monotone fit), then
+  interpolated linearly. Below the lowest measured density time falls in proportion to density;
+  shapes not in the table take the nearest measured shape of the same block, scaled by the
+  multiply-add count; other row counts (batch x sequence) scale linearly.
+* :class:`AnalyticCost` predicts from the target's stated core (:mod:`.hardware`): a layer takes
+  ``max(compute, memory)`` with compute = multiply-adds / (peak x efficiency) and memory = bytes
+  streamed / DRAM bandwidth, plus a fixed call overhead for BSR. The efficiencies (the fraction
+  of peak the dense schedule and each block's BSR kernel reach) are fitted on this host's
+  measured table and assumed to carry over to NEON; :func:`analytic_error` reports how far the
+  analytic model is from that table on x86 itself.
+
+Both add the **non-linear remainder** (attention matmuls, softmax, LayerNorm, embeddings, VM
+allocation), a per-model constant measured from the per-kernel time shares of the compiled
+default flow (``data/remainder_x86-64.json``); for other models it scales with layers x tokens x
+hidden size, and for other targets with the ratio of peak throughput (both stated assumptions).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from blockprune.backends.tvm.cost.calibrate import BreakEvenTable, default_break_even_table
+from blockprune.backends.tvm.cost.hardware import CoreSpec, core_spec
+from blockprune.blocks import BlockShape
+from blockprune.errors import BlockpruneError
+
+REMAINDER_TABLE = Path(__file__).resolve().parent / "data" / "remainder_x86-64.json"
+BSR_CALL_OVERHEAD_MS = 0.01  # analytic: launch + row-pointer walk of one BSR call
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the remainder depends on: encoder layers, hidden size, rows per call (batch x seq)."""
+
+    num_layers: int
+    hidden_size: int
+    rows: int = 128
+
+
+@dataclass
+class LayerTime:
+    """Predicted ms of one layer in the form the backend will use (the faster one)."""
+
+    ms: float
+    form: str  # "dense" or "bsr"
+    dense_ms: float
+    bsr_ms: float | None
+
+
+def isotonic(y: Iterable[float]) -> np.ndarray:
+    """Least-squares non-decreasing fit of ``y`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in y:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, c = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += c
+    return np.concatenate([np.full(int(c), s / c) for s, c in blocks])
+
+
+class CostModel:
+    """Interface of both cost models (times in ms at one thread)."""
+
+    target: str = ""
+    measured: bool = False
+    source: str = ""
+    blocks: tuple[str, ...] = ()
+
+    def dense_ms(self, n: int, k: int, rows: int) -> float:
+        raise NotImplementedError
+
+    def bsr_ms(self, n: int, k: int, block: str, density: float, rows: int) -> float | None:
+        raise NotImplementedError
+
+    def remainder_ms(self, shape: ModelShape) -> float:
+        raise NotImplementedError
+
+    def assumptions(self) -> list[str]:
+        return []
+
+    def layer(self, n: int, k: int, block: str, density: float, rows: int) -> LayerTime:
+        """The faster of dense and BSR for ``W[n, k]`` at ``density`` (what the Policy will pick)."""
+        dense = self.dense_ms(n, k, rows)
+        bsr = None
+        b = BlockShape.parse(block)
+        if density < 1.0 and n % b.rows == 0 and k % b.cols == 0:
+            bsr = self.bsr_ms(n, k, str(b), density, rows)
+        if bsr is not None and bsr < dense:
+            return LayerTime(bsr, "bsr", dense, bsr)
+        return LayerTime(dense, "dense", dense, bsr)
+
+
+def _remainder_data() -> dict:
+    return json.loads(REMAINDER_TABLE.read_text())
+
+
+def measured_remainder_ms(shape: ModelShape) -> tuple[float, str]:
+    """x86 remainder: the measured constant of a model of the same size, else the per-element rate."""
+    data = _remainder_data()
+    scale = shape.rows / data["batch_seq"][1]
+    for name, m in data["models"].items():
+        if (m["num_layers"], m["hidden_size"]) == (shape.num_layers, shape.hidden_size):
+            return m["ms"] * scale, f"measured for {name} (default_flow per-kernel shares)"
+    ms = data["ns_per_layer_token_hidden"] * 1e-6 * shape.num_layers * shape.rows * shape.hidden_size
+    return ms, f"{data['ns_per_layer_token_hidden']:g} ns per layer x token x hidden (fitted on MiniLM, BERT-base)"
+
+
+@dataclass
+class _Sweep:
+    n: int
+    k: int
+    densities: np.ndarray  # ascending
+    ms: np.ndarray  # monotone fit, same order
+    dense_ms: float
+
+
+class MeasuredCost(CostModel):
+    """Times from a ``blockprune calibrate`` table (see the module docstring for the rules)."""
+
+    measured = True
+
+    def __init__(self, table: BreakEvenTable | None = None, source: str = "") -> None:
+        self.table = table or default_break_even_table()
+        self.target = self.table.target
+        self.source = source or f"calibrate table ({self.table.target}, M={self.table.m}, measured {self.table.measured})"
+        self.sweeps: dict[str, list[_Sweep]] = {}
+        for e in self.table.entries:
+            pts = sorted((float(d), float(t)) for d, t in e.sweep_ms.items())
+            d = np.array([p[0] for p in pts])
+            self.sweeps.setdefault(e.block, []).append(_Sweep(e.n, e.k, d, isotonic(p[1] for p in pts), e.dense_ms))
+        self.blocks = tuple(self.sweeps)
+        self._dense = {(e.n, e.k): e.dense_ms for e in self.table.entries}
+
+    def _nearest(self, sweeps: list, n: int, k: int) -> tuple[object, float]:
+        s = min(sweeps, key=lambda x: (abs(math.log(x.n * x.k / (n * k))), abs(math.log(x.n / n))))
+        return s, (n * k) / (s.n * s.k)
+
+    def dense_ms(self, n: int, k: int, rows: int) -> float:
+        if (n, k) in self._dense:
+            return self._dense[(n, k)] * rows / self.table.m
+        shapes = [_Sweep(a, b, np.zeros(0), np.zeros(0), t) for (a, b), t in self._dense.items()]
+        s, scale = self._nearest(shapes, n, k)
+        return s.dense_ms * scale * rows / self.table.m
+
+    def bsr_ms(self, n: int, k: int, block: str, density: float, rows: int) -> float | None:
+        sweeps = self.sweeps.get(str(block))
+        if not sweeps:
+            return None
+        s, scale = self._nearest(sweeps, n, k)
+        lo = float(s.densities[0])
+        if density < lo:
+            t = float(s.ms[0]) * density / lo
+        else:
+            t = float(np.interp(density, s.densities, s.ms))
+        return t * scale * rows / self.table.m
+
+    def remainder_ms(self, shape: ModelShape) -> float:
+        return measured_remainder_ms(shape)[0]
+
+    def assumptions(self) -> list[str]:
+        return [f"Linear layers: {self.source}; sweeps made non-decreasing in density, interpolated linearly",
+                "below the lowest measured density, time in proportion to density; other shapes: nearest measured "
+                "shape scaled by multiply-adds; other batch x seq: linear in rows",
+                "remainder (attention, softmax, LayerNorm, ...): per-model constant from "
+                "benchmarks/results/default_flow.json kernel shares"]
+
+
+@dataclass
+class Efficiencies:
+    """Fraction of the core's peak the TVM kernels reach (fitted on the x86 host's table)."""
+
+    dense: float
+    bsr: dict[str, float] = field(default_factory=dict)
+    fitted_on: str = ""
+
+
+def fit_efficiencies(table: BreakEvenTable, core: CoreSpec) -> Efficiencies:
+    """Median over the table's points of useful multiply-adds / (peak x measured time).
+
+    BSR points with density >= 0.2 only (the sweep's own range); the dense path from each shape's
+    dense time. Medians, so a noisy point does not move the fit."""
+    peak = core.peak_gflops * 1e9
+    m = table.m
+    dense, per_block = [], {}
+    for e in table.entries:
+        flops = 2.0 * m * e.n * e.k
+        dense.append(flops / (peak * e.dense_ms * 1e-3))
+        for d, t in e.sweep_ms.items():
+            d = float(d)
+            if d < 0.2 or t <= BSR_CALL_OVERHEAD_MS:
+                continue
+            per_block.setdefault(e.block, []).append(flops * d / (peak * (t - BSR_CALL_OVERHEAD_MS) * 1e-3))
+    return Efficiencies(float(np.median(dense)), {b: float(np.median(v)) for b, v in per_block.items()},
+                        f"{table.target} table measured {table.measured} (M={m})")
+
+
+class AnalyticCost(CostModel):
+    """Roofline-style prediction from the target's stated core and the host-fitted efficiencies."""
+
+    measured = False
+
+    def __init__(self, target: str, efficiencies: Efficiencies | None = None,
+                 host_table: BreakEvenTable | None = None) -> None:
+        self.core = core_spec(target)
+        self.target = target
+        host = host_table or default_break_even_table()
+        self.eff = efficiencies or fit_efficiencies(host, core_spec(host.target))
+        self.blocks = tuple(self.eff.bsr)
+        self.source = f"analytic ({self.core.name}: {self.core.note})"
+
+    def _mem_ms(self, nbytes: float) -> float:
+        return nbytes / (self.core.dram_gbs * 1e9) * 1e3
+
+    def dense_ms(self, n: int, k: int, rows: int) -> float:
+        compute = 2.0 * rows * n * k / (self.core.peak_gflops * 1e9 * self.eff.dense) * 1e3
+        return max(compute, self._mem_ms(4.0 * (n * k + rows * k + rows * n)))
+
+    def bsr_ms(self, n: int, k: int, block: str, density: float, rows: int) -> float | None:
+        e = self.eff.bsr.get(str(block))
+        if e is None:
+            return None
+        b = BlockShape.parse(block)
+        compute = 2.0 * rows * n * k * density / (self.core.peak_gflops * 1e9 * e) * 1e3
+        nbytes = 4.0 * (density * n * k + rows * k + rows * n) + 4.0 * density * n * k / (b.rows * b.cols)
+        return BSR_CALL_OVERHEAD_MS + max(compute, self._mem_ms(nbytes))
+
+    def remainder_ms(self, shape: ModelShape) -> float:
+        host = core_spec("x86-64")
+        return measured_remainder_ms(shape)[0] * host.peak_gflops / self.core.peak_gflops
+
+    def assumptions(self) -> list[str]:
+        c = self.core
+        l3 = f", L3 {c.l3_kib} KiB" if c.l3_kib else ", no L3"
+        return [f"core: {c.name} ({c.note}); {c.isa} {c.lanes} float32 lanes x {c.fma_pipes} FMA pipe(s) x "
+                f"{c.ghz:g} GHz = {c.peak_gflops:.1f} GFLOP/s peak; L1d {c.l1d_kib} KiB, L2 {c.l2_kib} KiB{l3}; "
+                f"DRAM {c.dram_gbs:g} GB/s (one core)",
+                "layer time = max(multiply-adds / (peak x efficiency), bytes / DRAM bandwidth)"
+                f" (+{BSR_CALL_OVERHEAD_MS} ms per BSR call)",
+                f"efficiencies fitted on the {self.eff.fitted_on}, assumed the same on this target: dense "
+                f"{self.eff.dense:.2f}, BSR " + ", ".join(f"{b} {v:.2f}" for b, v in self.eff.bsr.items()),
+                "remainder (attention, softmax, LayerNorm, ...): the x86 per-model constant scaled by the ratio "
+                "of peak throughput"]
+
+
+def analytic_error(table: BreakEvenTable | None = None) -> dict[str, float]:
+    """How far the analytic model, applied to the x86 host, is from that host's measured table.
+
+    Relative error |analytic - measured| / measured over every dense point and every swept BSR
+    point (the measured side made monotone first, as :class:`MeasuredCost` uses it)."""
+    table = table or default_break_even_table()
+    analytic = AnalyticCost(table.target, host_table=table)
+    measured = MeasuredCost(table)
+    errs_dense, errs_bsr = [], []
+    for e in table.entries:
+        errs_dense.append(abs(analytic.dense_ms(e.n, e.k, table.m) / e.dense_ms - 1.0))
+        for d in e.sweep_ms:
+            d = float(d)
+            if d >= 1.0:
+                continue
+            got = analytic.bsr_ms(e.n, e.k, e.block, d, table.m)
+            ref = measured.bsr_ms(e.n, e.k, e.block, d, table.m)
+            if got is not None and ref:
+                errs_bsr.append(abs(got / ref - 1.0))
+    both = errs_dense + errs_bsr
+    return {"dense_mean_abs_rel": float(np.mean(errs_dense)), "bsr_mean_abs_rel": float(np.mean(errs_bsr)),
+            "bsr_median_abs_rel": float(np.median(errs_bsr)), "all_mean_abs_rel": float(np.mean(both)),
+            "points": len(both)}
+
+
+def cost_model_for(target: str, table_path: str | None = None, rpc: str | None = None) -> CostModel:
+    """The cost model ``plan`` uses for ``target``.
+
+    ``rpc``: refused — ``calibrate`` has no ``--rpc`` yet, so there are no board-measured tables
+    to fetch; the error names the way to get one. ``table_path``: a calibrate JSON (measured on the
+    target itself). x86-64 without a table: the shipped table of this machine class. Other targets
+    without a table: the analytic model (predictions flagged unmeasured)."""
+    if rpc:
+        raise BlockpruneError(
+            f"--rpc {rpc}: `blockprune calibrate` cannot time kernels over RPC yet, so there is no measured "
+            "table to fetch from the board",
+            "run `blockprune calibrate --model MODEL.onnx -o board.json` on the board itself (or add --rpc to "
+            "calibrate: backends/tvm/cost/calibrate.py), then `blockprune plan ... --cost-table board.json`")
+    if table_path:
+        table = BreakEvenTable.load(table_path)
+        if table.target != target:
+            raise BlockpruneError(f"cost table {table_path!r} was measured for {table.target!r}, not {target!r}",
+                                  f"calibrate on the {target} target, or plan with --target {table.target}")
+        return MeasuredCost(table, source=f"calibrate table {table_path} ({table.target}, measured {table.measured})")
+    if target == "x86-64":
+        return MeasuredCost()
+    return AnalyticCost(target)
