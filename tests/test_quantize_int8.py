@@ -276,3 +276,15 @@ def test_bad_input():
         from blockprune.cli import main
 
         main(["compress", "m.onnx", "-o", "o.onnx", "--quantize", "int4"])
+
+
+@pytest.mark.parametrize("block", ["1x4", "4x4", "16x4", "8x4"])
+def test_int8_friendly_blocks_are_accepted_and_detected(block):
+    from blockprune.passes.detect_blocks import detect_block
+    from blockprune.passes.prune_config import PruneConfig as Cfg
+
+    rng = np.random.default_rng(6)
+    w = _block_pruned(rng, block, 0.5, shape=(64, 96))
+    assert str(detect_block(w).block) == block  # a model pruned elsewhere gets its block back
+    cfg = Cfg.from_dict({"block": block, "sparsity": 0.5, "layers": [{"match": "query", "block": block}]})
+    assert str(cfg.resolve("encoder.layer.0.attention.self.query.weight").block) == block

@@ -22,6 +22,7 @@ from blockprune.passes.find_weights import find_weights_in_graph, require_weight
 from blockprune.passes.layers_meta import record_layers
 
 CANDIDATES = ("32x32", "16x16", "8x8", "4x4", "2x2", "1x64", "64x1", "1x32", "32x1", "1x16", "16x1",
+              "32x4", "16x4", "8x4",  # input extent a multiple of 4: int8 dot-product kernels (#15)
               "1x8", "8x1", "1x4", "4x1", "1x2", "2x1")
 MIN_ZEROS = 0.05  # below this fraction of zeros a layer counts as dense
 DEFAULT_EXPLAIN = 0.99
