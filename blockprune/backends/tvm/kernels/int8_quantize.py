@@ -123,7 +123,7 @@ def quantize_primfunc(spec: QuantizeSpec, name: str = "dyn_quantize"):
     """Build ``name(X, out, xs, xz)``: min/max, scale and zero point, then round and pack.
 
     One thread does the min/max (a few microseconds at 128 x 384); the rounding pass runs in
-    parallel over rows. Vectors of 4 lanes: one packed group, and K is a multiple of 4.
+    parallel over rows, 8 lanes (two packed groups) at a time when K allows.
     """
     from tvm import tirx
     from tvm.script.ir_builder import IRBuilder
@@ -132,7 +132,7 @@ def quantize_primfunc(spec: QuantizeSpec, name: str = "dyn_quantize"):
     spec.check()
     m, k = spec.m, spec.k
     fmt = spec.x_format
-    lanes = 4 if k % 4 == 0 else 1
+    lanes = 8 if k % 8 == 0 else (4 if k % 4 == 0 else 1)  # 8: a full AVX2 vector, two packed groups
     total = m * k
     red = 8 if total % 8 == 0 else lanes
 
@@ -196,9 +196,11 @@ def quantize_primfunc(spec: QuantizeSpec, name: str = "dyn_quantize"):
                             T.buffer_store(out, tirx.Cast(odt, qi), [row, ramp(g * lanes, lanes)])
                         else:
                             base = vec(tirx.Cast("int32", zpf), lanes) if fmt == "i16" else vec(tirx.IntImm("int32", 128), lanes)
-                            odt = f"{spec.out_dtype}x{lanes}"
-                            T.buffer_store(out, tirx.Cast(odt, qi - base),
-                                           [row // ROW_BLOCK, g, ramp((row % ROW_BLOCK) * 4, lanes)])
+                            packed = tirx.Cast(f"{spec.out_dtype}x{lanes}", qi - base)
+                            for h in range(lanes // 4):  # each 4 features go to their own group
+                                part = packed if lanes == 4 else tirx.Shuffle([packed], list(range(4 * h, 4 * h + 4)))
+                                T.buffer_store(out, part, [row // ROW_BLOCK, g * (lanes // 4) + h,
+                                                           ramp((row % ROW_BLOCK) * 4, 4)])
                 if fmt != "u8" and padded_rows(m) > m:
                     pad = padded_rows(m) - m
                     zero = tirx.Broadcast(tirx.IntImm(spec.out_dtype, 0), 4)
