@@ -28,7 +28,7 @@ from blockprune.passes.dtype_check import require_float32_weights
 from blockprune.passes.layer_stats import ModelStats, model_stats
 from blockprune.passes.policy import Policy
 from blockprune.passes.quant_verify import compare_quantized
-from blockprune.passes.quantize import QuantizeInt8
+from blockprune.passes.quantize import QuantizeInt8, refuse_quantized
 from blockprune.passes.reorder import Reorder
 from blockprune.passes.verify import DEFAULT_ATOL, compare
 from blockprune.prune_api import prune_model
@@ -76,6 +76,7 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
     if quantize not in QUANTIZE_SCHEMES:
         raise BlockpruneError(f"unknown quantization {quantize!r}",
                               "use --quantize int8, or leave it out to keep float32")
+    refuse_quantized(model)
     require_float32_weights(model, "compress")
     if uses_block_sparse(model):
         raise BlockpruneError("the model already contains block-sparse (ai.blockprune) layers",

@@ -43,25 +43,28 @@ class NodeSpec:
     attrs: dict = field(default_factory=dict)
 
 
-# dtype of every intermediate tensor of the pattern, by its name without prefix
+# dtype of every intermediate tensor of the pattern, by its name without prefix (after the last "/")
 PATTERN_DTYPES = {"xq": np.uint8, "xs": np.float32, "xz": np.uint8, "acc": np.int32, "accf": np.float32,
                   "scale": np.float32}
 
 
-def int8_matmul_pattern(x: str, wq: str, w_scale: str, y: str, prefix: str = "") -> list[NodeSpec]:
+def int8_matmul_pattern(x: str, wq: str, w_scale: str, y: str, prefix: str = "",
+                        x_prefix: str | None = None) -> list[NodeSpec]:
     """``Y = Cast(MatMulInteger(xq, Wq, xz)) * (xs * w_scale)``, ``(xq, xs, xz) = DynamicQuantizeLinear(X)``.
 
     The one place the int8 dense pattern is spelled out (the one onnxruntime's
     ``quantize_dynamic(per_channel=True)`` emits): the quantize pass puts it in the graph for
     dense layers, the function body below ends with it. ``wq`` is ``[in, out]`` int8,
-    ``w_scale`` ``[out]`` float32; ``prefix`` keeps the intermediate names unique in a graph.
+    ``w_scale`` ``[out]`` float32; ``prefix`` keeps the intermediate names unique in a graph,
+    ``x_prefix`` (default ``prefix``) those of the quantized activation, so that Linears reading
+    the same ``X`` (q, k, v) can share one DynamicQuantizeLinear as onnxruntime's quantizer does.
     """
-    p = prefix
+    p, px = prefix, prefix if x_prefix is None else x_prefix
     return [
-        NodeSpec("DynamicQuantizeLinear", (x,), (p + "xq", p + "xs", p + "xz")),
-        NodeSpec("MatMulInteger", (p + "xq", wq, p + "xz"), (p + "acc",)),
+        NodeSpec("DynamicQuantizeLinear", (x,), (px + "xq", px + "xs", px + "xz")),
+        NodeSpec("MatMulInteger", (px + "xq", wq, px + "xz"), (p + "acc",)),
         NodeSpec("Cast", (p + "acc",), (p + "accf",), {"to": TensorProto.FLOAT}),
-        NodeSpec("Mul", (p + "xs", w_scale), (p + "scale",)),
+        NodeSpec("Mul", (px + "xs", w_scale), (p + "scale",)),
         NodeSpec("Mul", (p + "accf", p + "scale"), (y,)),
     ]
 

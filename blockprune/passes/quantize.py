@@ -57,18 +57,14 @@ class QuantizeInt8(Pass):
         self.include_heads = include_heads
 
     def validate(self, ctx: PassContext) -> None:
-        done = next((n for n in ctx.graph.nodes if n.op in _QUANTIZED_OPS), None)
-        if done is not None:
-            raise BlockpruneError(
-                f"the model is already quantized (node {done.name!r} is {done.op})",
-                "quantize the float32 model: run compress --quantize int8 on the model before quantization",
-            )
+        refuse_quantized(ctx.source)
 
     def transform(self, ctx: PassContext) -> PassReport:
         roles = _roles(ctx.source)
         report = PassReport(self.name)
         updates: dict[str, dict[str, Any]] = {}
         made: dict[str, tuple[Any, Any]] = {}  # weight initializer -> (Wq [in, out], w_scale) constants
+        tensors: dict[str, Any] = {}  # the int8 patterns' tensors by name (shared quantized activations)
         nodes = {n.name: n for n in ctx.graph.nodes}
         weights = find_weights_in_graph(ctx.graph, {"param_map": ctx.meta("param_map", {}),
                                                     "architecture": ctx.meta("architecture")})
@@ -76,7 +72,7 @@ class QuantizeInt8(Pass):
             report.matched += 1
             why = self._skip_reason(roles.get(w.initializer, w.role), nodes[w.node])
             if why is None:
-                _quantize_dense(ctx, nodes[w.node], w, made)
+                _quantize_dense(ctx, nodes[w.node], w, made, tensors)
                 updates[w.initializer] = {"quant": "int8", "quant_op": "MatMulInteger"}
                 report.changed += 1
             else:
@@ -112,6 +108,17 @@ class QuantizeInt8(Pass):
         return None
 
 
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """One clear error for a model that holds quantized ops already (ours or onnxruntime's):
+    pruning, compression and quantization all start from the float32 model."""
+    done = next((n for n in model.graph.node if n.op_type in _QUANTIZED_OPS), None)
+    if done is not None:
+        raise BlockpruneError(
+            f"the model is already quantized (node {done.name or done.output[0]!r} is {done.op_type})",
+            "start from the float32 model: compress it with --quantize int8 instead of quantizing first",
+        )
+
+
 def _roles(model: onnx.ModelProto) -> dict[str, str | None]:
     """Role of every Linear by weight initializer, block-sparse layers included (read densified)."""
     if uses_block_sparse(model):
@@ -130,21 +137,26 @@ def _attr_str(node: Any, key: str, default: str) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _emit(ctx: PassContext, specs: list[NodeSpec], known: dict[str, Any], prefix: str) -> None:
-    """Add the pattern's nodes as graphsurgeon nodes: ``known`` tensors by name, new ones typed."""
+def _emit(ctx: PassContext, specs: list[NodeSpec], known: dict[str, Any], created: dict[str, Any]) -> None:
+    """Add the pattern's nodes as graphsurgeon nodes: ``known`` tensors by name (graph tensors,
+    constants), new ones typed and collected in ``created`` across calls; a node whose outputs
+    were all created before (the DynamicQuantizeLinear of an activation already quantized for
+    another Linear) is not added twice."""
     import onnx_graphsurgeon as gs
 
-    tensors = dict(known)
     for spec in specs:
+        if all(o in created for o in spec.outputs):
+            continue
         for name in spec.outputs:
-            if name not in tensors:
-                tensors[name] = gs.Variable(name, dtype=PATTERN_DTYPES[name.removeprefix(prefix)])
-        ctx.add_node(gs.Node(spec.op, name=prefix + spec.outputs[0], attrs=dict(spec.attrs),
-                             inputs=[tensors[i] for i in spec.inputs],
-                             outputs=[tensors[o] for o in spec.outputs]))
+            if name not in known and name not in created:
+                created[name] = gs.Variable(name, dtype=PATTERN_DTYPES[name.rsplit("/", 1)[-1]])
+        pick = lambda n: known[n] if n in known else created[n]  # noqa: E731
+        ctx.add_node(gs.Node(spec.op, name=spec.outputs[0], attrs=dict(spec.attrs),
+                             inputs=[pick(i) for i in spec.inputs], outputs=[pick(o) for o in spec.outputs]))
 
 
-def _quantize_dense(ctx: PassContext, node: Any, w: LinearWeight, made: dict[str, tuple[Any, Any]]) -> None:
+def _quantize_dense(ctx: PassContext, node: Any, w: LinearWeight, made: dict[str, tuple[Any, Any]],
+                    tensors: dict[str, Any]) -> None:
     """Replace one MatMul/Gemm by the int8 pattern (a Gemm's bias C is added after it)."""
     import onnx_graphsurgeon as gs
 
@@ -162,7 +174,8 @@ def _quantize_dense(ctx: PassContext, node: Any, w: LinearWeight, made: dict[str
     bias = node.inputs[2] if node.op == "Gemm" and len(node.inputs) > 2 else None
     product = y if bias is None else gs.Variable(prefix + "y", dtype=np.float32)
     known = {x.name: x, product.name: product, wq.name: wq, ws.name: ws}
-    _emit(ctx, int8_matmul_pattern(x.name, wq.name, ws.name, product.name, prefix), known, prefix)
+    _emit(ctx, int8_matmul_pattern(x.name, wq.name, ws.name, product.name, prefix, f"{x.name}/int8/"), known,
+          tensors)
     if bias is not None:
         ctx.add_node(gs.Node("Add", name=prefix + "bias", inputs=[product, bias], outputs=[y]))
     ctx.remove_node(node)
