@@ -127,8 +127,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
             what += f", {st.report.changed} layer(s) rewritten to BSR"
         if st.quality is not None:
             q = st.quality
-            what += (f", verified: sentence cosine >= {q['min_sentence_cosine']:.4f} (bound {q['min_cosine_bound']:g}), "
-                     f"relative error {q['max_rel_error']:.3f} (bound {q['max_rel_error_bound']:g})")
+            cos = q["min_sentence_cosine"]
+            what += (", verified: " + ("logits: " if cos is None else
+                                       f"sentence cosine >= {cos:.4f} (bound {q['min_cosine_bound']:g}), ")
+                     + f"relative error {q['max_rel_error']:.3f} (bound {q['max_rel_error_bound']:g})")
         if st.report is not None and st.report.name == "quantize-int8":
             what += f", {st.report.changed} layer(s) int8"
         rows.append((f"stage {st.name}", what))

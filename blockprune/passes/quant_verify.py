@@ -39,7 +39,7 @@ MIN_COSINE_DIM = 8  # shorter sentence vectors (logits) are checked by the relat
 
 @dataclass
 class QuantVerifyResult:
-    min_cosine: float
+    min_cosine: float | None  # None: no output has sentence vectors of >= MIN_COSINE_DIM values
     max_rel_error: float
     max_abs_diff: float
     per_shape: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -48,8 +48,8 @@ class QuantVerifyResult:
 
     @property
     def ok(self) -> bool:
-        return bool(np.isfinite(self.min_cosine) and np.isfinite(self.max_rel_error)
-                    and self.min_cosine >= self.min_cosine_bound and self.max_rel_error <= self.max_rel_error_bound)
+        cos_ok = self.min_cosine is None or (np.isfinite(self.min_cosine) and self.min_cosine >= self.min_cosine_bound)
+        return bool(cos_ok and np.isfinite(self.max_rel_error) and self.max_rel_error <= self.max_rel_error_bound)
 
     def as_dict(self) -> dict[str, float]:
         return {"min_sentence_cosine": self.min_cosine, "max_rel_error": self.max_rel_error,
@@ -77,16 +77,24 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, (a * b).sum(-1) / np.maximum(na * nb, 1e-30))
 
 
+def _lower(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _fmt(cos: float | None) -> str:
+    return "n/a (no output with sentence vectors)" if cos is None else f"{cos:.4f}"
+
+
 def compare_quantized(candidate: onnx.ModelProto, reference: onnx.ModelProto, min_cosine: float = MIN_COSINE,
                       max_rel_error: float = MAX_REL_ERROR, shapes=DEFAULT_SHAPES, seed: int = 0,
                       what: str = "quantized model") -> QuantVerifyResult:
     """Both metrics over ``shapes``; raise one BlockpruneError when a bound is not met."""
     cand, ref = _session(candidate), _session(reference)
-    per, cos_min, rel_max, abs_max = {}, 1.0, 0.0, 0.0
+    per, cos_min, rel_max, abs_max = {}, None, 0.0, 0.0
     for i, (b, s) in enumerate(shapes):
         feeds = make_feeds(reference, b, s, seed=seed + i)
         mask = feeds.get("attention_mask")
-        c_min, r_max, a_max = 1.0, 0.0, 0.0
+        c_min, r_max, a_max = None, 0.0, 0.0
         for oc, orf in zip(cand.run(None, feeds), ref.run(None, feeds)):
             if oc.shape != orf.shape:
                 raise BlockpruneError(f"the {what} gives output shape {oc.shape}, the reference {orf.shape}",
@@ -94,16 +102,16 @@ def compare_quantized(candidate: onnx.ModelProto, reference: onnx.ModelProto, mi
             d = oc.astype(np.float64) - orf
             vc, vr = sentence_vectors(oc, mask), sentence_vectors(orf, mask)
             if vr.shape[-1] >= MIN_COSINE_DIM:
-                c_min = min(c_min, float(np.min(_cosines(vc, vr))))
+                c_min = _lower(c_min, float(np.min(_cosines(vc, vr))))
             r_max = max(r_max, float(np.linalg.norm(d) / max(np.linalg.norm(orf), 1e-30)))
             a_max = max(a_max, float(np.max(np.abs(d))))
         per[f"{b}x{s}"] = {"min_sentence_cosine": c_min, "rel_error": r_max, "max_abs_diff": a_max}
-        cos_min, rel_max, abs_max = min(cos_min, c_min), max(rel_max, r_max), max(abs_max, a_max)
+        cos_min, rel_max, abs_max = _lower(cos_min, c_min), max(rel_max, r_max), max(abs_max, a_max)
     result = QuantVerifyResult(cos_min, rel_max, abs_max, per, min_cosine, max_rel_error)
     if not result.ok:
         raise BlockpruneError(
             f"verification failed: the {what} is too far from its float32 reference: lowest sentence-vector "
-            f"cosine {cos_min:.4f} (bound >= {min_cosine:g}), relative error {rel_max:.3g} (bound <= "
+            f"cosine {_fmt(cos_min)} (bound >= {min_cosine:g}), relative error {rel_max:.3g} (bound <= "
             f"{max_rel_error:g}) ({per}); nothing was written",
             "keep this model in float32 (drop --quantize), leave the heads in float32 (no --include-heads), "
             "or report this as a bug with the model; --no-verify writes it anyway",
