@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, rounds = (5, 2) if args.quick else (args.runs, args.rounds)
     rng = np.random.default_rng(0)
     rows = []
+    load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-int8-"))
     for model, shapes in models.items():
         for lname, n, k in shapes:
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr, flush=True)
     suffix = "_quick" if args.quick else ""
     out = {"cpu": cpu_name(), "machine": platform.machine(), "m": M, "runs": runs, "rounds": rounds,
-           "date": time.strftime("%Y-%m-%d"), "rows": rows}
+           "date": time.strftime("%Y-%m-%d"), "load_1min": [load_start, os.getloadavg()[0]], "rows": rows}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"int8_kernels{suffix}.json").write_text(json.dumps(out, indent=1) + "\n")
     (RESULTS / f"int8_kernels{suffix}.md").write_text(markdown(out))
@@ -171,6 +172,9 @@ def markdown(out: dict) -> str:
              "Wall-clock medians per call; ratios are ORT time / ours (higher is faster). "
              "`tvm-int8-*` include the activation quantizer; `tvm-quantize` is that alone. "
              "Sparsity s = fraction of blocks that are zero. Produced by benchmarks/bench_int8_kernels.py.", ""]
+    if "load_1min" in out:
+        lines += [f"1-minute load average at start / end: {out['load_1min'][0]:.1f} / {out['load_1min'][1]:.1f} "
+                  "on 2 cores (other jobs running: 2-thread rows are unreliable above a load of 1).", ""]
     key = {(r["model"], r["layer"], r["threads"], r["engine"]): r["ms"] for r in rows}
     engines = list(dict.fromkeys(r["engine"] for r in rows))
     for model in dict.fromkeys(r["model"] for r in rows):
