@@ -29,8 +29,7 @@ import numpy as np
 import onnx
 
 from blockprune.errors import BlockpruneError
-from blockprune.passes.verify import DEFAULT_SHAPES, _session
-from blockprune.sample_inputs import make_feeds
+from blockprune.passes.verify import DEFAULT_SHAPES, paired_runs
 
 MIN_COSINE = 0.98
 MAX_REL_ERROR = 0.35
@@ -89,23 +88,18 @@ def compare_quantized(candidate: onnx.ModelProto, reference: onnx.ModelProto, mi
                       max_rel_error: float = MAX_REL_ERROR, shapes=DEFAULT_SHAPES, seed: int = 0,
                       what: str = "quantized model") -> QuantVerifyResult:
     """Both metrics over ``shapes``; raise one BlockpruneError when a bound is not met."""
-    cand, ref = _session(candidate), _session(reference)
     per, cos_min, rel_max, abs_max = {}, None, 0.0, 0.0
-    for i, (b, s) in enumerate(shapes):
-        feeds = make_feeds(reference, b, s, seed=seed + i)
+    for key, feeds, pairs in paired_runs(candidate, reference, shapes, seed, what):
         mask = feeds.get("attention_mask")
         c_min, r_max, a_max = None, 0.0, 0.0
-        for oc, orf in zip(cand.run(None, feeds), ref.run(None, feeds)):
-            if oc.shape != orf.shape:
-                raise BlockpruneError(f"the {what} gives output shape {oc.shape}, the reference {orf.shape}",
-                                      "report this as a bug")
+        for oc, orf in pairs:
             d = oc.astype(np.float64) - orf
             vc, vr = sentence_vectors(oc, mask), sentence_vectors(orf, mask)
             if vr.shape[-1] >= MIN_COSINE_DIM:
                 c_min = _lower(c_min, float(np.min(_cosines(vc, vr))))
             r_max = max(r_max, float(np.linalg.norm(d) / max(np.linalg.norm(orf), 1e-30)))
             a_max = max(a_max, float(np.max(np.abs(d))))
-        per[f"{b}x{s}"] = {"min_sentence_cosine": c_min, "rel_error": r_max, "max_abs_diff": a_max}
+        per[key] = {"min_sentence_cosine": c_min, "rel_error": r_max, "max_abs_diff": a_max}
         cos_min, rel_max, abs_max = _lower(cos_min, c_min), max(rel_max, r_max), max(abs_max, a_max)
     result = QuantVerifyResult(cos_min, rel_max, abs_max, per, min_cosine, max_rel_error)
     if not result.ok:

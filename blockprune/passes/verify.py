@@ -68,26 +68,36 @@ def masked_reference(original: onnx.ModelProto, masks: dict[str, np.ndarray]) ->
     return ref
 
 
-def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, atol: float = DEFAULT_ATOL,
-            shapes=DEFAULT_SHAPES, seed: int = 0, what: str = "rewritten model") -> VerifyResult:
-    """Compare outputs; raise a BlockpruneError when they differ by more than ``atol``."""
+def paired_runs(candidate: onnx.ModelProto, reference: onnx.ModelProto, shapes=DEFAULT_SHAPES, seed: int = 0,
+                what: str = "rewritten model"):
+    """For each ``(batch, seq)``: ``("BxS", feeds, [(candidate output, reference output), ...])``,
+    both models run in onnxruntime on the same random token batch; mismatched output counts or
+    shapes are one error. Shared by the exact comparison here and the quantized one."""
     cand, ref = _session(candidate), _session(reference)
-    per, worst, cos = {}, 0.0, []
     for i, (b, s) in enumerate(shapes):
         feeds = make_feeds(reference, b, s, seed=seed + i)
         outs_c, outs_r = cand.run(None, feeds), ref.run(None, feeds)
         if len(outs_c) != len(outs_r):
             raise BlockpruneError(f"the {what} has {len(outs_c)} outputs, the reference {len(outs_r)}",
                                   "report this as a bug")
-        d = 0.0
         for oc, orf in zip(outs_c, outs_r):
             if oc.shape != orf.shape:
                 raise BlockpruneError(f"the {what} gives output shape {oc.shape}, the reference {orf.shape}",
                                       "report this as a bug")
+        yield f"{b}x{s}", feeds, list(zip(outs_c, outs_r))
+
+
+def compare(candidate: onnx.ModelProto, reference: onnx.ModelProto, atol: float = DEFAULT_ATOL,
+            shapes=DEFAULT_SHAPES, seed: int = 0, what: str = "rewritten model") -> VerifyResult:
+    """Compare outputs; raise a BlockpruneError when they differ by more than ``atol``."""
+    per, worst, cos = {}, 0.0, []
+    for key, _, pairs in paired_runs(candidate, reference, shapes, seed, what):
+        d = 0.0
+        for oc, orf in pairs:
             d = max(d, float(np.max(np.abs(oc.astype(np.float64) - orf))))
             a, r = oc.ravel().astype(np.float64), orf.ravel().astype(np.float64)
             cos.append(float(a @ r / (np.linalg.norm(a) * np.linalg.norm(r) + 1e-30)))
-        per[f"{b}x{s}"] = d
+        per[key] = d
         worst = max(worst, d)
     result = VerifyResult(worst, per, atol, min(cos) if cos else 1.0)
     if not result.ok:
