@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = E.read_sts_dev(args.glue / "STS-B", limit=args.limit)
     tok = load_model("minilm", head="encoder").tokenizer()
     fa, fb = (E._Texts(t, tok, 128).features for t in (pairs.a, pairs.b))
-    models = build_models(args.work, args.exporter, [float(r) for r in args.ratios.split(",")], args.block)
+    models = build_models(args.work, args.exporter, [float(r) for r in args.ratios.split(",") if r], args.block)
     emb, rows = {}, []
     for name, m in models.items():
         ea, eb = embed(m["path"], fa), embed(m["path"], fb)
