@@ -36,7 +36,7 @@ from blockprune.blocks import BlockShape, check_sparsity
 from blockprune.errors import BlockpruneError
 from blockprune.frontends.hard_prune import prune_per_layer
 
-ALLOCATIONS = ("uniform", "sensitivity")
+ALLOCATIONS = ("uniform", "sensitivity", "plan")
 
 
 @dataclass
@@ -173,3 +173,26 @@ def save_curves(path: str | None, key: dict, curves: SensitivityCurves) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(Path(path), suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps({"key": key, "curves": curves.to_json()}, indent=1) + "\n")
+
+
+def plan_overrides(plan_path: str | None) -> list[tuple[str, str]]:
+    """(regex, block) per layer of a ``blockprune plan`` file, for ``LayerSelection.block_overrides``."""
+    if not plan_path:
+        return []
+    from blockprune.plan.plan_file import read_plan
+
+    return [(r.pattern.pattern, str(r.block)) for r in read_plan(plan_path).rules if r.block is not None]
+
+
+def plan_allocation(plan_path: str, names: Sequence[str], sizes: Mapping[str, int]) -> dict:
+    """Per-layer ratios of a ``blockprune plan`` file (``--allocation plan``), with its predictions,
+    so the run report shows planned next to achieved."""
+    from blockprune.plan.plan_file import read_plan
+
+    cfg = read_plan(plan_path)
+    ratios = {n: float(cfg.resolve(n).sparsity) for n in names}
+    info = cfg.plan or {}
+    keep = ("target", "goal", "predicted_ms", "predicted_speedup", "predicted_cost", "cost_unit", "baseline_ms",
+            "measured")
+    return {"rule": "plan", "ratios": ratios, "overall": overall_ratio(ratios, sizes), "curves": None,
+            "plan": {"path": str(plan_path), **{k: info.get(k) for k in keep}}}

@@ -115,6 +115,7 @@ class EmbeddingConfig:
     freeze_embeddings: bool = False
     attention: str = "sdpa"
     optimizer: str = "fused"
+    plan_file: str | None = None  # plan.yaml from `blockprune plan` (with allocation "plan")
 
     def validate(self) -> None:
         check_sparsity(self.ratio, what="pruning ratio")
@@ -151,16 +152,24 @@ class EmbeddingConfig:
         if self.allocation == "sensitivity" and self.ratio > self.max_layer_ratio:
             raise BlockpruneError(f"ratio {self.ratio:g} is above max_layer_ratio {self.max_layer_ratio:g}",
                                   "raise --max-layer-ratio or lower --ratio")
+        if (self.allocation == "plan") != bool(self.plan_file):
+            raise BlockpruneError("allocation 'plan' and a plan file go together",
+                                  "use `blockprune train --plan plan.yaml` (it sets both)")
         self.selection()
 
     def selection(self) -> LayerSelection:
+        from blockprune.frontends.allocation import plan_overrides
+
         return LayerSelection(include=list(self.include), exclude=list(self.exclude) + [HEAD_PATTERN],
-                              block=self.block, block_overrides=[tuple(x) for x in self.block_overrides])
+                              block=self.block, block_overrides=plan_overrides(self.plan_file)
+                              + [tuple(x) for x in self.block_overrides])
 
     def fingerprint(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
+        if d.get("plan_file") is None:  # runs from before `--plan` existed resume unchanged
+            d.pop("plan_file", None)
         return json.loads(json.dumps(d))
 
 
@@ -502,6 +511,10 @@ def _stage_row(stage: str, rec: dict[str, Any]) -> dict[str, Any]:
 def _allocation(cfg: EmbeddingConfig, model: torch.nn.Module, layers: dict[str, BlockShape],
                 fn: dict[str, torch.Tensor] | None, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     sizes = {n: int(dict(model.named_parameters())[n].numel()) for n in layers}
+    if cfg.allocation == "plan":  # per-layer ratios (and blocks, via the selection) from `blockprune plan`
+        from blockprune.frontends.allocation import plan_allocation
+
+        return plan_allocation(cfg.plan_file, list(layers), sizes)
     if cfg.allocation == "uniform":
         ratios = {n: float(cfg.ratio) for n in layers}
         return {"rule": "uniform", "ratios": ratios, "overall": overall_ratio(ratios, sizes), "curves": None}
@@ -545,11 +558,12 @@ def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, cosine_weight=args.cosine_weight,
         mse_weight=args.mse_weight, hidden_weight=args.hidden_weight, score=args.score,
         calib_examples=args.calib_examples, prune_every=args.prune_every, ramp_fraction=args.ramp_fraction,
-        allocation=args.allocation, sensitivity_ratios=_ratios(args.sensitivity_ratios),
+        allocation="plan" if getattr(args, "plan", None) else args.allocation,
+        sensitivity_ratios=_ratios(args.sensitivity_ratios),
         sensitivity_examples=args.sensitivity_examples, max_layer_ratio=args.max_layer_ratio, seed=args.seed,
         limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter, stop_after=args.stop_after,
         progress=not args.no_progress, threads=args.threads, freeze_embeddings=args.freeze_embeddings,
-        attention=args.attention, optimizer=args.optimizer)
+        attention=args.attention, optimizer=args.optimizer, plan_file=getattr(args, "plan", None))
 
 
 def main(argv: list[str] | None = None) -> int:

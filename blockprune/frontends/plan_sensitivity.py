@@ -83,9 +83,9 @@ def _copy_onnx_weights(module: torch.nn.Module, proto: Any) -> None:
             continue
         arr = numpy_helper.to_array(inits[name])
         if tuple(arr.shape) == tuple(p.shape):
-            p.copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+            p.copy_(torch.from_numpy(np.array(arr)))
         elif arr.ndim == 2 and tuple(arr.T.shape) == tuple(p.shape):
-            p.copy_(torch.from_numpy(np.ascontiguousarray(arr.T)))
+            p.copy_(torch.from_numpy(np.array(arr.T)))
 
 
 def read_plan_texts(data: str | None, limit: int) -> tuple[list[str] | None, list[Any] | None, str]:

@@ -45,7 +45,8 @@ import torch
 
 from blockprune.blocks import BlockShape
 from blockprune.errors import BlockpruneError
-from blockprune.frontends.allocation import allocate, load_curves, measure_sensitivity, overall_ratio, save_curves
+from blockprune.frontends.allocation import (allocate, load_curves, measure_sensitivity, overall_ratio, plan_allocation,
+                                             save_curves)
 from blockprune.frontends.data import (  # noqa: F401  (re-exported)
     LengthGroupedBatches,
     TaskData,
@@ -148,6 +149,8 @@ class _Calibration:
         if cfg.prune_mode != "layer":
             return None
         sizes = {n: int(dict(model.named_parameters())[n].numel()) for n in self.layers}
+        if cfg.allocation == "plan":  # per-layer ratios (and blocks, via the selection) from `blockprune plan`
+            return plan_allocation(cfg.plan_file, list(self.layers), sizes)
         if cfg.allocation == "uniform":
             ratios = {n: float(cfg.ratio) for n in self.layers}
             return {"rule": "uniform", "ratios": ratios, "overall": overall_ratio(ratios, sizes), "curves": None}

@@ -109,6 +109,7 @@ class RecipeConfig:
     freeze_embeddings: bool = False  # word embeddings not trained (a third of MiniLM's AdamW work)
     attention: str = "sdpa"  # attention kernel while training/evaluating; export always uses eager
     optimizer: str = "fused"  # AdamW implementation (fused/foreach: one kernel over all tensors)
+    plan_file: str | None = None  # plan.yaml from `blockprune plan`: per-layer blocks and ratios (allocation "plan")
     seed: int = 0
     limit_train: int | None = None
     limit_eval: int | None = None
@@ -122,8 +123,10 @@ class RecipeConfig:
 
     def selection(self) -> LayerSelection:
         exclude = list(self.exclude) + ([] if self.include_heads else [HEAD_PATTERN])
+        from blockprune.frontends.allocation import plan_overrides
+
         return LayerSelection(include=list(self.include), exclude=exclude, block=self.block,
-                              block_overrides=[tuple(x) for x in self.block_overrides])
+                              block_overrides=plan_overrides(self.plan_file) + [tuple(x) for x in self.block_overrides])
 
     def hard_prune_config(self) -> HardPruneConfig:
         return HardPruneConfig(mode=self.prune_mode, sparsity=self.ratio, threshold=self.threshold)
@@ -164,7 +167,10 @@ class RecipeConfig:
         if self.method == "gradual" and self.prune_mode != "layer":
             raise BlockpruneError(f"gradual pruning needs per-layer ratios, not prune_mode={self.prune_mode!r}",
                                   "use --prune-mode layer (with --allocation uniform or sensitivity)")
-        if self.allocation == "sensitivity" and self.prune_mode != "layer":
+        if (self.allocation == "plan") != bool(self.plan_file):
+            raise BlockpruneError("allocation 'plan' and a plan file go together",
+                                  "use `blockprune train --plan plan.yaml` (it sets both)")
+        if self.allocation in ("sensitivity", "plan") and self.prune_mode != "layer":
             raise BlockpruneError("--allocation sensitivity chooses per-layer ratios, so it needs --prune-mode layer",
                                   "use --prune-mode layer, or --allocation uniform")
         if self.method == "gradual" and self.epochs_rew < 1:
@@ -225,6 +231,8 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
+        if d.get("plan_file") is None:  # runs from before `--plan` existed resume unchanged
+            d.pop("plan_file", None)
         if not self.distill and not self.distill_hidden:  # off: the temperature does not matter
             d.pop("distill", None)
             d.pop("distill_temperature", None)

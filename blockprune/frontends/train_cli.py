@@ -70,9 +70,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--score", choices=["activation", "weight"], default="activation",
                    help="block importance: ||W_g * s|| with per-input-feature activation norms s, or plain ||W_g||")
     p.add_argument("--calib-examples", type=int, default=256, help="training examples for the activation norms")
-    p.add_argument("--allocation", choices=["uniform", "sensitivity"], default="uniform",
+    p.add_argument("--allocation", choices=["uniform", "sensitivity", "plan"], default="uniform",
                    help="per-layer ratios: the same everywhere, or chosen from each layer's measured sensitivity "
                         "so the overall ratio is --ratio")
+    p.add_argument("--plan", default=None, help="plan.yaml from `blockprune plan`: per-layer blocks and ratios "
+                                                "(sets --allocation plan; --ratio and --block are then unused)")
     p.add_argument("--sensitivity-ratios", default="0.25,0.5,0.75,0.9", help="ratios each layer is tried at alone")
     p.add_argument("--sensitivity-examples", type=int, default=128, help="training examples for the sensitivity")
     p.add_argument("--max-layer-ratio", type=float, default=0.9, help="no layer is pruned beyond this ratio")
@@ -157,9 +159,11 @@ def config_from_args(args: argparse.Namespace):
         stop_after=args.stop_after, progress=not args.no_progress, threads=args.threads,
         rgl_form=args.rgl_form, score=args.score, calib_examples=args.calib_examples,
         distill_hidden=args.distill_hidden, prune_every=args.prune_every, ramp_fraction=args.ramp_fraction,
-        allocation=args.allocation, sensitivity_ratios=_ratios(args.sensitivity_ratios),
+        allocation="plan" if getattr(args, "plan", None) else args.allocation,
+        sensitivity_ratios=_ratios(args.sensitivity_ratios),
         sensitivity_examples=args.sensitivity_examples, max_layer_ratio=args.max_layer_ratio,
         freeze_embeddings=args.freeze_embeddings, attention=args.attention, optimizer=args.optimizer,
+        plan_file=getattr(args, "plan", None),
     )
 
 

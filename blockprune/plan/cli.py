@@ -25,7 +25,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       ratios=_floats(args.ratios), sensitivity_ratios=_floats(args.sensitivity_ratios),
                       examples=args.examples, max_length=args.max_length, batch=args.batch, seq=args.seq,
                       threads=args.threads, baseline_ms=args.baseline_ms, cost_table=args.cost_table, rpc=args.rpc,
-                      share_qkv=not args.no_share_qkv)
+                      share_qkv=not args.no_share_qkv, sensitivity_cache=args.sensitivity_cache)
     res = make_plan(req, log=None if args.quiet else console.print)
     console.print(plan_table(res.layers, res.info))
     info = res.info
@@ -128,6 +128,8 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--baseline-ms", type=float, help="the speed-up baseline in ms (default: measured / predicted)")
     p.add_argument("--cost-table", help="a `blockprune calibrate` JSON measured on the target")
     p.add_argument("--rpc", metavar="HOST:PORT", help="measure on a board (needs calibrate over RPC; not available yet)")
+    p.add_argument("--sensitivity-cache", help="JSON of measured curves (default: PLAN.sensitivity.json beside the "
+                                               "plan); reused when model, data and grid match")
     p.add_argument("--no-share-qkv", action="store_true", help="let Q, K, V of a layer take different blocks")
     p.add_argument("--quiet", action="store_true", help="no per-layer sensitivity log")
     p.set_defaults(func=cmd_plan)

@@ -50,6 +50,7 @@ class PlanRequest:
     cost_table: str | None = None
     rpc: str | None = None
     share_qkv: bool = True
+    sensitivity_cache: str | None = None  # default: <plan stem>.sensitivity.json beside the plan
 
     def goal(self) -> tuple[str, float]:
         given = [(k, v) for k, v in (("speedup", self.speedup), ("latency_ms", self.latency_ms),
@@ -116,6 +117,8 @@ def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: 
                 continue
             x, y = _curve(c.ratios, c.loss[name])
             for r in ratios:
+                if r > max(c.ratios) + 1e-9:  # never extrapolate a sensitivity curve
+                    continue
                 if r == 0.0:
                     choices.append(Choice(b, 0.0, "dense", dense, 0.0))
                     continue
@@ -157,7 +160,7 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
     texts, _, data_desc = read_plan_texts(req.data, req.examples)
     batches = make_batches(pm, texts, req.max_length, req.examples)
     out = Path(req.output)
-    cache = out.with_name(out.stem + ".sensitivity.json")
+    cache = Path(req.sensitivity_cache) if req.sensitivity_cache else out.with_name(out.stem + ".sensitivity.json")
     key = {"model": pm.source, "onnx": str(pm.onnx_path) if pm.onnx_path else None, "data": data_desc,
            "examples": req.examples, "max_length": req.max_length}
     curves, cached = measure_plan_curves(pm, blocks, req.sensitivity_ratios, batches, cache, key, log=log)
@@ -209,7 +212,7 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
         "predicted_speedup_over_dense_tvm": round(dense_total / predicted, 4),
         "predicted_cost": round(res.cost, 4), "cost_unit": LOSSES.get(pm.loaded.head, "proxy"),
         "cost_rule": "sum of per-layer costs, each measured with that layer alone pruned",
-        "model": req.model, "source": pm.source, "data": data_desc, "sensitivity_cache": cache.name,
+        "model": req.model, "source": pm.source, "data": data_desc, "sensitivity_cache": str(cache),
         "sensitivity_cached": cached, "blocks": list(blocks), "ratios": ratios, "qkv_rule": QKV_RULE if req.share_qkv
         else "none", "overall_ratio": round(sum(x["ratio"] * x["shape"][0] * x["shape"][1] for x in layers)
                                             / max(sum(x["shape"][0] * x["shape"][1] for x in layers), 1), 4),

@@ -93,8 +93,12 @@ def _groups(layers: list[LayerOptions]) -> list[tuple[list[LayerOptions], list[t
     return out
 
 
-def _dp(groups, horizon_ms: float, bins: int):
-    """dp[t] = least cost with summed (rounded-up) time exactly t steps; backpointers per group."""
+def _steps(t: float, step: float, up: bool) -> int:
+    return int(math.ceil(t / step - 1e-9)) if up else int(math.floor(t / step + 1e-9))
+
+
+def _dp(groups, horizon_ms: float, bins: int, up: bool = True):
+    """dp[t] = least cost with summed (rounded) time exactly t steps; backpointers per group."""
     step = horizon_ms / bins
     dp = np.full(bins + 1, np.inf)
     dp[0] = 0.0
@@ -103,7 +107,7 @@ def _dp(groups, horizon_ms: float, bins: int):
         new = np.full(bins + 1, np.inf)
         arg = np.full(bins + 1, -1, dtype=np.int64)
         for j, (t, c, _) in enumerate(opts):
-            s = int(math.ceil(t / step - 1e-9))
+            s = _steps(t, step, up)
             if s > bins:
                 continue
             cand = np.full(bins + 1, np.inf)
@@ -113,17 +117,17 @@ def _dp(groups, horizon_ms: float, bins: int):
             arg[better] = j
         dp = new
         back.append(arg)
-    return dp, back, step
+    return dp, back, step, up
 
 
-def _walk(groups, back, step: float, t_idx: int) -> dict[str, Choice]:
+def _walk(groups, back, step: float, t_idx: int, up: bool = True) -> dict[str, Choice]:
     out: dict[str, Choice] = {}
     for (members, opts), arg in zip(reversed(groups), reversed(back)):
         j = int(arg[t_idx])
         t, _, what = opts[j]
         for m, c in zip(members, what):
             out[m.name] = c
-        t_idx -= int(math.ceil(t / step - 1e-9))
+        t_idx -= _steps(t, step, up)
     return out
 
 
@@ -155,12 +159,14 @@ def least_cost_within(layers: list[LayerOptions], budget_ms: float, bins: int = 
             f"knows needs {floor:.2f} ms",
             "ask for less (a lower --speedup or a higher --latency-ms), or allow higher ratios (--ratios up to 0.95) "
             "or faster blocks (--blocks)")
-    dp, back, step = _dp(groups, budget_ms, bins)
-    t_idx = int(np.argmin(dp))
-    if not np.isfinite(dp[t_idx]):  # rounding up pushed the fastest plan past the budget
-        dp, back, step = _dp(groups, floor * (1 + 1e-6) + 1e-9, bins)
-        t_idx = int(np.argmin(dp))
-    return _result(_walk(groups, back, step, t_idx), _frontier(dp, step))
+    dp, back, step, up = _dp(groups, budget_ms, bins, up=False)
+    choices = _walk(groups, back, step, int(np.argmin(dp)), up)
+    if sum(c.ms for c in choices.values()) > budget_ms + 1e-9:  # the relaxation overshot: round up
+        dp, back, step, up = _dp(groups, budget_ms, bins, up=True)
+        if not np.isfinite(dp.min()):  # rounding up pushed even the fastest plan past the budget
+            dp, back, step, up = _dp(groups, floor * (1 + 1e-6) + 1e-9, bins, up=True)
+        choices = _walk(groups, back, step, int(np.argmin(dp)), up)
+    return _result(choices, _frontier(dp, step))
 
 
 def least_time_within(layers: list[LayerOptions], max_cost: float, bins: int = 4000) -> SearchResult:
@@ -169,9 +175,9 @@ def least_time_within(layers: list[LayerOptions], max_cost: float, bins: int = 4
         raise BlockpruneError(f"--max-drop {max_cost:g} is negative", "give the accuracy cost allowed, e.g. 1.0")
     groups = _groups(layers)
     horizon = sum(max(t for t, _, _ in opts) for _, opts in groups)
-    dp, back, step = _dp(groups, horizon * (1 + 1e-6), bins)
+    dp, back, step, up = _dp(groups, horizon * (1 + 1e-6), bins)
     ok = np.nonzero(dp <= max_cost + 1e-12)[0]
     if not ok.size:  # cannot happen while ratio 0 (cost 0) is an option; kept for custom grids
         raise BlockpruneError(f"no plan keeps the predicted cost within {max_cost:g}",
                               "raise --max-drop, or include ratio 0 in --ratios")
-    return _result(_walk(groups, back, step, int(ok[0])), _frontier(dp, step))
+    return _result(_walk(groups, back, step, int(ok[0]), up), _frontier(dp, step))

@@ -1,0 +1,239 @@
+"""`blockprune plan`: search under a budget, sensitivity preference, Q/K/V sharing, the cost models,
+the plan file read back by `compress --plan`, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from blockprune.errors import BlockpruneError
+from blockprune.plan.search import Choice, LayerOptions, fastest_ms, least_cost_within, least_time_within
+
+
+def _synthetic(sens: dict[str, float], blocks=("16x1", "32x32"), qkv: bool = False) -> list[LayerOptions]:
+    """Layers whose time falls linearly with ratio (32x32 10% faster) and whose cost is sens * ratio^2
+    (32x32 twice as costly)."""
+    out = []
+    for name, s in sens.items():
+        ch = [Choice(blocks[0], 0.0, "dense", 1.2, 0.0)]
+        for b in blocks:
+            for r in (0.3, 0.5, 0.7, 0.9):
+                fast = 0.9 if b == "32x32" else 1.0
+                ch.append(Choice(b, r, "bsr", (1.0 - r) * fast, s * r * r * (2.0 if b == "32x32" else 1.0)))
+        group = name.split(".")[0] + ".qkv" if qkv and name.split(".")[1] in "qkv" else name
+        out.append(LayerOptions(name, group, ch))
+    return out
+
+
+def test_search_respects_the_budget_and_is_optimal_on_a_small_table():
+    import itertools
+
+    layers = _synthetic({"a": 1.0, "b": 2.0, "c": 0.5})
+    for budget in (3.0, 2.0, 1.5, 1.0):
+        res = least_cost_within(layers, budget)
+        assert res.ms <= budget + 1e-9
+        assert res.ms == pytest.approx(sum(c.ms for c in res.choices.values()))
+        # brute force over every combination
+        best = min(sum(c.cost for c in combo) for combo in itertools.product(*(lo.choices for lo in layers))
+                   if sum(c.ms for c in combo) <= budget)
+        assert res.cost <= best + 0.01 * max(best, 1e-3) + 1e-9  # DP rounds times up by < 1/4000 of the budget
+
+
+def test_search_prefers_insensitive_layers():
+    layers = _synthetic({"robust": 0.1, "fragile": 10.0})
+    res = least_cost_within(layers, 1.6)
+    assert res.choices["robust"].ratio > res.choices["fragile"].ratio
+    assert res.choices["fragile"].ratio == 0.0  # robust at 0.7 + fragile dense is the cheapest fit
+
+
+def test_max_drop_minimises_time_within_the_cost():
+    layers = _synthetic({"a": 1.0, "b": 4.0})
+    res = least_time_within(layers, 0.5)
+    assert res.cost <= 0.5 + 1e-9
+    tighter = least_time_within(layers, 0.05)
+    assert tighter.ms >= res.ms and tighter.cost <= 0.05 + 1e-9
+    assert least_time_within(layers, 0.0).cost == 0.0
+
+
+def test_qkv_of_one_layer_share_a_block_shape():
+    # q prefers 32x32 alone (cheap there), k and v prefer 16x1: sharing forces one block for all three
+    layers = []
+    for role, pref in (("q", "32x32"), ("k", "16x1"), ("v", "16x1")):
+        ch = [Choice("16x1", 0.0, "dense", 1.0, 0.0)]
+        for b in ("16x1", "32x32"):
+            for r in (0.5, 0.9):
+                ch.append(Choice(b, r, "bsr", 1.0 - r, r * (0.1 if b == pref else 1.0)))
+        layers.append(LayerOptions(f"0.{role}", "0.qkv", ch))
+    res = least_cost_within(layers, 0.4)
+    blocks = {res.choices[f"0.{r}"].block for r in "qkv" if res.choices[f"0.{r}"].ratio > 0}
+    assert len(blocks) == 1
+    free = least_cost_within([LayerOptions(lo.name, lo.name, lo.choices) for lo in layers], 0.4)
+    assert {free.choices[f"0.{r}"].block for r in "qkv"} == {"32x32", "16x1"}
+    assert free.cost <= res.cost
+
+
+def test_impossible_budget_is_one_clear_error():
+    layers = _synthetic({"a": 1.0, "b": 1.0})
+    floor = fastest_ms(layers)
+    with pytest.raises(BlockpruneError) as e:
+        least_cost_within(layers, floor * 0.5)
+    assert "fastest plan" in e.value.problem and "--speedup" in e.value.fix
+
+
+def test_measured_cost_model_is_monotone_and_matches_the_table():
+    from blockprune.backends.tvm.cost.calibrate import default_break_even_table
+    from blockprune.backends.tvm.cost.model import MeasuredCost, isotonic
+
+    assert list(isotonic([1, 3, 2, 4])) == [1, 2.5, 2.5, 4]
+    table = default_break_even_table()
+    cost = MeasuredCost(table)
+    e = next(x for x in table.entries if (x.n, x.k, x.block) == (3072, 768, "16x1"))
+    assert cost.dense_ms(3072, 768, 128) == pytest.approx(e.dense_ms)
+    times = [cost.bsr_ms(3072, 768, "16x1", d, 128) for d in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)]
+    assert times == sorted(times)
+    assert cost.bsr_ms(3072, 768, "16x1", 0.2, 256) == pytest.approx(2 * cost.bsr_ms(3072, 768, "16x1", 0.2, 128))
+    lt = cost.layer(3072, 768, "16x1", 0.2, 128)
+    assert lt.form == "bsr" and lt.ms < lt.dense_ms
+    assert cost.layer(3072, 768, "16x1", 1.0, 128).form == "dense"
+
+
+def test_analytic_model_states_its_assumptions_and_error():
+    from blockprune.backends.tvm.cost.model import AnalyticCost, analytic_error, cost_model_for
+
+    err = analytic_error()
+    assert 0 < err["all_mean_abs_rel"] < 0.5 and err["points"] > 100
+    a72 = cost_model_for("cortex-a72")
+    assert isinstance(a72, AnalyticCost) and not a72.measured
+    text = " ".join(a72.assumptions())
+    assert "GFLOP/s" in text and "L2" in text and "fitted" in text
+    # a slower core than the host, and sparse is faster than dense
+    assert a72.dense_ms(768, 768, 128) > cost_model_for("x86-64").dense_ms(768, 768, 128)
+    assert a72.layer(768, 768, "16x1", 0.3, 128).form == "bsr"
+
+
+def test_rpc_and_unknown_target_name_the_fix(tmp_path):
+    from blockprune.backends.tvm.cost.model import cost_model_for
+    from blockprune.plan.plan_api import PlanRequest, make_plan
+
+    with pytest.raises(BlockpruneError) as e:
+        cost_model_for("cortex-a72", rpc="10.0.0.2:9090")
+    assert "calibrate" in e.value.problem and "--cost-table" in e.value.fix
+    with pytest.raises(BlockpruneError) as e:
+        make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-x9", speedup=2.0))
+    assert "cortex-x9" in e.value.problem and "cortex-a72" in e.value.fix
+    with pytest.raises(BlockpruneError) as e:
+        make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), speedup=2.0, latency_ms=3.0))
+    assert "exactly one goal" in e.value.problem
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(exports, tmp_path_factory):
+    """A real plan on bert-tiny (random tokens), written once."""
+    from blockprune.plan.plan_api import PlanRequest, make_plan
+
+    path = exports.path("bert-tiny")
+    out = tmp_path_factory.mktemp("plan") / "plan.yaml"
+    req = PlanRequest(str(path), str(out), latency_ms=0.45, examples=16, sensitivity_ratios=(0.5, 0.9),
+                      ratios=(0.0, 0.5, 0.7, 0.9))
+    return req, make_plan(req, log=None)
+
+
+def test_plan_on_a_tiny_model_meets_its_budget_and_caches_the_curves(tiny_plan):
+    import time
+
+    from blockprune.plan.plan_api import make_plan
+
+    req, res = tiny_plan
+    info = res.info
+    assert info["predicted_ms"] <= 0.45 + 1e-6 and info["measured"] is True
+    assert res.path.is_file() and (res.path.parent / "plan.sensitivity.json").is_file()
+    assert len(res.layers) == 12  # 2 encoder layers x 6 Linears
+    for layer in (0, 1):  # the rule the plan states
+        blocks = {x["block"] for x in res.layers if x["layer"] == layer and x["role"] in "qkv" and x["ratio"] > 0}
+        assert len(blocks) <= 1
+    t = time.perf_counter()
+    again = make_plan(req, log=None)
+    assert again.info["sensitivity_cached"] and time.perf_counter() - t < 30
+    assert again.layers == res.layers
+
+
+def test_impossible_latency_on_a_real_model(tiny_plan, tmp_path):
+    from blockprune.plan.plan_api import PlanRequest, make_plan
+
+    req, _ = tiny_plan
+    bad = PlanRequest(req.model, str(tmp_path / "p.yaml"), latency_ms=0.05, examples=16,
+                      sensitivity_ratios=req.sensitivity_ratios, ratios=req.ratios,
+                      sensitivity_cache=str(req.output).replace(".yaml", ".sensitivity.json"))
+    with pytest.raises(BlockpruneError) as e:
+        make_plan(bad, log=None)
+    assert "remainder" in e.value.problem or "fastest plan" in e.value.problem
+
+
+def test_plan_round_trips_through_compress(tiny_plan, exports, tmp_path):
+    from blockprune.compress_api import compress_file
+    from blockprune.onnx_io import get_meta
+    from blockprune.passes.find_weights import find_weights
+    from blockprune.plan.plan_file import read_plan
+
+    req, res = tiny_plan
+    cfg = read_plan(res.path)
+    out = compress_file(req.model, tmp_path / "small.onnx", prune=cfg, reorder=False)
+    layers = get_meta(out.model, "layers", {})
+    names = {w.initializer: w.display_name for w in find_weights(out.model)}
+    planned = {x["name"]: x for x in res.layers}
+    seen = 0
+    for init, info in layers.items():
+        name = names.get(init, init)
+        if name not in planned:
+            continue
+        p = planned[name]
+        block_elems = int(p["block"].split("x")[0]) * int(p["block"].split("x")[1])
+        assert info.get("sparsity", 0.0) == pytest.approx(p["ratio"], abs=block_elems / (p["shape"][0] * p["shape"][1]))
+        if p["ratio"] > 0:
+            assert info["form"].endswith(p["form"]) and info["block"] == p["block"]
+        seen += 1
+    assert seen == sum(1 for x in res.layers if x["ratio"] > 0) or seen == len(res.layers)
+
+
+def test_cli_plan_for_a_cross_target_says_unmeasured(exports, tmp_path, capsys):
+    from blockprune.cli import main
+
+    path = exports.path("bert-tiny")
+    rc = main(["plan", str(path), "-o", str(tmp_path / "a72.yaml"), "--target", "cortex-a72", "--max-drop", "5",
+               "--examples", "16", "--sensitivity-ratios", "0.5,0.9", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "unmeasured" in out.lower() and "GFLOP/s" in out
+    rc = main(["compress", str(path), "-o", str(tmp_path / "small.onnx"), "--plan", str(tmp_path / "a72.yaml")])
+    assert rc == 0 and "planned vs achieved" in capsys.readouterr().out
+    assert main(["compress", str(path), "-o", str(tmp_path / "x.onnx"), "--plan", str(tmp_path / "a72.yaml"),
+                 "--sparsity", "0.5"]) == 2
+
+
+def test_train_reads_the_plan(tiny_plan, glue_dir):
+    """`train --plan`: the recipe's layer selection takes the plan's blocks, its allocation the plan's ratios."""
+    from blockprune.frontends.allocation import plan_allocation
+    from blockprune.frontends.hard_prune import select_layers
+    from blockprune.frontends.train_cli import config_from_args
+    from blockprune.models.zoo import load_model
+    import argparse
+
+    _, res = tiny_plan
+    from blockprune.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--model", "bert-tiny", "--task", "mrpc", "--data-dir",
+                                      str(glue_dir / "MRPC"), "--out", "unused", "--plan", str(res.path)])
+    cfg = config_from_args(args)
+    assert cfg.allocation == "plan" and cfg.plan_file == str(res.path)
+    cfg.validate()
+    assert "plan_file" not in type(cfg)(model="bert-tiny").fingerprint()  # old runs resume unchanged
+    model = load_model("bert-tiny", head="classification").model
+    layers = select_layers(model, cfg.selection())
+    alloc = plan_allocation(cfg.plan_file, list(layers), {n: 1 for n in layers})
+    planned = {x["name"]: x for x in res.layers}
+    for name, block in layers.items():
+        hf = name.split("bert.", 1)[-1]
+        if hf in planned:
+            assert alloc["ratios"][name] == pytest.approx(planned[hf]["ratio"])
+            assert str(block) == planned[hf]["block"]
+    assert alloc["plan"]["predicted_ms"] == res.info["predicted_ms"]
+    assert isinstance(args, argparse.Namespace)
