@@ -37,7 +37,8 @@ from blockprune.errors import BlockpruneError  # noqa: E402
 from blockprune.io import atomic_path  # noqa: E402
 
 BREAK_EVEN = 0.6  # a fixed policy threshold, so the BSR counts do not depend on the shipped timing table
-COLUMNS = ("prune", "compress", "compile x86-64", "compile aarch64 + qemu")
+GPU_COLUMN = "compile mali + PoCL kernels"
+COLUMNS = ("prune", "compress", "compile x86-64", "compile aarch64 + qemu", GPU_COLUMN)
 
 
 def _cell(fn):
@@ -77,23 +78,52 @@ def run_route(spec: str, route: str, work: Path, aarch64: bool) -> dict:
         bsr = next((s.report.changed for s in res.stages if s.report and s.report.name == "block-sparse"), 0)
         return max(diffs, default=0.0), f"{bsr} layers BSR"
 
+    row["prune"] = _cell(do_prune)
+    return _compile_cells(row, small, work / f"{spec}-{route}", aarch64, seq=16,
+                          prerequisite="prune" if not row["prune"]["ok"] else None, compress=do_compress)
+
+
+def gpu_cell(model: Path, out: Path, seq: int):
+    """Compile for the Mali preset, then run every generated OpenCL kernel on PoCL against its CPU
+    build (:func:`verify_artifact_kernels`): no TVM OpenCL runtime exists here, so this is the end
+    to end check available without a phone."""
+    def inner():
+        from blockprune.backends.tvm.pipeline.gpu_compile import compile_gpu_model
+        from blockprune.backends.tvm.verify.gpu_verify import verify_artifact_kernels
+
+        compile_gpu_model(model, out, target="mali", batch=1, seq=seq)
+        report = verify_artifact_kernels(out, target="mali")
+        if not report.ok:
+            bad = ", ".join(r.kernel for r in report.failed) or f"missing {report.missing}"
+            raise BlockpruneError(f"PoCL kernel check failed: {bad}")
+        bsr = sum(1 for r in report.rows if r.kind == "bsr")
+        return max(r.max_abs_diff for r in report.rows), f"{len(report.rows)} kernels ({bsr} BSR) on PoCL"
+    return inner
+
+
+def _compile_cells(row: dict, small: Path, stem: Path, aarch64: bool, seq: int, prerequisite: str | None,
+                   compress) -> dict:
+    """compress, then compile for x86-64 (verified against onnxruntime), aarch64 (under qemu) and
+    the Mali GPU preset (kernels on PoCL); later cells are skipped when compress failed."""
+    import blockprune as bp
+
     def do_compile(target: str):
         def inner():
-            art = bp.compile(small, work / f"{spec}-{route}-{target}", target=target, batch=1, seq=16)
+            art = bp.compile(small, Path(f"{stem}-{target}"), target=target, batch=1, seq=seq)
             v = art.verified or {}
             return max(v.get("max_abs_diff", {}).values(), default=float("nan")), v.get("how", "")
         return inner
 
-    row["prune"] = _cell(do_prune)
-    row["compress"] = _cell(do_compress) if row["prune"]["ok"] else {"ok": False, "error": "skipped (prune failed)"}
+    row["compress"] = _cell(compress) if prerequisite is None else {"ok": False, "error": f"skipped ({prerequisite} failed)"}
     ok = row["compress"]["ok"]
     row["compile x86-64"] = _cell(do_compile("x86-64")) if ok else {"ok": False, "error": "skipped"}
     if aarch64:
         row["compile aarch64 + qemu"] = _cell(do_compile("aarch64")) if ok else {"ok": False, "error": "skipped"}
+    row[GPU_COLUMN] = _cell(gpu_cell(small, Path(f"{stem}-mali"), seq)) if ok else {"ok": False, "error": "skipped"}
     return row
 
 
-def bert_base_row(work: Path) -> dict:
+def bert_base_row(work: Path, aarch64: bool = True) -> dict:
     """Plain export of bert-base (random weights) pruned to 80% 1x32 in numpy; compress must rewrite it."""
     import onnx
     from onnx import numpy_helper
@@ -106,7 +136,6 @@ def bert_base_row(work: Path) -> dict:
     src = plain_torch_export(load_model("bert-base"), work / "bert-base-plain.onnx", exporter="legacy")
     model = onnx.load(str(src))
     inits = {t.name: t for t in model.graph.initializer}
-    rng = np.random.default_rng(0)
     pruned_layers = 0
     for w in find_weights(model):  # numpy, as a user's own script would: 80% of 1x32 row segments
         if w.role not in ("q", "k", "v", "attn_out", "ffn_in", "ffn_out"):
@@ -132,8 +161,8 @@ def bert_base_row(work: Path) -> dict:
         diffs = [s.max_abs_diff for s in res.stages if s.max_abs_diff is not None]
         return max(diffs, default=0.0), f"1x32 detected on {det} layers, {bsr}/{pruned_layers} layers BSR"
 
-    row["compress"] = _cell(do_compress)
-    return row
+    return _compile_cells(row, work / "bert-base-small.onnx", work / "bert-base", aarch64, seq=128,
+                          prerequisite=None, compress=do_compress)
 
 
 def _fmt(cell: dict | None) -> str:
@@ -152,7 +181,10 @@ def to_markdown(rows: list[dict], started: str) -> str:
              "`roberta-tiny`, `distilbert-tiny`: hidden 64, 2 layers, 4 heads), encoder head; prune = one-shot "
              "1x32 at 50% (max-abs vs the numpy masked reference), compress = worst stage max-abs vs the pruned "
              "model (policy break-even 0.6), compile = the artifact's own verification against onnxruntime on the compressed model "
-             "(batch 1, seq 16; aarch64 under qemu). Tolerance 1e-4 everywhere. No timings.", "",
+             "(batch 1, seq 16; aarch64 under qemu); GPU = compile for the Mali preset, then every generated OpenCL "
+             "kernel run on PoCL against its CPU build (no TVM OpenCL runtime here, so whole-model GPU runs are "
+             "not possible; tolerance 1e-5 + 1e-4 x max|ref| per kernel). Tolerance 1e-4 elsewhere. No timings. "
+             "The BERT-base row compiles at seq 128.", "",
              "ORT-optimized graphs have 6 prunable MatMuls: q/k/v live in the fused `Attention` node's packed "
              "weight (lowered to standard ops for TVM). A layer that stays dense after compress (11 of 12) is an "
              "FFN whose compaction raised its density above the 0.6 break-even.", "",
@@ -162,7 +194,7 @@ def to_markdown(rows: list[dict], started: str) -> str:
             lines.append(f"| {r['model']} | {r['route']} | export unavailable: {r['export_error']} |" + " |" * (len(COLUMNS) - 1))
             continue
         cells = [_fmt(r.get(c)) for c in COLUMNS]
-        if "pruned_layers" in r:  # the BERT-base row: pruned by numpy outside blockprune, compress only
+        if "pruned_layers" in r:  # the BERT-base row: pruned by numpy outside blockprune
             cells[0] = f"numpy, outside blockprune ({r['pruned_layers']} layers)"
         lines.append(f"| {r['model']} | {r['route']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -183,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.only_bert_base:
         with tempfile.TemporaryDirectory(prefix="any-onnx-") as tmp:
-            row = bert_base_row(Path(tmp))
+            row = bert_base_row(Path(tmp), aarch64=not args.no_aarch64)
         print(row, flush=True)
         old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"rows": []}
         rows = [r for r in old["rows"] if not str(r.get("model", "")).startswith("bert-base")] + [row]
@@ -198,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(to_markdown([row], started).splitlines()[-1], flush=True)
         if args.bert_base:
-            row = bert_base_row(Path(tmp))
+            row = bert_base_row(Path(tmp), aarch64=not args.no_aarch64)
             rows.append(row)
             print(row, flush=True)
     with atomic_path(out.with_suffix(".json"), suffix=".json") as t:

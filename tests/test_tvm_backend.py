@@ -305,9 +305,9 @@ def test_cross_compiler_override(models, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("raised", [BlockpruneError("no kernel for this block", "use 16x1"), ValueError("boom")])
-def test_kernel_choice_errors_cross_the_relax_mutator_as_clear_errors(models, raised):
-    """An error inside the Relax mutator (a kernel chooser that refuses a layer) reaches the
-    user as itself or as one BlockpruneError, not as an FFI RuntimeError with a C++ backtrace."""
+def test_kernel_choice_errors_cross_the_importer_as_clear_errors(models, raised):
+    """An error inside the kernel converter (a kernel chooser that refuses a layer) reaches the
+    user as itself or as one BlockpruneError naming the layer, not as a frontend traceback."""
     from blockprune.backends.tvm.onnx_import.importer import import_onnx
 
     def chooser(spec, bsr):

@@ -164,3 +164,44 @@ def test_compact_removes_only_whole_blocks_of_neurons(exports):
                 assert info["compacted"][1][0] % b.rows == 0, (name, info)
             if info.get("compacted") and "output.dense" in name and "attention" not in name:
                 assert info["compacted"][1][1] % b.cols == 0, (name, info)
+
+
+def _skip_graph(broadcast: bool) -> onnx.ModelProto:
+    """X -> MatMul(W, 80% zero 16x1 blocks) -> Add(b) -> Add(r): the skip tensor ``r`` is made
+    *after* the matmul in node order (an exporter may do so), full-shape or broadcasting."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 32)).astype(np.float32)  # [in, out] -> W^T [32, 16]
+    keep = rng.random((32 // 16, 16)) < 0.3
+    w *= np.repeat(keep, 16, axis=0).T
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b"),
+             numpy_helper.from_array(np.float32(2.0), "two")]
+    nodes = [h.make_node("MatMul", ["X", "W"], ["y"], name="mm"), h.make_node("Add", ["y", "b"], ["yb"], name="bias"),
+             h.make_node("Mul", ["R", "two"], ["r"], name="late_skip"),
+             h.make_node("Add", ["yb", "r"], ["out"], name="residual")]
+    r_shape = [1, 32] if broadcast else [4, 32]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("X", TensorProto.FLOAT, [4, 16]),
+                                      h.make_tensor_value_info("R", TensorProto.FLOAT, r_shape)],
+                         [h.make_tensor_value_info("out", TensorProto.FLOAT, [4, 32])], initializer=inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("broadcast", [False, True])
+def test_kernel_converter_fuses_a_late_skip_and_falls_back_on_broadcast(broadcast, tmp_path):
+    """The layer reaches TVM as our op (no dense matmul left), its converter is registered only
+    during the import, and a residual made later in node order or broadcasting stays correct."""
+    from tvm.relax.frontend.onnx import onnx_frontend as fe
+
+    from blockprune.backends.tvm.onnx_import.importer import KERNEL_OP, import_onnx
+    from blockprune.backends.tvm.pipeline.compile import compile_model
+    from blockprune.backends.tvm.runtime.runner import compare_with_onnx, run_artifact
+
+    model = _skip_graph(broadcast)
+    imported = import_onnx(model, batch=4, seq=1, lower_dense_below=0.5, dense_block="16x1")
+    assert KERNEL_OP not in fe._get_convert_map()
+    text = imported.mod.script()
+    assert "call_tir" in text and "R.matmul" not in text
+    (layer,) = imported.layers
+    assert layer.form == "bsr" and layer.epilogue == ("bias" if broadcast else "bias+residual")
+    compile_model(model, tmp_path / "a", batch=4, seq=1, lower_dense_below=0.5, dense_block="16x1", verify=False)
+    diffs = compare_with_onnx(run_artifact(tmp_path / "a"), model)
+    assert max(diffs.values()) < 1e-4, diffs

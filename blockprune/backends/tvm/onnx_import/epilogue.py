@@ -12,11 +12,11 @@ What is matched, in this order, each only when the tensor before it has no other
   ``Div/Mul/Add/Sub/Erf/Gelu`` and constants, that *computes* ``x * 0.5 * (1 + erf(x / sqrt 2))``
   -- checked numerically on a sweep of inputs, so every exporter's spelling of GELU is found
   (``Div -> Erf -> Add -> Mul -> Mul``, ``Mul(0.5)`` first, opset 20's ``Gelu``) and nothing else is;
-* **residual**: ``Add(h, r)`` with ``r`` a non-constant tensor of the same shape (the transformer's
-  skip connection). It stays an ONNX ``Add``: the Relax lowering folds it into the kernel call,
-  because the kernel needs ``r`` as an input.
+* **residual**: ``Add(h, r)`` with ``r`` a non-constant tensor (the transformer's skip
+  connection). ``r`` becomes the kernel node's second input; the converter checks that its static
+  shape equals the output's and otherwise emits a separate add, so a broadcasting ``r`` stays correct.
 
-Bias and GELU nodes are removed from the ONNX graph here; the matmul's output takes the name of
+The matched nodes are removed from the ONNX graph here; the matmul's output takes the name of
 the last removed tensor, so the rest of the graph is untouched.
 """
 
@@ -39,15 +39,15 @@ class Epilogue:
 
     bias: np.ndarray | None = None
     gelu: bool = False
-    residual_add: str | None = None  # name of the ONNX Add node kept for the Relax lowering
+    residual: str | None = None  # the skip connection's tensor, added on the way out
 
     @property
     def empty(self) -> bool:
-        return self.bias is None and not self.gelu and self.residual_add is None
+        return self.bias is None and not self.gelu and self.residual is None
 
     def describe(self, residual: bool = True) -> str:
         parts = (["bias"] if self.bias is not None else []) + (["gelu"] if self.gelu else []) + \
-            (["residual"] if self.residual_add and residual else [])
+            (["residual"] if self.residual and residual else [])
         return "+".join(parts) or "none"
 
 
@@ -184,11 +184,10 @@ def _residual(index: GraphIndex, h: str) -> onnx.NodeProto | None:
 def absorb_epilogue(index: GraphIndex, matmul: onnx.NodeProto, n: int, residual: bool = True) -> tuple[Epilogue, list[onnx.NodeProto]]:
     """Match the epilogue after ``matmul`` (output ``[.., N]``) and rewire the graph.
 
-    Returns the epilogue and the ONNX nodes to delete (bias and GELU). The matmul's output is
-    renamed to the last absorbed tensor. The residual ``Add`` is kept; its name is returned.
-    The residual is only taken when the graph proves its shape equals the output's (the
-    other operand is not a constant; broadcasting residuals do not occur after a Linear in the
-    supported architectures, and the Relax lowering checks the static shapes again).
+    Returns the epilogue and the ONNX nodes to delete (bias, GELU, residual add). The matmul's
+    output is renamed to the last absorbed tensor. The residual is only taken after a plain
+    product or bias (GELU(x) + r is not a transformer pattern) and when the other operand is not
+    a constant; the converter checks the static shapes before fusing it.
     """
     ep = Epilogue()
     removed: list[onnx.NodeProto] = []
@@ -207,7 +206,9 @@ def absorb_epilogue(index: GraphIndex, matmul: onnx.NodeProto, n: int, residual:
     if residual and not ep.gelu:
         add = _residual(index, y)
         if add is not None:
-            ep.residual_add = add.name or add.output[0]
+            ep.residual = add.input[1] if add.input[0] == y else add.input[0]
+            removed.append(add)
+            y = add.output[0]
     if removed:
         matmul.output[0] = y
     return ep, removed

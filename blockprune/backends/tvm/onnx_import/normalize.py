@@ -17,7 +17,8 @@ exist in TVM. The elementwise ones are lowered to standard ops here (``FastGelu`
 ``EmbedLayerNormalization`` and ``Attention`` in the forms the optimizer emits
 (``contrib_fused``); any other contrib op, or an unsupported variant, is refused with one error
 naming the node and the fix. Any other failure of the importer becomes a ``BlockpruneError``
-naming the node and op type (``importer_errors``).
+naming the node and op type (``importer_errors``). LayerNorms that an exporter spelled out in
+elementary ops are given back to TVM as one node (:mod:`.layernorm_fusion`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class NormalizeReport:
     nodes_before: int = 0
     nodes_after: int = 0
     contrib_lowered: int = 0
+    layernorms_fused: int = 0
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -248,7 +250,8 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalize_for_tvm(model: onnx.ModelProto, batch: int, seq: int,
                       report: NormalizeReport | None = None) -> onnx.ModelProto:
     """A copy of ``model`` with static ``batch x seq`` inputs, onnxruntime contrib ops lowered to
-    standard ops (or refused by name), shapes and constants folded."""
+    standard ops (or refused by name), shapes and constants folded, spelled-out LayerNorms fused."""
+    from blockprune.backends.tvm.onnx_import.layernorm_fusion import fuse_layer_norms
     from blockprune.passes.dtype_check import require_float32_weights
 
     require_float32_weights(model, "the TVM CPU backend (float32 kernels, verified at 1e-4)")
@@ -268,6 +271,7 @@ def normalize_for_tvm(model: onnx.ModelProto, batch: int, seq: int,
         report.shapes_folded += folded
         if folded == 0 and len(m.graph.node) == before:
             break
+    report.layernorms_fused = fuse_layer_norms(m, _known_shapes(m))
     report.nodes_after = len(m.graph.node)
     return m
 

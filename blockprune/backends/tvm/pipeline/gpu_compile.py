@@ -9,7 +9,7 @@ Flow, and why each step:
    ``gpu_break_even`` are rebuilt as dense MatMuls, and (with ``dense_block``) dense weights
    with few non-zero blocks are lowered to BSR. The default is a parameter until it is
    measured on phones; the reasons go into the manifest.
-2. **Import** with :func:`.importer.import_onnx`, whose BSR placeholder mechanism is reused with
+2. **Import** with :func:`.importer.import_onnx`, whose BSR kernel converter is reused with
    a GPU kernel chooser: each ``BlockSparseMatMul`` becomes ``call_tir`` to the thread-bound
    kernel of :mod:`.bsr_gpu_kernel` (launch checked against the preset's limits here).
 3. **Schedule** (:func:`schedule_for_gpu`): legalize and fuse as TVM's generic GPU pipeline
