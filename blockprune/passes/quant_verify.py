@@ -17,8 +17,8 @@ the same random token batches as every other stage (``blockprune.sample_inputs``
   cost on real sentences is 0.2-0.4 points of STS-B Spearman; on the verification batches
   (2x16, 1x7) ours gives 0.988 dense, 0.994 at 16x1 50% and 80%, bert-base 0.989. On the 3000
   real STS-B dev sentences our dense int8 has mean cosine 0.993, lowest 0.977
-  (``benchmarks/results/int8_accuracy.md``). A wrong scale, layout or zero point gives 0.98 to
-  0.2 on bert-tiny (tests/test_quantize_int8.py checks that such a model is refused).
+  (``benchmarks/results/int8_accuracy.md``). Bugs on bert-tiny: all scales halved 0.977, q/k/v weights
+  transposed 0.940, zero point dropped 0.21 (tests/test_quantize_int8.py checks such models fail).
 * ``max_rel_error``: ``||cand - ref|| / ||ref||`` of each whole output, the highest. Bound:
   **<= 0.35** (MiniLM: ours 0.12-0.15, onnxruntime's 0.13-0.17). Cosine is blind to scale: this
   catches a model whose outputs point the right way at the wrong size.
