@@ -96,7 +96,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
                   f"({args.repeat} x {args.number} calls)")
     if args.json:
         print(json.dumps({"artifact": args.artifact, "where": where, "seconds": times}))
+    if getattr(args, "plan", None):
+        _planned_vs_measured(args.plan, ms[len(ms) // 2])
     return 0
+
+
+def _planned_vs_measured(plan_path: str, measured_ms: float) -> None:
+    """The plan's predicted time (and speed-up) next to this measurement."""
+    from blockprune.console import console, kv_table
+    from blockprune.plan.plan_file import read_plan
+
+    info = read_plan(plan_path).plan
+    rows = [("planned", f"{info['predicted_ms']:.2f} ms on {info['target']} "
+                        f"({'measured' if info['measured'] else 'analytic, unmeasured'} cost model)"),
+            ("measured", f"{measured_ms:.2f} ms ({100 * (measured_ms / info['predicted_ms'] - 1):+.0f}% vs planned)")]
+    if info.get("baseline_ms"):
+        rows.append(("speed-up over the plan's baseline", f"planned {info['predicted_speedup']:.2f}x, measured "
+                                                          f"{info['baseline_ms'] / measured_ms:.2f}x ({info['baseline']})"))
+    console.print(kv_table(f"plan {plan_path}: planned vs measured", rows))
 
 
 def _shape_list(text: str) -> list[tuple[int, int]]:
@@ -201,4 +218,5 @@ def add_backend_parsers(sub) -> None:
     b.add_argument("--number", type=int, default=10)
     b.add_argument("--repeat", type=int, default=5)
     b.add_argument("--json", action="store_true", help="also print the timings as JSON")
+    b.add_argument("--plan", default=None, help="plan.yaml the artifact was built from: show planned vs measured")
     b.set_defaults(func=cmd_bench)
