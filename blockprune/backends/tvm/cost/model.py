@@ -21,6 +21,11 @@ Both add the **non-linear remainder** (attention matmuls, softmax, LayerNorm, em
 allocation), a per-model constant measured from the per-kernel time shares of the compiled
 default flow (``data/remainder_x86-64.json``); for other models it scales with layers x tokens x
 hidden size, and for other targets with the ratio of peak throughput (both stated assumptions).
+
+Not modelled: ``compress``'s compaction (FFN neurons or heads whose blocks are all pruned are cut
+out, a smaller dense or BSR layer). It only makes a layer faster, so a plan with large blocks at
+high ratios can run faster than predicted (MiniLM 32x32 at 0.8: predicted 14.6 ms, forced BSR
+measured 14.9 ms, the compacting default flow 9.0 ms; ``benchmarks/results/plan.md``).
 """
 
 from __future__ import annotations
