@@ -293,3 +293,20 @@ def test_int8_friendly_blocks_are_accepted_and_detected(block):
     assert str(detect_block(w).block) == block  # a model pruned elsewhere gets its block back
     cfg = Cfg.from_dict({"block": block, "sparsity": 0.5, "layers": [{"match": "query", "block": block}]})
     assert str(cfg.resolve("encoder.layer.0.attention.self.query.weight").block) == block
+
+
+def test_python_api(exports, tmp_path):
+    import blockprune as bp
+
+    res = bp.compress(exports.path("bert-tiny", "legacy"), tmp_path / "small.onnx", sparsity=0.5, block="16x4",
+                      break_even=0.6, quantize="int8")
+    assert res.output == tmp_path / "small.onnx" and res.stages[-1].name == "quantize-int8"
+    written = onnx.load(str(res.output))
+    assert any(n.op_type == OP_INT8 for n in written.graph.node)
+    assert get_meta(written, "quantization")["verified"]["min_sentence_cosine"] >= 0.98
+    fp32 = bp.compress(exports.path("bert-tiny", "legacy"), tmp_path / "fp32.onnx", sparsity=0.5, block="16x4",
+                       break_even=0.6)
+    values = [t for t in written.graph.initializer if t.name.endswith(".bsr_values_int8")]
+    assert values and all(t.data_type == TensorProto.INT8 for t in values)
+    kept = sum(int(np.prod(t.dims)) for t in values)  # each kept value: 4 bytes -> 1 byte (+ 4 per scale)
+    assert fp32.output_bytes - res.output_bytes > 2.5 * kept
