@@ -19,7 +19,7 @@ from blockprune.compress_api import compress_model
 from blockprune.errors import BlockpruneError
 from blockprune.onnx_io import get_meta
 from blockprune.passes import PruneConfig
-from blockprune.passes.block_sparse import BlockSparseRewrite
+from blockprune.passes.block_sparse import BlockSparseRewrite, DensifyBlockSparse
 from blockprune.passes.bsr_function import DOMAIN
 from blockprune.passes.bsr_int8_function import OP_INT8, NodeSpec, int8_matmul_pattern
 from blockprune.passes.int8_reference import exact_int8_model
@@ -166,12 +166,15 @@ def test_block_sparse_int8_equals_dense_int8(block):
             rebuilt[rb * r:(rb + 1) * r, indices[k] * c:(indices[k] + 1) * c] = values[k]
     assert np.array_equal(rebuilt, quantize_weight(w).wq)
     # onnxruntime runs the function body as shipped; same numbers as the dense int8 layer
-    fn = next(f for f in q_bsr.functions if f.name == OP_INT8)
+    assert [f.name for f in q_bsr.functions] == [OP_INT8]  # the float32 definition has no user left
+    fn = q_bsr.functions[0]
     assert fn.domain == DOMAIN and all(n.domain == "" and onnx.defs.has(n.op_type) for n in fn.node)
     x = _x(rng, (3, 4, IN))
     y_bsr, y_dense = run_model(q_bsr, {"X": x})[0], run_model(q_dense, {"X": x})[0]
     np.testing.assert_array_equal(y_bsr, y_dense)  # same rebuilt weight, same kernel
     _assert_onnxruntime_int8(y_bsr, x, quantize_weight(w), b)
+    kept, _ = DensifyBlockSparse().run(q_bsr)  # densify leaves int8 layers (and their definition) alone
+    np.testing.assert_array_equal(run_model(kept, {"X": x})[0], y_bsr)
     exact = run_model(exact_int8_model(q_bsr), {"X": x})[0]  # the function body rewritten too
     np.testing.assert_allclose(exact, int8_matmul_reference(x, quantize_weight(w)) + b, rtol=1e-5, atol=1e-5)
 

@@ -84,10 +84,13 @@ def block_sparse_matmul_function(opset: int = 18) -> onnx.FunctionProto:
 
 
 def drop_block_sparse_function(model: onnx.ModelProto) -> None:
-    """Remove the op's function definition and domain import once no node uses them (in place)."""
-    keep = [f for f in model.functions if f.domain != DOMAIN]
+    """Remove the domain's function definitions no node uses any more, and the domain import once
+    no node uses the domain (in place): densifying an int8 model keeps ``BlockSparseMatMulInt8``."""
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    keep = [f for f in model.functions if f.domain != DOMAIN or f.name in used]
     del model.functions[:]
     model.functions.extend(keep)
-    ops = [o for o in model.opset_import if o.domain != DOMAIN]
-    del model.opset_import[:]
-    model.opset_import.extend(ops)
+    if not used:
+        ops = [o for o in model.opset_import if o.domain != DOMAIN]
+        del model.opset_import[:]
+        model.opset_import.extend(ops)

@@ -30,7 +30,7 @@ from blockprune.bsr import BSRMatrix
 from blockprune.errors import BlockpruneError
 from blockprune.passes.base import Pass, PassContext, PassReport
 from blockprune.passes.block_sparse import DensifyBlockSparse, _default_opset, uses_block_sparse
-from blockprune.passes.bsr_function import DOMAIN, OP, VERSION
+from blockprune.passes.bsr_function import DOMAIN, OP, VERSION, drop_block_sparse_function
 from blockprune.passes.bsr_int8_function import (OP_INT8, PATTERN_DTYPES, NodeSpec,
                                                   block_sparse_matmul_int8_function, int8_matmul_pattern)
 from blockprune.passes.find_weights import LinearWeight, find_weights, find_weights_in_graph
@@ -98,6 +98,11 @@ class QuantizeInt8(Pass):
         report.details["layers"] = {k: v.get("quant_op", "float32") for k, v in updates.items()}
         report.notes = [f"{k}: stays float32 ({v})" for k, v in kept.items()]
         return report
+
+    def run(self, model: onnx.ModelProto):
+        out, report = super().run(model)
+        drop_block_sparse_function(out)  # the float32 BSR definition, once every BSR layer is int8
+        return out, report
 
     def _skip_reason(self, role: str | None, node: Any) -> str | None:
         """Why a layer stays float32, or None to quantize it."""
