@@ -26,9 +26,12 @@ from blockprune.blocks import BlockShape
 from blockprune.bsr import BSRMatrix, dense_to_bsr
 from blockprune.errors import BlockpruneError
 from blockprune.passes.bsr_function import DOMAIN, OP, drop_block_sparse_function
+from blockprune.passes.bsr_int8_function import OP_INT8
 
 from blockprune.backends.tvm.kernels import bsr_kernel as bk
 from blockprune.backends.tvm.onnx_import.epilogue import Epilogue, GraphIndex, absorb_epilogue
+from blockprune.backends.tvm.onnx_import.int8_layers import (Int8Weight, bsr_int8_weight, drop_dead_nodes,
+                                                             match_dense_int8)
 from blockprune.backends.tvm.onnx_import.layernorm_fusion import LAYERNORM_SUFFIX
 from blockprune.backends.tvm.onnx_import.normalize import normalize_for_tvm
 from blockprune.backends.tvm.targets.presets import TargetPreset, resolve_target
@@ -57,9 +60,10 @@ class LayerForm:
 
     def to_json(self) -> dict[str, Any]:
         d = {"name": self.name, "node": self.node, "form": self.form, "shape": list(self.shape)}
-        if self.form == "bsr":
-            d.update(block=self.block, density=round(float(self.density), 6), kernel=self.kernel,
-                     schedule=self.schedule, epilogue=self.epilogue or "none")
+        if self.form != "dense":  # bsr, bsr-int8, dense-int8: our kernels
+            if self.block is not None:
+                d.update(block=self.block, density=round(float(self.density), 6))
+            d.update(kernel=self.kernel, schedule=self.schedule, epilogue=self.epilogue or "none")
         return d
 
 
@@ -90,8 +94,13 @@ class _Pending:
 
     index: int
     layer: LayerForm
-    bsr: BSRMatrix
+    bsr: BSRMatrix | None  # float32 block-sparse weight (None for an int8 layer)
     epilogue: Epilogue = field(default_factory=Epilogue)
+    int8: Int8Weight | None = None  # int8 weight and scales (dense or BSR)
+
+    @property
+    def n(self) -> int:
+        return (self.int8 or self.bsr).shape[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,20 +200,23 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
     """
     model = copy.deepcopy(model)
     g = model.graph
-    index = GraphIndex(g) if fuse_epilogues else None
+    graph_index = GraphIndex(g)
+    index = graph_index if fuse_epilogues else None
+    producers = {o: n for n in g.node for o in n.output}
     absorbed: set[int] = set()
     inits = {t.name: t for t in g.initializer}
     pending: list[_Pending] = []
     dense: list[LayerForm] = []
     block = BlockShape.parse(dense_block) if dense_block else None
 
-    def add_kernel(node: onnx.NodeProto, layer: LayerForm, bsr: BSRMatrix) -> None:
-        item = _Pending(len(pending), layer, bsr)
+    def add_kernel(node: onnx.NodeProto, layer: LayerForm, bsr: BSRMatrix | None,
+                   int8: Int8Weight | None = None, x: str | None = None) -> None:
+        item = _Pending(len(pending), layer, bsr, int8=int8)
         pending.append(item)
-        _kernel_node(node, node.input[0], item.index)
+        _kernel_node(node, x or node.input[0], item.index)
         if index is None:
             return
-        item.epilogue, removed = absorb_epilogue(index, node, bsr.shape[0])
+        item.epilogue, removed = absorb_epilogue(index, node, item.n)
         absorbed.update(id(n) for n in removed)
         if item.epilogue.residual is not None:
             node.input.append(item.epilogue.residual)
@@ -224,6 +236,18 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
                             arrays[2].astype(np.int32), shape, blk)
             wname = _attr(node, "weight_name", node.name)
             add_kernel(node, LayerForm(wname, node.name, "bsr", shape, str(blk), bsr.block_density), bsr)
+        elif node.domain == DOMAIN and node.op_type == OP_INT8:
+            shape = tuple(int(x) for x in _attr(node, "dense_shape"))
+            blk = BlockShape(*[int(x) for x in _attr(node, "blocksize")])
+            w8 = bsr_int8_weight(node, graph_index, shape, blk)
+            wname = _attr(node, "weight_name", node.name)
+            density = w8.weight.nnzb / max(1, (shape[0] // blk.rows) * (shape[1] // blk.cols))
+            add_kernel(node, LayerForm(wname, node.name, "bsr-int8", shape, str(blk), density), None, w8)
+        elif (match := match_dense_int8(graph_index, producers, node)) is not None:
+            absorbed.update(id(n) for n in match.removed)
+            node.output[0] = match.out
+            add_kernel(node, LayerForm(node.input[1], node.name, "dense-int8", match.weight.shape), None,
+                       match.weight, x=match.x)
         elif node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in inits:
             w = numpy_helper.to_array(inits[node.input[1]])
             if w.ndim != 2 or w.dtype != np.float32:
@@ -242,6 +266,8 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
         del g.node[:]
         g.node.extend(kept)
         _topological(g)
+    if any(p.int8 is not None for p in pending):
+        drop_dead_nodes(g)  # the DynamicQuantizeLinear nodes whose consumers became kernels
     drop_block_sparse_function(model)  # the function body is no longer referenced
     if pending and not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
@@ -329,9 +355,11 @@ class _KernelEmitter:
     A failure to choose or build a kernel becomes one ``BlockpruneError`` naming the layer.
     """
 
-    def __init__(self, pending: list[_Pending], choose: BSRKernelChooser) -> None:
+    def __init__(self, pending: list[_Pending], choose: BSRKernelChooser, preset: TargetPreset | None) -> None:
         self.by_id = {p.index: p for p in pending}
         self.choose = choose
+        self.preset = preset  # None: a GPU chooser (no int8 kernels there)
+        self.quantized: list[tuple[tuple[Any, Any], list]] = []  # (x, quantize spec) -> (xp, xs, xz)
         self.kernels: dict[Any, tuple[Any, str]] = {}
         self.done: set[int] = set()
 
@@ -362,39 +390,96 @@ class _KernelEmitter:
                 f"layer {item.layer.name}: its input has no static float32 shape ({x.ty})",
                 "compile with static shapes (--batch/--seq) from a float32 model",
             )
-        n, _ = item.bsr.shape
+        n = item.n
         ep = item.epilogue
         residual = inputs[1] if len(inputs) > 1 else None
         y_shape = x_shape[:-1] + (n,)
         fuse_residual = residual is not None and _static_shape(residual) == y_shape and \
             str(residual.ty.dtype) == "float32"
-        spec = bk.BSRKernelSpec(x_shape, n, item.bsr.block, ep.bias is not None, ep.gelu, fuse_residual)
+        if item.int8 is not None:
+            y = self._emit_int8(bb, item, x, x_shape, residual if fuse_residual else None)
+        else:
+            y = self._emit_bsr(bb, item, x, x_shape, residual if fuse_residual else None)
+        item.layer.epilogue = ep.describe(residual=fuse_residual)
+        self.done.add(layer)
+        if residual is not None and not fuse_residual:  # a broadcasting skip: add it separately
+            y = relax.op.add(bb.emit(y), residual)
+        return y
+
+    def _kernel(self, bb, key, build, prefix: str):
+        """The GlobalVar of the kernel for ``key`` (built and added on first use)."""
+        if key not in self.kernels:
+            name = f"{prefix}{len(self.kernels)}"
+            func = build(name).with_attr("tirx.is_scheduled", True)
+            self.kernels[key] = (bb.add_func(func, name), name)
+        return self.kernels[key]
+
+    def _emit_int8(self, bb, item: _Pending, x, x_shape, residual):
+        """The quantizer (shared by the layers that read the same ``x``) and the int8 matmul."""
+        from tvm import relax
+
+        from blockprune.backends.tvm.kernels.int8_api import int8_layer
+
+        if self.preset is None:
+            raise BlockpruneError(f"layer {item.layer.name} is int8: the GPU backends have no int8 kernels",
+                                  "compile the float32 model (compress without --quantize) for GPU targets")
+        ep = item.epilogue
+        weight, note = item.int8.weight, None
+        block = item.int8.block
+        if block is not None and block.cols % 4:  # the int8 dot products take 4 inputs at a time
+            weight = weight.to_dense()
+            note = f"block {block} has no int8 BSR kernel (input extent not a multiple of 4): int8 dense"
+            item.layer.form = "dense-int8"
+        try:
+            lay = int8_layer(weight, item.int8.w_scale, x_shape, bias=ep.bias, gelu=ep.gelu,
+                             residual=residual is not None, target=self.preset)
+        except BlockpruneError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one user-facing error naming the layer
+            raise BlockpruneError(f"building the int8 kernel of layer {item.layer.name} failed: {err!r}",
+                                  "compile the float32 model meanwhile (compress without --quantize)") from err
+        gq, _ = self._kernel(bb, ("q", lay.quantize_spec), lambda name: lay.quantize_func.with_attr("global_symbol", name),
+                             "int8_quantize")
+        gm, name = self._kernel(bb, ("mm", lay.spec, lay.schedule),
+                                lambda name: lay.matmul_func.with_attr("global_symbol", name), "int8_matmul")
+        q = next((v for key, v in self.quantized if key[0].same_as(x) and key[1] == lay.quantize_spec), None)
+        if q is None:
+            call = relax.call_tir(gq, relax.Tuple([x]),
+                                  out_ty=[relax.TensorType(sh, dt) for sh, dt in lay.quantize_outputs])
+            tup = bb.emit(call)
+            q = [bb.emit(relax.TupleGetItem(tup, i)) for i in range(3)]
+            self.quantized.append(((x, lay.quantize_spec), q))
+        item.layer.kernel = name
+        item.layer.schedule = {"isa": lay.schedule.isa, "m_vecs": lay.schedule.m_vecs,
+                               "r_pass": lay.schedule.r_pass, "row_chunk": lay.schedule.row_chunk}
+        if note:
+            item.layer.schedule["note"] = note
+        args = [*q, *[relax.const(c) for c in lay.constants]] + ([residual] if residual is not None else [])
+        return relax.call_tir(gm, relax.Tuple(args), out_ty=relax.TensorType(lay.spec.y_shape, "float32"))
+
+    def _emit_bsr(self, bb, item: _Pending, x, x_shape, residual):
+        from tvm import relax
+
+        ep = item.epilogue
+        fuse_residual = residual is not None
+        spec = bk.BSRKernelSpec(x_shape, item.n, item.bsr.block, ep.bias is not None, ep.gelu, fuse_residual)
         try:
             plan = self.choose(spec, item.bsr)
-            if plan.key not in self.kernels:
-                name = f"{plan.prefix}{len(self.kernels)}"
-                func = plan.build(name).with_attr("tirx.is_scheduled", True)
-                self.kernels[plan.key] = (bb.add_func(func, name), name)
+            gv, name = self._kernel(bb, plan.key, plan.build, plan.prefix)
         except BlockpruneError:
             raise
         except Exception as err:  # noqa: BLE001 - one user-facing error naming the layer
             raise BlockpruneError(f"lowering layer {item.layer.name} to a TVM kernel failed: {err!r}",
                                   "compile the densified model meanwhile (blockprune compress --form dense) and "
                                   "report the error") from err
-        gv, name = self.kernels[plan.key]
         item.layer.kernel = name
         item.layer.schedule = plan.schedule
-        item.layer.epilogue = ep.describe(residual=fuse_residual)
         args = [x, *[relax.const(a) for a in plan.arrays]]
         if ep.bias is not None:
             args.append(relax.const(ep.bias))
         if fuse_residual:
             args.append(residual)
-        self.done.add(layer)
-        y = relax.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.y_shape, "float32"))
-        if residual is not None and not fuse_residual:  # a broadcasting skip: add it separately
-            y = relax.op.add(bb.emit(y), residual)
-        return y
+        return relax.call_tir(gv, relax.Tuple(args), out_ty=relax.TensorType(spec.y_shape, "float32"))
 
 
 def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
@@ -422,7 +507,7 @@ def import_onnx(model: onnx.ModelProto, batch: int = DEFAULT_BATCH, seq: int = D
     prepared, pending, dense = prepare_onnx(model, lower_dense_below, dense_block, fuse_epilogues=bsr_kernel is None)
     check_supported(prepared)
     inputs = static_inputs(prepared, batch, seq)
-    emitter = _KernelEmitter(pending, bsr_kernel or cpu_kernel_chooser(preset))
+    emitter = _KernelEmitter(pending, bsr_kernel or cpu_kernel_chooser(preset), preset)
     try:
         with registered_converters({KERNEL_OP: emitter.converter()}), warnings.catch_warnings():
             # the frontend runs onnx's checker and warns about LayerNormalization nodes that
