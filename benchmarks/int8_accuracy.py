@@ -3,7 +3,7 @@ mean-pooled sentence embeddings, fp32 against int8, dense and one-shot block-spa
 
 Rows, all run in onnxruntime with 1 thread (accuracy only, no timing):
 * fp32 dense (``blockprune export minilm``) and onnxruntime's one-line quantizer on it
-  (``quantize_dynamic(per_channel=True, weight_type=QInt8)``), the bar of issue #15;
+  (``quantize_dynamic(weight_type=QInt8)``, per channel as ours and per tensor as in issue #15);
 * ``blockprune compress --quantize int8`` dense, and at 16x1 50% / 80% one-shot
   (``compress --block 16x1 --sparsity S [--quantize int8]``) next to fp32 at the same sparsity.
 
@@ -79,13 +79,14 @@ def build_models(work: Path, exporter: str, ratios: list[float], block: str) -> 
         bp.export("minilm", dense, exporter=exporter)
     models["fp32 dense"] = {"path": dense, "ref": "fp32 dense", "sparsity": 0.0, "kind": "fp32",
                             "command": f"blockprune export minilm -o minilm.onnx --exporter {exporter}"}
-    ort_q = work / "minilm-ort-int8.onnx"
-    if not ort_q.exists():
-        quantize_dynamic(str(dense), str(ort_q), per_channel=True, weight_type=QuantType.QInt8)
-    models["onnxruntime quantize_dynamic int8"] = {
-        "path": ort_q, "ref": "fp32 dense", "sparsity": 0.0, "kind": "int8 (onnxruntime)",
-        "command": "onnxruntime.quantization.quantize_dynamic(minilm.onnx, out, per_channel=True, "
-                   "weight_type=QuantType.QInt8)"}
+    for per_channel in (True, False):  # per tensor: the one-liner of issue #15 (per_channel defaults to False)
+        ort_q = work / f"minilm-ort-int8{'' if per_channel else '-per-tensor'}.onnx"
+        if not ort_q.exists():
+            quantize_dynamic(str(dense), str(ort_q), per_channel=per_channel, weight_type=QuantType.QInt8)
+        models[f"onnxruntime quantize_dynamic int8{'' if per_channel else ' per tensor'}"] = {
+            "path": ort_q, "ref": "fp32 dense", "sparsity": 0.0, "kind": "int8 (onnxruntime)",
+            "command": f"onnxruntime.quantization.quantize_dynamic(minilm.onnx, out, per_channel={per_channel}, "
+                       "weight_type=QuantType.QInt8)"}
     specs = [(0.0, True)] + [(r, q) for r in ratios for q in (False, True)]
     for ratio, quant in specs:
         tag = "dense" if ratio == 0 else f"{block} {int(round(ratio * 100))}%"
@@ -148,10 +149,20 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
             platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": 1, "exporter": args.exporter,
             "pairs": len(pairs.gold), "seconds": time.perf_counter() - t0,
-            "command": "python benchmarks/int8_accuracy.py" + (f" --exporter {args.exporter}"
-                                                                  if args.exporter != "dynamo" else "")}
+            "command": "python benchmarks/int8_accuracy.py" + _options(args)}
     write_results(args.out, meta, rows)
     return 0
+
+
+def _options(args: argparse.Namespace) -> str:
+    """The options that change the table, as given (not --work: where the models are cached)."""
+    out = [f"--exporter {args.exporter}"] if args.exporter != "dynamo" else []
+    out += [f"--ratios '{args.ratios}'"] if args.ratios != "0.5,0.8" else []
+    out += [f"--block {args.block}"] if args.block != "16x1" else []
+    out += [f"--limit {args.limit}"] if args.limit else []
+    out += [f"--out {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}"] \
+        if args.out != RESULTS / "int8_accuracy" else []
+    return "".join(" " + o for o in out)
 
 
 def write_results(out: Path, meta: dict, rows: list[dict]) -> None:
