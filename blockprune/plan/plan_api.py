@@ -100,8 +100,9 @@ def _check_target(target: str) -> None:
                               f"use one of the presets: {', '.join(CORES)}")
 
 
-def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: bool):
-    """Per layer the options (block, ratio, faster form) with predicted ms and cost."""
+def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: bool, mixed: float = 1.0):
+    """Per layer the options (block, ratio, faster form) with predicted ms and cost; ``mixed``
+    multiplies every dense time (dense kernels are slower in builds that also hold BSR layers)."""
     from blockprune.frontends.allocation import _curve
     from blockprune.plan.search import Choice, LayerOptions
 
@@ -109,7 +110,7 @@ def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: 
     for name, (n, k) in pm.layers.items():
         role, idx = pm.roles.get(name, (None, None))
         group = f"layer{idx}.qkv" if share_qkv and role in ("q", "k", "v") else name
-        dense = cost.dense_ms(n, k, rows)
+        dense = cost.dense_ms(n, k, rows) * mixed
         choices = []
         for b in blocks:
             c = curves.get(b)
@@ -123,7 +124,8 @@ def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: 
                     choices.append(Choice(b, 0.0, "dense", dense, 0.0))
                     continue
                 t = cost.layer(n, k, b, 1.0 - r, rows)
-                choices.append(Choice(b, float(r), t.form, t.ms, float(np.interp(r, x, y))))
+                ms, form = (t.ms, t.form) if t.form == "bsr" and t.ms <= dense else (dense, "dense")
+                choices.append(Choice(b, float(r), form, ms, float(np.interp(r, x, y))))
         if not choices:
             choices.append(Choice(blocks[0], 0.0, "dense", dense, 0.0))
         out.append(LayerOptions(name, group, choices, n * k))
@@ -164,9 +166,12 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
     key = {"model": pm.source, "onnx": str(pm.onnx_path) if pm.onnx_path else None, "data": data_desc,
            "examples": req.examples, "max_length": req.max_length}
     curves, cached = measure_plan_curves(pm, blocks, req.sensitivity_ratios, batches, cache, key, log=log)
-    options = layer_options(pm, curves, cost, blocks, ratios, rows, req.share_qkv)
+    # dense layers pay the measured mixed-build factor (plans worth making hold BSR layers); an
+    # all-dense result is re-priced without it below
+    options = layer_options(pm, curves, cost, blocks, ratios, rows, req.share_qkv, cost.mixed_dense_factor())
     remainder = cost.remainder_ms(shape)
     dense_total = sum(cost.dense_ms(n, k, rows) for n, k in pm.layers.values()) + remainder
+    mixed = cost.mixed_dense_factor()
 
     baseline_ms, baseline_what = None, None
     if goal == "speedup":
@@ -201,6 +206,10 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
         layers.append({"name": lo.name, "role": role, "layer": idx, "shape": [n, k], "block": c.block,
                        "ratio": c.ratio, "form": c.form, "ms": round(c.ms, 4),
                        "dense_ms": round(cost.dense_ms(n, k, rows), 4), "cost": round(c.cost, 4)})
+    if mixed != 1.0 and not any(x["form"] == "bsr" for x in layers):  # all dense: no mixing penalty
+        predicted = dense_total
+        for x in layers:
+            x["ms"] = x["dense_ms"]
     info: dict[str, Any] = {
         "target": req.target, "goal": {goal: value}, "measured": cost.measured, "cost_model": cost.source,
         "batch": req.batch, "seq": req.seq, "threads": req.threads,

@@ -22,6 +22,11 @@ allocation), a per-model constant measured from the per-kernel time shares of th
 default flow (``data/remainder_x86-64.json``); for other models it scales with layers x tokens x
 hidden size, and for other targets with the ratio of peak throughput (both stated assumptions).
 
+Mixed models: in a compiled model that also holds BSR layers, the dense Linear kernels measured
+1.35-1.8x slower than in the all-dense build (a backend effect, not understood yet); the planner
+charges dense layers ``mixed_dense_factor`` (1.6, ``data/remainder_x86-64.json``) whenever the
+plan holds BSR layers (:meth:`CostModel.mixed_dense_factor`).
+
 Not modelled: ``compress``'s compaction (FFN neurons or heads whose blocks are all pruned are cut
 out, a smaller dense or BSR layer). It only makes a layer faster, so a plan with large blocks at
 high ratios can run faster than predicted (MiniLM 32x32 at 0.8: predicted 14.6 ms, forced BSR
@@ -97,6 +102,10 @@ class CostModel:
 
     def assumptions(self) -> list[str]:
         return []
+
+    def mixed_dense_factor(self) -> float:
+        """Slow-down of a dense layer in a model that also holds BSR layers (measured on x86)."""
+        return float(_remainder_data().get("mixed_dense_factor", 1.0))
 
     def layer(self, n: int, k: int, block: str, density: float, rows: int) -> LayerTime:
         """The faster of dense and BSR for ``W[n, k]`` at ``density`` (what the Policy will pick)."""
@@ -182,7 +191,9 @@ class MeasuredCost(CostModel):
                 "below the lowest measured density, time in proportion to density; other shapes: nearest measured "
                 "shape scaled by multiply-adds; other batch x seq: linear in rows",
                 "remainder (attention, softmax, LayerNorm, ...): per-model constant from "
-                "benchmarks/results/default_flow.json kernel shares"]
+                "benchmarks/results/default_flow.json kernel shares",
+                f"dense layers of a plan that also has BSR layers: x{self.mixed_dense_factor():g} (measured: dense kernels "
+                "run slower in mixed builds)"]
 
 
 @dataclass
@@ -259,7 +270,8 @@ class AnalyticCost(CostModel):
                 f"efficiencies fitted on the {self.eff.fitted_on}, assumed the same on this target: dense "
                 f"{self.eff.dense:.2f}, BSR " + ", ".join(f"{b} {v:.2f}" for b, v in self.eff.bsr.items()),
                 "remainder (attention, softmax, LayerNorm, ...): the x86 per-model constant scaled by the ratio "
-                "of peak throughput"]
+                "of peak throughput",
+                f"dense layers of a plan that also has BSR layers: x{self.mixed_dense_factor():g} (as measured on x86)"]
 
 
 def analytic_error(table: BreakEvenTable | None = None) -> dict[str, float]:
