@@ -60,3 +60,24 @@ def test_int8_model_is_refused_by_name_on_gpu_targets(tiny, tmp_path):
         compile_gpu_model(small, tmp_path / "gpu", target="mali", batch=1, seq=16)
     assert "without --quantize" in err.value.fix
     assert not (tmp_path / "gpu").exists()
+
+
+def test_int8_verification_fails_an_artifact_that_computes_something_else(tiny, tmp_path):
+    """The quantization-aware bounds still catch a wrong layer: one FFN layer's scales negated in the
+    reference (as a kernel with a sign or layout bug would compute) fails verification."""
+    import blockprune as bp
+    from onnx import numpy_helper
+
+    from blockprune.backends.tvm.pipeline.compile import compile_model
+    from blockprune.backends.tvm.verify.artifact_check import verify_artifact
+
+    small = tmp_path / "q.onnx"
+    bp.compress(tiny, small, quantize="int8")
+    compile_model(small, tmp_path / "art", batch=1, seq=16, verify=False)
+    model = onnx.load(str(small))
+    check = verify_artifact(tmp_path / "art", model)
+    assert check.int8 and all(v["rel_l2"] < 1e-4 for v in check.int8.values())
+    scale = next(t for t in model.graph.initializer if "intermediate" in t.name and "w_scale" in t.name)
+    scale.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(scale), scale.name))
+    with pytest.raises(BlockpruneError, match="exact-integer int8 reference"):
+        verify_artifact(tmp_path / "art", model)

@@ -28,11 +28,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
                             lower_dense_below=args.bsr_below, dense_block=args.bsr_block,
                             cross_compiler=args.cross_compiler, verify=not args.no_verify, atol=args.atol)
     m = res.manifest
-    bsr = [layer for layer in m.layers if layer["form"] == "bsr"]
+    bsr = [layer for layer in m.layers if layer["form"] in ("bsr", "bsr-int8")]
+    int8 = sum(1 for layer in m.layers if layer["form"].endswith("int8"))
     console.print(f"wrote {res.directory}/{m.library} + manifest.json for {m.target_name} ({m.arch}): "
                   f"{len(bsr)} block-sparse layers in {m.kernels} kernels, "
-                  f"{len(m.layers) - len(bsr)} dense layers")
-    if m.verified:
+                  f"{len(m.layers) - len(bsr)} dense layers" + (f"; {int8} layers int8" if int8 else ""))
+    if m.verified and m.verified.get("int8"):
+        v = m.verified
+        console.print(f"verified against the exact-integer int8 reference in onnxruntime ({v['how']}, {v['runs']} "
+                      "input sets): " + ", ".join(f"{k} relative L2 {s['rel_l2']:.3f}, min row cosine "
+                                                  f"{s['min_cosine']:.4f}" for k, s in v["int8"].items())
+                      + f" (bounds {v['int8_bounds']['max_rel_l2']:g} / {v['int8_bounds']['min_row_cosine']:g})")
+    elif m.verified:
         v = m.verified
         console.print(f"verified against onnxruntime on the source model ({v['how']}, {v['runs']} input sets): "
                       + ", ".join(f"{k} max |diff| {d:.2e}" for k, d in v["max_abs_diff"].items())

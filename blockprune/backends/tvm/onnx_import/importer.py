@@ -286,7 +286,7 @@ def prepare_onnx(model: onnx.ModelProto, lower_dense_below: float | None = None,
 class KernelPlan:
     """What one BSR layer becomes: a (shared) PrimFunc and the constant arrays passed to it.
 
-    Why a hook: the CPU and the GPU kernels share the placeholder mechanism but not the kernel,
+    Why a hook: the CPU and the GPU kernels share the kernel converter but not the kernel,
     its schedule or its array layout; a chooser ``(spec, bsr) -> KernelPlan`` picks them per
     target. Layers whose ``key`` is equal share one PrimFunc.
     """

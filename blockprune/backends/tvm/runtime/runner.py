@@ -323,6 +323,12 @@ def run_artifact(directory: str | os.PathLike, inputs: "Mapping[str, np.ndarray]
 
 def compare_with_onnx(result: RunResult, model) -> dict[str, float]:
     """Max-abs difference per output against onnxruntime on the same inputs."""
+    return {name: float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+            for name, (got, ref) in paired_with_onnx(result, model).items()}
+
+
+def paired_with_onnx(result: RunResult, model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each output of the artifact run next to onnxruntime's on the same inputs."""
     import onnxruntime as ort
 
     from blockprune.onnx_io import load_onnx
@@ -332,7 +338,7 @@ def compare_with_onnx(result: RunResult, model) -> dict[str, float]:
     names = [o.name for o in sess.get_outputs()]
     wanted = {i.name for i in sess.get_inputs()}
     refs = sess.run(None, {k: v for k, v in result.feeds.items() if k in wanted})
-    diffs = {}
+    pairs = {}
     for i, (name, ref) in enumerate(zip(names, refs)):
         got = result.outputs.get(name)
         if got is None:
@@ -340,8 +346,8 @@ def compare_with_onnx(result: RunResult, model) -> dict[str, float]:
         if got.shape != ref.shape:
             raise BlockpruneError(f"output {name!r}: TVM gives {list(got.shape)}, onnxruntime {list(ref.shape)}",
                                   "compare against the model the artifact was compiled from")
-        diffs[name] = float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-    return diffs
+        pairs[name] = (got, ref)
+    return pairs
 
 
 def bench_artifact(directory: str | os.PathLike, number: int = 10, repeat: int = 5) -> list[float]:
