@@ -271,3 +271,22 @@ def test_android_preset_needs_an_ndk(monkeypatch, tmp_path):
     (fake / preset.cross_compiler).write_text("#!/bin/sh\n")
     monkeypatch.setenv("ANDROID_NDK_HOME", str(tmp_path / "ndk"))
     assert find_cross_compiler(preset) == str(fake / preset.cross_compiler)
+
+
+@pytest.mark.parametrize("block", ["1x32", "16x1"])
+def test_x_rows_aliasing_in_l1_are_packed_with_a_pad(block):
+    """X rows a multiple of 4 KB long (K = 1024 here, 3072 in BERT-base) are copied into padded
+    rows (they would share L1 sets); the schedule says so and the product is unchanged."""
+    from dataclasses import replace
+
+    rng = np.random.default_rng(7)
+    k = 1024
+    sch = bk.choose_schedule(M, N, block, k=k)
+    assert sch.x_pad > 0 and bk.choose_schedule(M, N, block, k=768).x_pad == 0
+    w = block_sparse_weight(rng, N, k, block, 0.5, empty_rows=1)
+    bias = rng.standard_normal(N).astype(np.float32)
+    x = rng.standard_normal((M, k)).astype(np.float32)
+    bsr = dense_to_bsr(w, block)
+    for schedule in (sch, replace(sch, x_pad=0), replace(sch, k_chunk=256)):
+        y = bk.run_bsr_matmul(x, bsr, bias, schedule=schedule)
+        np.testing.assert_allclose(y, x @ w.T + bias, rtol=0, atol=1e-4)

@@ -309,7 +309,7 @@ def cpu_kernel_chooser(preset: TargetPreset):
         return KernelPlan(
             (spec, sch), lambda name: bk.bsr_matmul_primfunc(spec, sch, name), bk.kernel_arrays(bsr, sch),
             {"layout": sch.layout, "lanes": sch.lanes, "tile_rows": sch.tile_rows,
-             "row_chunk": sch.row_chunk, "k_chunk": sch.k_chunk, "isa": sch.isa})
+             "row_chunk": sch.row_chunk, "k_chunk": sch.k_chunk, "x_pad": sch.x_pad, "isa": sch.isa})
 
     return choose
 
