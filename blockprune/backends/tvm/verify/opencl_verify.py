@@ -120,6 +120,7 @@ class LoweredGPUModule:
     thread_extents: dict[str, dict[str, Any]]  # kernel -> {"threadIdx.x": expr, ...}
     launches: dict[str, list[_Launch]]  # host function -> its kernel calls, in order
     host_allocs: dict[str, dict[str, Any]] = field(default_factory=dict)  # func -> {name: buffer}
+    host_bodies: dict[str, Any] = field(default_factory=dict)  # func -> host TIR body (walked at run time)
 
 
 def _fields(obj) -> list[str]:
@@ -211,6 +212,7 @@ def lower_for_opencl(mod, target: "GPUPreset | str | Any" = "mali") -> LoweredGP
             extents[gv.name_hint] = ext
     launches: dict[str, list[_Launch]] = {}
     allocs: dict[str, dict[str, Any]] = {}
+    bodies: dict[str, Any] = {}
     for gv, func in host.functions.items():
         calls: list[_Launch] = []
         buffers: dict[str, Any] = {}
@@ -231,9 +233,10 @@ def lower_for_opencl(mod, target: "GPUPreset | str | Any" = "mali") -> LoweredGP
         if calls:
             launches[gv.name_hint] = calls
             allocs[gv.name_hint] = buffers
+            bodies[gv.name_hint] = func.body
     source = "\n".join(sources)
     signatures = {name: _parse_params(text) for name, text in _KERNEL_RE.findall(source)}
-    return LoweredGPUModule(source, signatures, params, extents, launches, allocs)
+    return LoweredGPUModule(source, signatures, params, extents, launches, allocs, bodies)
 
 
 def _parse_params(text: str) -> list[tuple[str, str]]:
@@ -276,9 +279,20 @@ def _eval(expr, env: Mapping[str, int]) -> int:
            tirx.FloorDiv: lambda a, b: a // b, tirx.FloorMod: lambda a, b: a % b,
            tirx.Div: lambda a, b: int(a / b), tirx.Mod: lambda a, b: int(np.fmod(a, b)),
            tirx.Min: min, tirx.Max: max}
+    ops.update({tirx.LT: lambda a, b: a < b, tirx.LE: lambda a, b: a <= b, tirx.GT: lambda a, b: a > b,
+                tirx.GE: lambda a, b: a >= b, tirx.EQ: lambda a, b: a == b, tirx.NE: lambda a, b: a != b,
+                tirx.And: lambda a, b: bool(a and b), tirx.Or: lambda a, b: bool(a or b)})
     for cls, fn in ops.items():
         if isinstance(expr, cls):
             return int(fn(_eval(expr.a, env), _eval(expr.b, env)))
+    if isinstance(expr, tirx.Not):
+        return int(not _eval(expr.a, env))
+    if isinstance(expr, tirx.Select):
+        return _eval(expr.true_value if _eval(expr.condition, env) else expr.false_value, env)
+    op = getattr(getattr(expr, "op", None), "name", "")
+    if op in ("tirx.shift_right", "tirx.shift_left"):
+        a, b = (_eval(x, env) for x in expr.args)
+        return a >> b if op == "tirx.shift_right" else a << b
     raise KeyError(f"cannot evaluate {expr}")
 
 
@@ -396,16 +410,17 @@ def run_on_opencl(lowered: LoweredGPUModule, func_name: str, arrays: Mapping[str
     host = {name: np.array(a, copy=True) for name, a in arrays.items()}
     bufs = {name: cl.Buffer(ctx, mf.READ_WRITE | mf.COPY_HOST_PTR, hostbuf=a if a.size else np.zeros(1, a.dtype))
             for name, a in host.items()}
-    for name, buf in lowered.host_allocs.get(func_name, {}).items():  # temporaries between kernels
-        nbytes = int(np.prod([_eval(d, env) for d in buf.shape])) * np.dtype(str(buf.dtype)).itemsize
-        bufs.setdefault(name, cl.Buffer(ctx, mf.READ_WRITE, size=max(nbytes, 4)))
     done = []
-    for launch in lowered.launches.get(func_name, []):
-        kernel = launch.kernel
+    for step, item, step_env in _host_steps(lowered, func_name, env):
+        if step == "alloc":  # a temporary between kernels, sized with the host's values at that point
+            nbytes = int(np.prod([_eval(d, step_env) for d in item.shape])) * np.dtype(str(item.dtype)).itemsize
+            bufs.setdefault(getattr(item.data, "name", item.name), cl.Buffer(ctx, mf.READ_WRITE, size=max(nbytes, 4)))
+            continue
+        launch, kernel = item, item.kernel
         if kernel not in lowered.signatures:
             raise BlockpruneError(f"kernel {kernel!r} is launched but not in the OpenCL source",
                                   "this is a lowering inconsistency; report it with the PrimFunc")
-        config = kernel_launch(lowered, kernel, env, launch.extents)
+        config = kernel_launch(lowered, kernel, step_env, launch.extents)
         check_launch(preset, config, kernel)
         by_param = dict(zip(lowered.device_params[kernel], launch.args))
         cl_args = []
@@ -421,7 +436,7 @@ def run_on_opencl(lowered: LoweredGPUModule, func_name: str, arrays: Mapping[str
                                           "this is a lowering inconsistency; report it with the PrimFunc")
                 cl_args.append(bufs[buf_name])
             else:
-                cl_args.append(_C_SCALARS.get(ctype, np.int32)(_eval(expr, env)))
+                cl_args.append(_C_SCALARS.get(ctype, np.int32)(_eval(expr, step_env)))
         knl = _cl_kernel(program, kernel)
         t0 = time.perf_counter()
         knl(queue, config.global_size, config.block, *cl_args)
@@ -434,12 +449,100 @@ def run_on_opencl(lowered: LoweredGPUModule, func_name: str, arrays: Mapping[str
     return host, done
 
 
+def _host_steps(lowered: LoweredGPUModule, func_name: str, env: Mapping[str, int]):
+    """``("alloc", buffer, env)`` and ``("launch", _Launch, env)`` in the order the host function runs them.
+
+    Why walk rather than list: generic kernels (the GPU scan behind ``cumsum``) size temporaries
+    with let-bound values and launch kernels in host loops whose trip count depends on the
+    shapes, so each launch needs the host's values at that point, and some run 0 or n times.
+    Lets that cannot be evaluated (handles, struct reads) stay unbound; a branch on such a
+    value must not hold launches.
+    """
+    import tvm
+
+    body = lowered.host_bodies.get(func_name)
+    if body is None:  # no body kept: the flat list (temporaries first)
+        for buf in lowered.host_allocs.get(func_name, {}).values():
+            yield "alloc", buf, env
+        for launch in lowered.launches.get(func_name, []):
+            yield "launch", launch, env
+        return
+    yield from _walk_host(body, dict(env), tvm.tirx)
+
+
+def _walk_host(stmt, env: dict[str, int], tirx):
+    kind = type(stmt).__name__
+    if kind == "SeqStmt":
+        for s in stmt.seq:
+            yield from _walk_host(s, env, tirx)
+    elif kind in ("Bind", "LetStmt"):
+        try:
+            env[stmt.var.name] = _eval(stmt.value, env)
+        except (KeyError, TypeError, ValueError):
+            pass  # a handle or a struct read: not a size
+        if kind == "LetStmt":
+            yield from _walk_host(stmt.body, env, tirx)
+    elif kind == "For":
+        start, extent = _eval(stmt.min, env), _eval(stmt.extent, env)
+        for i in range(start, start + extent):
+            env[stmt.loop_var.name] = i
+            yield from _walk_host(stmt.body, env, tirx)
+    elif kind == "IfThenElse":
+        try:
+            branch = stmt.then_case if _eval(stmt.condition, env) else stmt.else_case
+        except KeyError:  # a null-pointer or type check: must not guard a launch
+            if _has_launch(stmt):
+                raise BlockpruneError(f"a kernel launch depends on a host condition that cannot be evaluated here: "
+                                      f"{stmt.condition}", "verify this function on a device with a TVM runtime") from None
+            return
+        if branch is not None:
+            yield from _walk_host(branch, env, tirx)
+    elif kind == "AllocBuffer":
+        yield "alloc", stmt.buffer, dict(env)
+    elif kind == "Evaluate":
+        call = stmt.value
+        if getattr(getattr(call, "op", None), "name", "") == "tirx.call_ffi_kernel":
+            names, args = list(call.attrs.launch_params), list(call.args)
+            n_ext = len(names)
+            yield "launch", _Launch(str(args[0].value), args[1:len(args) - n_ext],
+                                    dict(zip(names, args[len(args) - n_ext:]))), dict(env)
+    elif kind == "AttrStmt":
+        yield from _walk_host(stmt.body, env, tirx)
+    elif kind == "Return":
+        return
+    else:  # other statements (asserts, buffer declarations): nothing runs on the device
+        for name in _fields(stmt):
+            value = getattr(stmt, name)
+            if name != "span" and isinstance(value, tirx.Stmt):
+                yield from _walk_host(value, env, tirx)
+
+
+def _has_launch(stmt) -> bool:
+    import tvm
+
+    found = []
+
+    def visit(node):
+        if isinstance(node, tvm.tirx.Evaluate) and getattr(getattr(node.value, "op", None), "name", "") == \
+                "tirx.call_ffi_kernel":
+            found.append(node)
+
+    _walk(stmt, visit)
+    return bool(found)
+
+
 def _data_buffer_name(expr) -> str:
-    """``X.data`` (``tirx.buffer_data(X)``) or a plain pointer Var -> the buffer's name."""
+    """``X.data`` (``tirx.buffer_data(X)``) or a plain pointer Var -> the buffer's name.
+
+    A buffer declared over another's data (``A_1 = decl_buffer(..., data=A.data)``) resolves to
+    the name of its data pointer, which is the name of the buffer that owns it.
+    """
     import tvm
 
     if isinstance(expr, tvm.ir.Call) and getattr(expr.op, "name", "") == "tirx.buffer_data":
-        return expr.args[0].name
+        buf = expr.args[0]
+        data = getattr(buf, "data", None)
+        return data.name if data is not None and getattr(data, "name", None) else buf.name
     name = getattr(expr, "name", str(expr))
     return name[:-len("_ptr")] if name.endswith("_ptr") else name
 
