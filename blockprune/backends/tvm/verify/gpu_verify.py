@@ -67,10 +67,12 @@ class VerifyReport:
     rows: list[KernelRow]
     missing: list[str] = field(default_factory=list)  # kernels of the artifact's kernels.cl not verified
     artifact_kernels: int | None = None  # distinct kernels in kernels.cl (artifact directories)
+    model_run: Any = None  # gpu_model_run.ModelRunReport: the whole build on PoCL vs onnxruntime (if run)
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and all(r.ok for r in self.rows) and not self.missing
+        kernels_ok = bool(self.rows) and all(r.ok for r in self.rows) and not self.missing
+        return kernels_ok and (self.model_run is None or self.model_run.ok)
 
     @property
     def failed(self) -> list[KernelRow]:
@@ -184,15 +186,18 @@ def bsr_layer_arrays(relax_mod, kernel_names: set[str]) -> dict[str, list[dict[s
     return out
 
 
-def _dense_inputs(func, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Arrays for a static-shape PrimFunc: uniform(-1, 1) floats, integers in {0, 1}.
+def _dense_inputs(func, rng: np.random.Generator, env: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Arrays for a PrimFunc: uniform(-1, 1) floats, integers in {0, 1}.
 
     {0, 1} keeps token ids, masks and gather indices in bounds for any axis of at least 2.
+    Symbolic dims (generic kernels such as the GPU scan) take their values from ``env``, the
+    static shapes at the function's call site (:func:`call_site_dims`).
     """
+    env = env or {}
     arrays = {}
     for name, shape, dtype in ov._param_buffers(func):
         try:
-            dims = tuple(int(d) for d in shape)
+            dims = tuple(env[d.name] if hasattr(d, "name") and d.name in env else int(d) for d in shape)
         except TypeError:
             raise BlockpruneError(f"{name} of a dense PrimFunc has a symbolic shape {shape}",
                                   "the GPU backend compiles static shapes only (fix batch and seq)") from None
@@ -200,6 +205,34 @@ def _dense_inputs(func, rng: np.random.Generator) -> dict[str, np.ndarray]:
         values = rng.uniform(-1.0, 1.0, size=dims) if dt.kind == "f" else rng.integers(0, 2, size=dims)
         arrays[name] = np.asarray(values, dtype=dt)
     return arrays
+
+
+def call_site_dims(relax_mod) -> dict[str, dict[str, int]]:
+    """Per PrimFunc called from ``main``: its symbolic shape vars bound to the call's static shapes."""
+    import tvm
+    from tvm import relax
+
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    funcs = _prim_funcs(relax_mod)
+    out: dict[str, dict[str, int]] = {}
+    for block in relax_mod["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not (isinstance(call, relax.Call) and call.op.same_as(call_tir)):
+                continue
+            name = call.args[0].name_hint
+            if name not in funcs:
+                continue
+            res = binding.var.ty
+            shapes = [a.ty.shape for a in call.args[1].fields] + \
+                ([f.shape for f in res.fields] if isinstance(res, relax.TupleType) else [res.shape])
+            env = out.setdefault(name, {})
+            for (_, pshape, _), shape in zip(ov._param_buffers(funcs[name]), shapes):
+                values = getattr(shape, "values", None) or []
+                for d, v in zip(pshape, values):
+                    if isinstance(d, tvm.tirx.Var) and isinstance(v, tvm.tirx.IntImm):
+                        env[d.name] = int(v)
+    return out
 
 
 @dataclass
@@ -210,6 +243,21 @@ class GPUModules:
     ref: Any  # same names, CPU reference PrimFuncs
     bsr_inputs: dict[str, list[dict[str, np.ndarray]]]
     gpu_import: GPUImport
+    dims: dict[str, dict[str, int]] = field(default_factory=dict)  # symbolic dims per function (call sites)
+    scheduled: Any = None  # the scheduled Relax module (its main is what the model run walks)
+    _built: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def lowered(self) -> "ov.LoweredGPUModule":
+        """The GPU PrimFuncs lowered to OpenCL once, shared by the kernel check and the model run."""
+        if "lowered" not in self._built:
+            self._built["lowered"] = ov.lower_for_opencl(self.gpu, self.gpu_import.preset)
+        return self._built["lowered"]
+
+    def cpu_reference(self):
+        """The reference PrimFuncs compiled for llvm once (shared likewise)."""
+        if "cpu" not in self._built:
+            self._built["cpu"] = ov.compile_reference(self.ref)
+        return self._built["cpu"]
 
 
 def gpu_modules(model: onnx.ModelProto, target: Any = "mali", batch: int = DEFAULT_BATCH, seq: int = DEFAULT_SEQ,
@@ -225,8 +273,65 @@ def gpu_modules(model: onnx.ModelProto, target: Any = "mali", batch: int = DEFAU
     ref_funcs = _prim_funcs(unscheduled)
     for name, (spec, _) in gpu_import.kernel_specs.items():
         ref_funcs[name] = bsr_reference_primfunc(spec, name)
+    _cpu_references_for_prebound(gpu_import.imported.mod, ref_funcs, set(gpu_import.kernel_specs))
     bsr = bsr_layer_arrays(scheduled, set(gpu_import.kernel_specs))
-    return GPUModules(tvm.IRModule(gpu_funcs), tvm.IRModule(ref_funcs), bsr, gpu_import)
+    return GPUModules(tvm.IRModule(gpu_funcs), tvm.IRModule(ref_funcs), bsr, gpu_import, call_site_dims(scheduled),
+                      scheduled)
+
+
+def _cpu_references_for_prebound(relax_mod, ref_funcs: dict[str, Any], skip: set[str]) -> None:
+    """Replace references that legalization already bound to GPU threads by their CPU legalization.
+
+    Why: some ops legalize to target-specific TIR on GPU targets (``cumsum``, which RoBERTa's
+    position ids use, becomes a thread-bound scan); that "unscheduled" function cannot be built
+    for llvm. The same Relax module legalized and fused for llvm gives the same function names
+    (fusion does not depend on the target), computed with plain loops: a reference that shares
+    no code with the GPU kernel.
+    """
+    import tvm
+    from tvm import relax
+
+    bound = [n for n, f in ref_funcs.items() if n not in skip and ov._binds_threads(f)]
+    if not bound:
+        return
+    with tvm.target.Target("llvm"):
+        cpu = tvm.transform.Sequential([
+            relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
+            relax.transform.FuseOps(), relax.transform.FuseTIR()])(relax_mod)
+    cpu_funcs = _prim_funcs(cpu)
+    for name in bound:
+        ref = cpu_funcs.get(name) or (_cumsum_reference(ref_funcs[name]) if "cumsum" in name else None)
+        if ref is None or len(ref.params) != len(ref_funcs[name].params):
+            raise BlockpruneError(f"no CPU reference for the GPU function {name!r} (its legalization is "
+                                  "GPU-specific and the CPU legalization differs)",
+                                  "report the model; the artifact itself was compiled, only this check is missing")
+        ref_funcs[name] = ref
+
+
+def _cumsum_reference(func):
+    """CPU ``cumsum`` along the last axis with ``func``'s ``(A, Out)`` buffers: the reference for
+    the scan TVM's GPU dispatch substitutes for ``relax.cumsum`` (``gpu_2d_continuous_cumsum``)."""
+    import tvm
+    from tvm import relax
+
+    params = ov._param_buffers(func)
+    if len(params) != 2:
+        return None
+    (_, a_shape, a_dtype), (_, _, out_dtype) = params
+    shape = [int(d) if isinstance(d, (int, tvm.tirx.IntImm)) else tvm.tirx.Var(f"d{i}", "int64")
+             for i, d in enumerate(a_shape)]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, a_dtype))
+    with bb.function("main", [x]):
+        y = bb.emit(relax.op.cumsum(x, axis=len(shape) - 1, dtype=out_dtype))
+        bb.emit_func_output(y)
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    target = tvm.target.Target("llvm")
+    with target:  # the CPU dispatch turns cumsum into a PrimFunc (LegalizeOps alone leaves it)
+        legal = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + [relax.transform.LegalizeOps()])(bb.get())
+    funcs = _prim_funcs(legal)
+    return next(iter(funcs.values())) if len(funcs) == 1 else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +342,8 @@ def verify_modules(mods: GPUModules, *, rtol: float = DEFAULT_RTOL, atol: float 
     """Run each PrimFunc's kernels on PoCL and its reference on llvm; one row per kernel."""
     ov._opencl_context()  # fail early, naming pocl-opencl-icd
     preset = mods.gpu_import.preset
-    lowered = ov.lower_for_opencl(mods.gpu, preset)
-    cpu = ov.compile_reference(mods.ref)
+    lowered = mods.lowered()
+    cpu = mods.cpu_reference()
     rng = np.random.default_rng(seed)
     rows: list[KernelRow] = []
     for name, func in _prim_funcs(mods.gpu).items():
@@ -256,7 +361,8 @@ def verify_modules(mods: GPUModules, *, rtol: float = DEFAULT_RTOL, atol: float 
                 given = {k: v for k, v in given.items() if k in order}
                 arrays, env = ov._bind_inputs(name, func, given, rng)
             else:
-                arrays, env = _dense_inputs(func, rng), {}
+                env = mods.dims.get(name, {})
+                arrays = _dense_inputs(func, rng, env)
             gpu_out, launched = ov.run_on_opencl(lowered, name, arrays, env, preset)
             cpu_out = ov.run_on_cpu(cpu, name, arrays, order)
             diff, scale = _compare(gpu_out, cpu_out)
@@ -287,16 +393,24 @@ def _compare(gpu_out: dict[str, np.ndarray], cpu_out: dict[str, np.ndarray]) -> 
 
 def verify_artifact_kernels(source: "str | os.PathLike | onnx.ModelProto", target: Any = None, *,
                             batch: int | None = None, seq: int | None = None, rtol: float = DEFAULT_RTOL,
-                            atol: float = DEFAULT_ATOL, seed: int = 0) -> VerifyReport:
+                            atol: float = DEFAULT_ATOL, seed: int = 0, end_to_end: bool = False,
+                            e2e_rtol: float | None = None, e2e_atol: float | None = None) -> VerifyReport:
     """Per-kernel PoCL-vs-CPU table for an artifact directory (its source model and options) or a model.
 
     ``target`` is required for a model and, for an artifact, must be the one it was built for.
+    ``end_to_end`` also runs the whole build call by call on PoCL against onnxruntime
+    (:mod:`.gpu_model_run`, its own per-output tolerance), sharing the lowered kernels.
     """
+    from blockprune.backends.tvm.verify import gpu_model_run as gm
+
     ov._opencl_context()  # before any import work: no platform -> the install hint
     model, options = _resolve_source(source, target, batch, seq)
     mods = gpu_modules(model, **options)
     rows = verify_modules(mods, rtol=rtol, atol=atol, seed=seed)
     report = VerifyReport(mods.gpu_import.preset.name, rows)
+    if end_to_end:
+        report.model_run = gm.verify_model_run(mods, model, rtol=gm.DEFAULT_RTOL if e2e_rtol is None else e2e_rtol,
+                                               atol=gm.DEFAULT_ATOL if e2e_atol is None else e2e_atol)
     if not isinstance(source, onnx.ModelProto) and (Path(source) / KERNELS_CL).is_file():
         # every kernel the artifact ships must be among those just verified (same build)
         shipped = kernel_names((Path(source) / KERNELS_CL).read_text())
