@@ -37,7 +37,7 @@ from blockprune.errors import BlockpruneError  # noqa: E402
 from blockprune.io import atomic_path  # noqa: E402
 
 BREAK_EVEN = 0.6  # a fixed policy threshold, so the BSR counts do not depend on the shipped timing table
-GPU_COLUMN = "compile mali + PoCL kernels"
+GPU_COLUMN = "GPU PoCL end to end (mali)"
 COLUMNS = ("prune", "compress", "compile x86-64", "compile aarch64 + qemu", GPU_COLUMN)
 
 
@@ -84,21 +84,29 @@ def run_route(spec: str, route: str, work: Path, aarch64: bool) -> dict:
 
 
 def gpu_cell(model: Path, out: Path, seq: int):
-    """Compile for the Mali preset, then run every generated OpenCL kernel on PoCL against its CPU
-    build (:func:`verify_artifact_kernels`): no TVM OpenCL runtime exists here, so this is the end
-    to end check available without a phone."""
+    """Compile for the Mali preset, check every generated OpenCL kernel on PoCL against its CPU build,
+    then run the whole build on PoCL call by call in the VM's order and compare its outputs with
+    onnxruntime on realistic token ids with padding (:mod:`gpu_model_run`). The figure is that
+    end-to-end max-abs difference; the note gives it relative to the output scale."""
     def inner():
         from blockprune.backends.tvm.pipeline.gpu_compile import compile_gpu_model
         from blockprune.backends.tvm.verify.gpu_verify import verify_artifact_kernels
 
         compile_gpu_model(model, out, target="mali", batch=1, seq=seq)
-        report = verify_artifact_kernels(out, target="mali")
-        if not report.ok:
-            bad = ", ".join(r.kernel for r in report.failed) or f"missing {report.missing}"
-            raise BlockpruneError(f"PoCL kernel check failed: {bad}")
+        report = verify_artifact_kernels(out, target="mali", end_to_end=True)
+        run = report.model_run
         bsr = sum(1 for r in report.rows if r.kind == "bsr")
-        worst = max(r.max_abs_diff / r.tolerance for r in report.rows)  # mask kernels reach 1e38 in value
-        return worst, f"worst kernel at {worst:.2f} of its tolerance; {len(report.rows)} kernels ({bsr} BSR) on PoCL"
+        kernels_bad = ", ".join(r.kernel for r in report.failed) or (f"missing {report.missing}" if report.missing else "")
+        if not run.ok:
+            first = run.first_departure()
+            where = f"; first departing call {first.func}" if first else ""
+            raise BlockpruneError(f"end to end {run.max_abs_diff:.2e} (rel {run.max_rel_diff:.1e}) > tolerance{where}"
+                                  + (f"; kernels off: {kernels_bad}" if kernels_bad else ""))
+        if kernels_bad:
+            raise BlockpruneError(f"PoCL kernel check failed: {kernels_bad}")
+        tol = min(o.tolerance for o in run.outputs)
+        return run.max_abs_diff, (f"rel {run.max_rel_diff:.1e}, tol {tol:.1e}; {len(run.calls)} calls, "
+                                  f"{len(report.rows)} kernels ({bsr} BSR) checked")
     return inner
 
 
@@ -182,10 +190,12 @@ def to_markdown(rows: list[dict], started: str) -> str:
              "`roberta-tiny`, `distilbert-tiny`: hidden 64, 2 layers, 4 heads), encoder head; prune = one-shot "
              "1x32 at 50% (max-abs vs the numpy masked reference), compress = worst stage max-abs vs the pruned "
              "model (policy break-even 0.6), compile = the artifact's own verification against onnxruntime on the compressed model "
-             "(batch 1, seq 16; aarch64 under qemu); GPU = compile for the Mali preset, then every generated OpenCL "
-             "kernel run on PoCL against its CPU build (no TVM OpenCL runtime here, so whole-model GPU runs are "
-             "not possible); its figure is the worst kernel's max |diff| as a fraction of that kernel's tolerance "
-             "(1e-5 + 1e-4 x max|ref|; the additive-mask kernels hold values near -3.4e38). Tolerance 1e-4 elsewhere. No timings. "
+             "(batch 1, seq 16; aarch64 under qemu); GPU = compile for the Mali preset, every generated OpenCL kernel "
+             "checked on PoCL against its CPU build, then the whole build run on PoCL call by call in the VM's order "
+             "(memory plan included; `gpu_model_run`) and its output compared with onnxruntime on the same ONNX, on "
+             "vocabulary-wide token ids with a padded attention mask; its figure is that end-to-end max-abs "
+             "difference, `rel` the same over max|output|, tolerance 1e-5 + 1e-4 x max|output| per output. "
+             "Tolerance 1e-4 elsewhere. No timings. "
              "The BERT-base row compiles at seq 128.", "",
              "ORT-optimized graphs have 6 prunable MatMuls: q/k/v live in the fused `Attention` node's packed "
              "weight (lowered to standard ops for TVM). A layer that stays dense after compress (11 of 12) is an "

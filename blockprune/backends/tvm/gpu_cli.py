@@ -20,20 +20,30 @@ from blockprune.errors import BlockpruneError
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Print the per-kernel PoCL-vs-CPU table; exit 1 when any kernel is off."""
+    """Print the per-kernel PoCL-vs-CPU table, then the whole-model run vs onnxruntime; exit 1 when either is off."""
     from blockprune.console import console
 
     from blockprune.backends.tvm.verify.gpu_verify import verify_artifact_kernels
 
-    with console.status(f"verifying the OpenCL kernels of {args.source} on PoCL"):
+    with console.status(f"verifying the OpenCL kernels of {args.source} on PoCL"
+                        + ("" if args.no_end_to_end else ", then the whole model against onnxruntime")):
         report = verify_artifact_kernels(args.source, args.target, batch=args.batch, seq=args.seq,
-                                         rtol=args.rtol, atol=args.atol)
+                                         rtol=args.rtol, atol=args.atol, end_to_end=not args.no_end_to_end,
+                                         e2e_rtol=args.e2e_rtol)
     print(report.table())
     bad = report.failed
     console.print(f"{len(report.rows) - len(bad)}/{len(report.rows)} kernels for {report.target} match the CPU "
                   f"reference (tolerance {args.atol:g} + {args.rtol:g} * max|reference|)")
     if report.missing:
         console.print(f"kernels in kernels.cl that were not verified: {', '.join(report.missing)}")
+    run = report.model_run
+    if run is not None:
+        print(run.table())
+        console.print(run.summary())
+        first = run.first_departure()
+        if not run.ok and first is not None:
+            console.print(f"first call departing from its CPU reference: #{first.index} {first.func} "
+                          f"(max |diff| {first.max_abs_diff:.3g})")
     return 0 if report.ok else 1
 
 
@@ -119,13 +129,18 @@ def add_gpu_parsers(sub) -> None:
     """Add ``verify``; extend ``compile``/``run``/``bench`` (if already added) for GPU targets."""
     from blockprune.backends.tvm.pipeline.gpu_compile import DEFAULT_GPU_BREAK_EVEN
 
-    v = sub.add_parser("verify", help="run every OpenCL kernel of a GPU build on PoCL and compare with the CPU")
+    v = sub.add_parser("verify", help="run every OpenCL kernel of a GPU build on PoCL against the CPU, then the whole "
+                                           "model call by call against onnxruntime")
     v.add_argument("source", help="artifact directory from compile --target mali|adreno, or an ONNX model")
     v.add_argument("--target", default=None, help="mali or adreno (required for a model; checked for an artifact)")
     v.add_argument("--batch", type=int, default=None, help="static batch size for a model (default 1)")
     v.add_argument("--seq", type=int, default=None, help="static sequence length for a model (default 128)")
     v.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max|reference| (default 1e-4)")
     v.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    v.add_argument("--e2e-rtol", type=float, default=None,
+                   help="whole-model run: tolerance per output relative to max|onnxruntime output| (default 1e-4)")
+    v.add_argument("--no-end-to-end", action="store_true",
+                   help="kernels only: skip running the whole build on PoCL against onnxruntime")
     v.set_defaults(func=cmd_verify)
 
     choices = getattr(sub, "choices", {})
