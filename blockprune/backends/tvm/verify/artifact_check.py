@@ -18,11 +18,16 @@ pairs of products to int16 (:mod:`blockprune.passes.int8_reference`) while our k
 exact sums the quantization contract defines. Max-abs cannot be the test there: dynamic
 quantization rounds each activation to a step of ``range/255``, so a float32 rounding difference
 upstream (summation order) flips some roundings, and each flip moves later outputs by a whole
-step. Measured on MiniLM int8: tiny 2-layer models match to 7e-7, MiniLM's outputs differ by up
-to 0.17 max-abs with relative L2 error 0.03-0.07 and per-token cosine >= 0.995, while onnxruntime's
-own int8 run is 0.17-0.19 / 0.96 from the same reference. A wrong kernel (index, scale, layout)
-errs by order 1. So int8 outputs must have relative L2 error <= ``INT8_MAX_REL`` and every row
-(token) cosine >= ``INT8_MIN_COSINE`` against the exact reference.
+step, which flips further roundings downstream: the flips compound layer after layer, so how far
+two int8 runs drift apart depends on the inputs, not only on the kernels. Measured on MiniLM int8
+(random tokens, 1x128): tiny 2-layer models match to 7e-7; the dense int8 artifact is 0.04-0.12
+relative L2 from the reference with per-token cosine 0.990-0.998 depending on the seed (onnxruntime
+running the same file is 2e-7-5e-5 from it, because it shares the reference's float32 ops bit for
+bit), while the int8 model itself is 0.15-0.17 relative L2 / cosine 0.95-0.98 from float32 (the
+size of the quantization noise a full drift tends to). A wrong kernel (index, scale, layout,
+zero point) errs by order 1. So int8 outputs must have relative L2 error <= ``INT8_MAX_REL``
+(above the measured drift, below the order-1 errors) and every row (token) cosine
+>= ``INT8_MIN_COSINE`` against the exact reference.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from blockprune.errors import BlockpruneError
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_SEEDS = (0, 1)
-INT8_MAX_REL, INT8_MIN_COSINE = 0.12, 0.99
+INT8_MAX_REL, INT8_MIN_COSINE = 0.25, 0.97
 
 
 @dataclass
