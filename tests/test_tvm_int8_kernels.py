@@ -24,6 +24,9 @@ from blockprune.backends.tvm.kernels import int8_quantize as iq  # noqa: E402
 
 M, K, N = 13, 64, 96  # 13: not a multiple of any register tile
 BLOCKS = ["1x4", "4x4", "16x4", "32x32"]
+HAS_VNNI = ik.vnni_lanes("host") > 0
+# x86 kernel families this host runs: avx2 always, vnni where the CPU has it
+X86_ISAS = ["avx2", pytest.param("vnni", marks=pytest.mark.skipif(not HAS_VNNI, reason="no AVX512-VNNI/AVX-VNNI"))]
 
 
 def sparse_int8(rng, n: int, k: int, block: str | None, sparsity: float = 0.5) -> np.ndarray:
@@ -105,18 +108,20 @@ def test_packed_layout_is_documented_one():
 
 
 # ---- exact integer sums ------------------------------------------------------------------------
+@pytest.mark.parametrize("isa", X86_ISAS)
 @pytest.mark.parametrize("block", [None] + BLOCKS)
-def test_int32_sums_are_exact(block):
+def test_int32_sums_are_exact(block, isa):
     rng = np.random.default_rng(zlib.crc32(str(block).encode()))
     x = rng.standard_normal((M, K)).astype(np.float32)
     wq = sparse_int8(rng, N, K, block)
-    layer = compiled(wq, np.ones(N, np.float32), x.shape, block=block, out_dtype="int32")
+    layer = compiled(wq, np.ones(N, np.float32), x.shape, block=block, out_dtype="int32", isa=isa)
     acc, _ = ia.int8_reference(x, wq, np.ones(N, np.float32))
     assert np.array_equal(layer(x), acc)
 
 
+@pytest.mark.parametrize("isa", X86_ISAS)
 @pytest.mark.parametrize("block", [None, "1x4", "16x4"])
-def test_no_int16_saturation_at_the_extremes(block):
+def test_no_int16_saturation_at_the_extremes(block, isa):
     """xq - xz = -255 against Wq = -127 everywhere: every pair of products is 64770 > 32767.
 
     ``vpmaddubsw`` (u8 x s8 pairs summed in int16) would saturate here; our int16 x int16 ->
@@ -127,7 +132,7 @@ def test_no_int16_saturation_at_the_extremes(block):
     x[0] = 0.0  # X max = 0 -> xz = 255
     wq = np.full((N, K), -127, np.int8)
     wq[1::2] = 127
-    layer = compiled(wq, np.ones(N, np.float32), x.shape, block=block, out_dtype="int32")
+    layer = compiled(wq, np.ones(N, np.float32), x.shape, block=block, out_dtype="int32", isa=isa)
     acc, _ = ia.int8_reference(x, wq, np.ones(N, np.float32))
     xq, _, xz = iq.dynamic_quantize_np(x)
     assert xz == 255 and xq.min() == 0
@@ -191,7 +196,7 @@ def test_blocks_without_4_input_features_are_refused():
 
 
 def test_isa_per_target():
-    assert ik.int8_isa("x86-64") == "avx2"
+    assert ik.int8_isa("x86-64") == ("vnni" if HAS_VNNI else "avx2")
     assert ik.int8_isa("cortex-a72") == "neon"
     assert ik.int8_isa("cortex-a76") == "sdot"
     spec = ik.Int8KernelSpec((128, 384), 384, BlockShape.parse("1x4"))
@@ -202,9 +207,53 @@ def test_isa_per_target():
 
 def test_x86_kernel_uses_vpmaddwd():
     rng = np.random.default_rng(1)
-    layer = compiled(sparse_int8(rng, N, K, None), np.ones(N, np.float32), (M, K))
+    layer = compiled(sparse_int8(rng, N, K, None), np.ones(N, np.float32), (M, K), isa="avx2")
     asm = layer.assembly()
-    assert "vpmaddwd" in asm and "vpmaddubsw" not in asm
+    # with AVX512-VNNI, LLVM fuses vpmaddwd + vpaddd into vpdpwssd (the same exact int16 pairs)
+    assert ("vpmaddwd" in asm or "vpdpwssd" in asm) and "vpmaddubsw" not in asm
+
+
+# ---- VNNI (x86 vpdpbusd, lanes along the outputs) ----------------------------------------------
+def test_vnni_weight_layout_is_documented_one():
+    from blockprune.backends.tvm.kernels.int8_vnni import pack_vnni_weight
+
+    w = np.arange(32 * 8).reshape(32, 8).astype(np.int8)
+    p = pack_vnni_weight(w, 16)
+    assert p.shape == (2, 2, 16) and p.dtype == np.int32
+    o, k = 21, 6  # output 21 = vector 1 lane 5; feature 6 = group 1 byte 2
+    assert p[o // 16, k // 4, o % 16:o % 16 + 1].view(np.int8)[k % 4] == w[o, k]
+    with pytest.raises(BlockpruneError, match="multiples"):
+        pack_vnni_weight(np.zeros((4, 4), np.int8), 16)
+
+
+def test_vnni_schedules_fall_back_to_avx2_for_short_blocks():
+    if not HAS_VNNI:
+        pytest.skip("no AVX512-VNNI/AVX-VNNI")
+    for block, isa in [(None, "vnni"), ("16x4", "vnni"), ("32x32", "vnni"), ("4x4", "avx2"), ("1x4", "avx2")]:
+        spec = ik.Int8KernelSpec((128, 384), 384, BlockShape.parse(block) if block else None)
+        sch = ik.choose_int8_schedule(spec, "host")
+        assert sch.isa == isa, block
+        assert sch.x_format == ("u8p" if isa == "vnni" else "i16")
+
+
+@pytest.mark.skipif(not HAS_VNNI, reason="no AVX512-VNNI/AVX-VNNI")
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_vnni_kernel_is_exact_and_uses_vpdpbusd(lanes):
+    """Both vector widths (zmm: AVX512-VNNI, ymm: what AVX-VNNI-only CPUs get) with every epilogue."""
+    rng = np.random.default_rng(lanes)
+    x = rng.standard_normal((2, 9, K)).astype(np.float32)
+    wq = sparse_int8(rng, N, K, "16x4")
+    ws = (rng.random(N) * 0.02 + 0.001).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    r = rng.standard_normal((2, 9, N)).astype(np.float32)
+    for block in (None, "16x4"):
+        sch = ik.Int8Schedule("vnni", 5, 1, 1, lanes)  # 18 rows: 3 tiles of 5 and a tail of 3
+        sums = compiled(wq, np.ones(N, np.float32), x.shape, block=block, out_dtype="int32", schedule=sch)
+        assert np.array_equal(sums(x).reshape(-1, N), ia.int8_reference(x, wq, np.ones(N, np.float32))[0])
+        layer = compiled(wq, ws, x.shape, block=block, bias=bias, gelu=True, residual=True, schedule=sch)
+        _, ref = ia.int8_reference(x, wq, ws, bias, True, r)
+        assert_close(layer(x, r).reshape(ref.shape), ref)
+        assert "vpdpbusd" in layer.assembly() and ("zmm" if lanes == 16 else "ymm") in layer.assembly()
 
 
 # ---- aarch64: cross-compiled, run under qemu ----------------------------------------------------

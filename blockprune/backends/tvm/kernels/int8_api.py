@@ -28,6 +28,7 @@ from blockprune.errors import BlockpruneError
 from blockprune.backends.tvm.kernels.int8_kernel import (Int8KernelSpec, Int8Schedule, choose_int8_schedule,
                                                          int8_matmul_primfunc)
 from blockprune.backends.tvm.kernels.int8_quantize import QuantizeSpec, dynamic_quantize_np, quantize_primfunc
+from blockprune.backends.tvm.kernels.int8_vnni import pack_vnni_weight
 from blockprune.backends.tvm.targets.presets import TargetPreset, export_fcompile, resolve_target  # noqa: F401 (re-exported)
 
 
@@ -67,17 +68,21 @@ def pack_weights(weight: "np.ndarray | Int8BSR", w_scale: np.ndarray, spec: Int8
                  schedule: Int8Schedule, bias: np.ndarray | None = None) -> list[np.ndarray]:
     """The matmul's constant arguments in order: ``W[, indices, indptr], w_scale[, wsum][, bias]``.
 
-    Weights are widened to int16 for ``avx2``/``neon`` (the multiply works on int16) and kept int8
-    for ``sdot``; ``wsum`` is the per-output row sum of ``Wq`` (the ``sdot`` zero-point term).
+    Weights are widened to int16 for ``avx2``/``neon`` (the multiply works on int16), kept int8
+    for ``sdot`` and re-laid out as int32 words of (L outputs x 4 features) for ``vnni``
+    (:func:`.int8_vnni.pack_vnni_weight`); ``wsum`` is the per-output row sum of ``Wq`` (the
+    zero-point term of ``sdot`` and ``vnni``, whose X is not centred).
     """
-    wdt = np.int8 if schedule.w_dtype == "int8" else np.int16
+    vnni = schedule.isa == "vnni"
+    wdt = np.int16 if schedule.w_dtype == "int16" else np.int8
     if isinstance(weight, Int8BSR):
         if spec.block != weight.block or weight.shape != (spec.n, spec.k):
             raise BlockpruneError(f"BSR weight {weight.shape} block {weight.block} does not match the spec "
                                   f"({spec.n}x{spec.k}, block {spec.block})", "build the spec from the weight")
-        arrays = [np.ascontiguousarray(weight.data.astype(wdt)), np.ascontiguousarray(weight.indices, np.int32),
+        data = pack_vnni_weight(weight.data, schedule.out_lanes) if vnni else weight.data.astype(wdt)
+        arrays = [np.ascontiguousarray(data), np.ascontiguousarray(weight.indices, np.int32),
                   np.ascontiguousarray(weight.indptr, np.int32)]
-        dense = weight.to_dense() if schedule.isa == "sdot" else None
+        dense = weight.to_dense() if schedule.needs_wsum else None
     else:
         wq = np.asarray(weight)
         if wq.dtype != np.int8 or wq.shape != (spec.n, spec.k):
@@ -85,9 +90,10 @@ def pack_weights(weight: "np.ndarray | Int8BSR", w_scale: np.ndarray, spec: Int8
                                   "pass Wq[out, in] as int8")
         if spec.block is not None:
             raise BlockpruneError("a dense weight given to a block-sparse spec", "use int8_bsr_from_dense()")
-        arrays, dense = [np.ascontiguousarray(wq.astype(wdt))], wq
+        packed = pack_vnni_weight(wq, schedule.out_lanes) if vnni else wq.astype(wdt)
+        arrays, dense = [np.ascontiguousarray(packed)], wq
     arrays.append(np.ascontiguousarray(w_scale, np.float32).reshape(spec.n))
-    if schedule.isa == "sdot":
+    if schedule.needs_wsum:
         arrays.append(dense.astype(np.int32).sum(axis=1).astype(np.int32))
     if spec.bias:
         if bias is None:
@@ -119,8 +125,12 @@ def int8_layer(weight: "np.ndarray | Int8BSR", w_scale: np.ndarray, x_shape: Seq
                bias: np.ndarray | None = None, block: "BlockShape | str | None" = None,
                gelu: bool = False, residual: bool = False, target: Any = "host",
                schedule: Int8Schedule | None = None, out_dtype: str = "float32",
-               name: str = "int8_matmul") -> Int8Layer:
-    """PrimFuncs and packed constants of an int8 layer (dense, or BSR with ``block``/an Int8BSR)."""
+               name: str = "int8_matmul", isa: str | None = None) -> Int8Layer:
+    """PrimFuncs and packed constants of an int8 layer (dense, or BSR with ``block``/an Int8BSR).
+
+    ``isa`` forces a kernel family (e.g. ``avx2`` on a VNNI machine, for tests and benchmarks);
+    by default the target's best (:func:`.int8_kernel.int8_isa`).
+    """
     if isinstance(weight, Int8BSR):
         block = weight.block
     elif block is not None:
@@ -133,7 +143,7 @@ def int8_layer(weight: "np.ndarray | Int8BSR", w_scale: np.ndarray, x_shape: Seq
     if spec.k != shape[1]:
         raise BlockpruneError(f"input has {spec.k} features but the weight expects {shape[1]}",
                               "pass X[..., in] for a weight W[out, in]")
-    schedule = schedule or choose_int8_schedule(spec, target)
+    schedule = schedule or choose_int8_schedule(spec, target, isa=isa)
     qspec = QuantizeSpec(spec.x_shape, schedule.x_format)
     consts = pack_weights(weight, w_scale, spec, schedule, bias)
     return Int8Layer(spec, schedule, qspec, quantize_primfunc(qspec, f"{name}_quantize"),

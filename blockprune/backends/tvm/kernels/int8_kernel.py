@@ -35,6 +35,9 @@ reused while the chunk's rows stream by, and the staged int32 sums of the chunk 
 (dequantize, bias, GELU, residual) as ``out_lanes``-wide vectors along the outputs. Buffers
 are ``global`` scope and < 1024 bytes each (stack, registers; see tvm-notes).
 
+``vnni`` (x86 with AVX512-VNNI or AVX-VNNI) is a kernel of its own with lanes along the outputs
+(:mod:`.int8_vnni`); blocks whose height is not a multiple of its vector stay on ``avx2``.
+
 Signature: ``name(xp, xs, xz, W[, indices, indptr], w_scale[, wsum][, bias][, R], Y)``:
 ``W`` is ``[N, K]`` (dense) or ``[nnzb, r, c]`` (BSR) in int16 (``avx2``/``neon``) or int8
 (``sdot``); ``wsum`` (int32 row sums) only for ``sdot``. :mod:`.int8_api` packs these.
@@ -53,7 +56,7 @@ from blockprune.backends.tvm.kernels.int8_quantize import ROW_ALIGN, ROW_BLOCK, 
 from blockprune.backends.tvm.targets.presets import resolve_target
 
 _MAX_STAGE_BYTES = 1020  # each staging buffer stays below TVM's 1024-byte stack limit
-ISAS = ("avx2", "neon", "sdot")
+ISAS = ("avx2", "neon", "sdot", "vnni")
 _ACC_LANES = {"avx2": 8, "neon": 16, "sdot": 4}  # int32 lanes of one accumulator (4 rows)
 
 
@@ -61,27 +64,35 @@ _ACC_LANES = {"avx2": 8, "neon": 16, "sdot": 4}  # int32 lanes of one accumulato
 class Int8Schedule:
     """The register tile and task split; :func:`choose_int8_schedule` picks one."""
 
-    isa: str  # "avx2" (vpmaddwd), "neon" (smlal), "sdot" (ARMv8.2 dot product)
-    m_vecs: int  # P: vectors of 4 rows in a tile (tile = 4P rows; 4P divides ROW_ALIGN)
-    r_pass: int  # R: outputs accumulated at once (divides the block's rows; dense: a row group)
-    row_chunk: int  # block rows (dense: groups of R outputs) per parallel task
-    out_lanes: int  # float32 lanes of the epilogue vectors
+    isa: str  # "avx2" (vpmaddwd), "neon" (smlal), "sdot" (ARMv8.2 dot product), "vnni" (vpdpbusd)
+    m_vecs: int  # P: vectors of 4 rows in a tile (tile = 4P rows; 4P divides ROW_ALIGN); vnni: X rows
+    r_pass: int  # R: outputs accumulated at once (divides the block's rows; dense: a row group);
+    # vnni: output vectors
+    row_chunk: int  # block rows (dense: groups of R outputs) per parallel task (vnni: 1)
+    out_lanes: int  # float32 lanes of the epilogue vectors (vnni: int32 lanes of a vpdpbusd, 16 or 8)
 
     def __post_init__(self) -> None:
         if self.isa not in ISAS:
             raise BlockpruneError(f"unknown int8 kernel ISA {self.isa!r}", f"use one of {ISAS}")
-        if self.m_vecs < 1 or ROW_ALIGN % (4 * self.m_vecs) or self.r_pass < 1 or self.row_chunk < 1:
+        if self.isa == "vnni":
+            self.vnni_tile().check()
+        elif self.m_vecs < 1 or ROW_ALIGN % (4 * self.m_vecs) or self.r_pass < 1 or self.row_chunk < 1:
             raise BlockpruneError(f"invalid int8 schedule {self}",
                                   f"m_vecs in (1, 2, 4, 8); r_pass and row_chunk >= 1")
 
     @property
     def x_format(self) -> str:
         """Packed-X form this schedule reads (see :mod:`.int8_quantize`)."""
-        return "s8" if self.isa == "sdot" else "i16"
+        return {"sdot": "s8", "vnni": "u8p"}.get(self.isa, "i16")
+
+    def vnni_tile(self):
+        from blockprune.backends.tvm.kernels.int8_vnni import VnniTile
+
+        return VnniTile(self.out_lanes, self.m_vecs, self.r_pass)
 
     @property
     def acc_lanes(self) -> int:
-        return _ACC_LANES[self.isa]
+        return self.out_lanes if self.isa == "vnni" else _ACC_LANES[self.isa]
 
     @property
     def lanes_per_row(self) -> int:
@@ -90,7 +101,13 @@ class Int8Schedule:
 
     @property
     def w_dtype(self) -> str:
-        return "int8" if self.isa == "sdot" else "int16"
+        """Element type of the weights as the kernel reads them (vnni: int32 words of 4 int8)."""
+        return {"sdot": "int8", "vnni": "int32"}.get(self.isa, "int16")
+
+    @property
+    def needs_wsum(self) -> bool:
+        """Whether the kernel takes the per-output weight sums (X not centred before the products)."""
+        return self.isa in ("sdot", "vnni")
 
 
 @dataclass(frozen=True)
@@ -142,15 +159,26 @@ class Int8KernelSpec:
 # --------------------------------------------------------------------------------------------
 # Schedules
 # --------------------------------------------------------------------------------------------
+def vnni_lanes(target) -> int:
+    """int32 lanes of ``vpdpbusd`` on ``target``: 16 (AVX512-VNNI), 8 (AVX-VNNI), 0 (none)."""
+    from tvm.target import codegen
+
+    t = resolve_target(target).target()
+    if codegen.llvm_cpu_has_features(["avx512vnni", "avx512vl", "avx512bw"], t):
+        return 16
+    return 8 if codegen.llvm_cpu_has_features(["avxvnni"], t) else 0
+
+
 def int8_isa(target) -> str:
-    """``sdot`` on aarch64 cores with the dot product, ``neon`` on other aarch64, else ``avx2``."""
+    """``sdot`` on aarch64 cores with the dot product, ``neon`` on other aarch64; on x86 ``vnni``
+    where the CPU has AVX512-VNNI or AVX-VNNI, else ``avx2``."""
     preset = resolve_target(target)
     if preset.arch != "aarch64":
         from tvm.target import codegen
 
         if not codegen.llvm_cpu_has_features(["avx2"], preset.target()):
             raise BlockpruneError(f"target {preset.name} has no AVX2", "the x86 int8 kernels need AVX2")
-        return "avx2"
+        return "vnni" if vnni_lanes(preset) else "avx2"
     from tvm.target import codegen
 
     return "sdot" if codegen.llvm_cpu_has_features(["dotprod"], preset.target()) else "neon"
@@ -164,6 +192,11 @@ def choose_int8_schedule(spec: Int8KernelSpec, target="host", isa: str | None = 
     NEON has 32 q registers, an ``neon`` accumulator takes 4 (int32x16), an ``sdot`` one 1.
     """
     isa = isa or int8_isa(target)
+    if isa == "vnni":
+        vnni = _vnni_schedule(spec, target)
+        if vnni is not None:
+            return vnni
+        isa = "avx2"  # a block height the output vectors do not divide
     cores = int(resolve_target(target).config.get("num-cores", 1) or 1)
     r = spec.block.rows if spec.block is not None else None
     tall = {"avx2": (4, 2), "neon": (4, 1), "sdot": (4, 4)}[isa]
@@ -191,12 +224,29 @@ def choose_int8_schedule(spec: Int8KernelSpec, target="host", isa: str | None = 
     return Int8Schedule(isa, p, rr, chunk, out_lanes)
 
 
+def _vnni_schedule(spec: Int8KernelSpec, target) -> Int8Schedule | None:
+    """The VNNI tile, or None when the block height is not whole output vectors."""
+    from blockprune.backends.tvm.kernels.int8_vnni import vnni_tile
+
+    lanes = vnni_lanes(target)
+    rows = spec.n if spec.block is None else spec.block.rows
+    if not lanes or rows % lanes:
+        return None
+    # dense: two vectors per task (8 x 2 tile; N/32 tasks); BSR: the vectors of one block row
+    tile = vnni_tile(spec.m, 2 if spec.block is None and (spec.n // lanes) % 2 == 0 else rows // lanes, lanes)
+    return Int8Schedule("vnni", tile.rows, tile.vecs, 1, lanes)
+
+
 # --------------------------------------------------------------------------------------------
 # The PrimFunc
 # --------------------------------------------------------------------------------------------
 def int8_matmul_primfunc(spec: Int8KernelSpec, schedule: Int8Schedule, name: str = "int8_matmul"):
     """Build ``name(xp, xs, xz, W[, indices, indptr], w_scale[, wsum][, bias][, R], Y)``."""
     spec.check()
+    if schedule.isa == "vnni":
+        from blockprune.backends.tvm.kernels.int8_vnni import VnniBuilder
+
+        return VnniBuilder(spec, schedule.vnni_tile()).build(name)
     return _Int8Builder(spec, schedule).build(name)
 
 

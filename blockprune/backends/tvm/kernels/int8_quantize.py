@@ -23,6 +23,8 @@ Why the kernel does not stop at ``xq``: the int8 matmul (:mod:`.int8_kernel`) wa
   product (``smlal``) multiply this by int16-widened weights with no correction term.
 * ``"s8"``:  the same layout in int8 holding ``xq - 128`` (exact in [-128, 127]), for the
   signed dot product ``sdot``; the kernel adds ``-(xz - 128) * rowsum(Wq)`` per output.
+* ``"u8p"``: the same layout in uint8 holding ``xq`` itself, for x86 ``vpdpbusd`` (uint8 x int8);
+  the kernel (:mod:`.int8_vnni`) adds ``-xz * rowsum(Wq)`` per output.
 
 Rows ``M..Mp`` of the packed forms are zero padding (``Mp`` = M rounded up to
 :data:`ROW_ALIGN`) so that every register tile of the matmul reads whole vectors.
@@ -41,7 +43,7 @@ from blockprune.errors import BlockpruneError
 # Packed X rows are padded to a multiple of this: the largest register tile (8 vectors x 4 rows).
 ROW_ALIGN = 32
 ROW_BLOCK = 8  # rows stored together per group of 4 features (see the module doc)
-X_FORMATS = ("u8", "i16", "s8")
+X_FORMATS = ("u8", "i16", "s8", "u8p")
 
 
 def padded_rows(m: int) -> int:
@@ -72,7 +74,7 @@ class QuantizeSpec:
 
     @property
     def out_dtype(self) -> str:
-        return {"u8": "uint8", "i16": "int16", "s8": "int8"}[self.x_format]
+        return {"u8": "uint8", "i16": "int16", "s8": "int8", "u8p": "uint8"}[self.x_format]
 
     def check(self) -> None:
         if self.x_format not in X_FORMATS:
@@ -108,8 +110,8 @@ def pack_x_np(xq: np.ndarray, xz: int, x_format: str) -> np.ndarray:
     m, mp = q.shape[0], padded_rows(q.shape[0])
     if x_format == "u8":
         return xq.reshape(m, k).astype(np.uint8)
-    dtype = np.int16 if x_format == "i16" else np.int8
-    centred = q - (int(xz) if x_format == "i16" else 128)
+    dtype = {"i16": np.int16, "s8": np.int8, "u8p": np.uint8}[x_format]
+    centred = q - {"i16": int(xz), "s8": 128, "u8p": 0}[x_format]
     full = np.zeros((mp, k), np.int32)
     full[:m] = centred
     blocks = full.reshape(mp // ROW_BLOCK, ROW_BLOCK, k // 4, 4).transpose(0, 2, 1, 3)
@@ -195,8 +197,11 @@ def quantize_primfunc(spec: QuantizeSpec, name: str = "dyn_quantize"):
                             odt = "uint8" if lanes == 1 else f"uint8x{lanes}"
                             T.buffer_store(out, tirx.Cast(odt, qi), [row, ramp(g * lanes, lanes)])
                         else:
-                            base = vec(tirx.Cast("int32", zpf), lanes) if fmt == "i16" else vec(tirx.IntImm("int32", 128), lanes)
-                            packed = tirx.Cast(f"{spec.out_dtype}x{lanes}", qi - base)
+                            if fmt == "u8p":
+                                packed = tirx.Cast(f"uint8x{lanes}", qi)
+                            else:
+                                base = vec(tirx.Cast("int32", zpf), lanes) if fmt == "i16" else vec(tirx.IntImm("int32", 128), lanes)
+                                packed = tirx.Cast(f"{spec.out_dtype}x{lanes}", qi - base)
                             for h in range(lanes // 4):  # each 4 features go to their own group
                                 part = packed if lanes == 4 else tirx.Shuffle([packed], list(range(4 * h, 4 * h + 4)))
                                 T.buffer_store(out, part, [row // ROW_BLOCK, g * (lanes // 4) + h,
