@@ -25,9 +25,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from default_flow import _run  # noqa: E402 - one way to run and log a CLI command
+from default_flow import _profile, _run  # noqa: E402 - one way to run a CLI command and to profile
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PROFILED = ("int8-dense", "int8-16x4-0.5")  # rows whose kernel shares the report lists (1 thread)
 ROWS = [(None, None), ("16x4", 0.5), ("16x4", 0.8), ("16x1", 0.8)]  # (block, sparsity); None: dense int8
 
 
@@ -78,20 +79,25 @@ def _worker(plan: dict, threads: int, runs: int, rounds: int) -> dict:
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     fp32 = ort.InferenceSession(plan["dense"], so, providers=["CPUExecutionProvider"])
     int8 = ort.InferenceSession(plan["ort_int8"], so, providers=["CPUExecutionProvider"])
-    engines, feeds = {}, None
+    engines, vms, feeds = {}, {}, None
     for r in plan["rows"]:
         man = check_artifact(r["artifact"])
         feeds = default_feeds(man, r["onnx"])
         arrays = [tvm.runtime.tensor(a) for a in check_inputs(man, feeds)]
-        fn = load_vm(r["artifact"], man)["main"]
+        vms[r["tag"]] = vm = load_vm(r["artifact"], man)
+        fn = vm["main"]
         engines[r["tag"]] = lambda fn=fn, arrays=arrays: fn(*arrays)
     of = {i.name: feeds[i.name] for i in fp32.get_inputs() if i.name in feeds}
     engines = {"onnxruntime fp32": lambda: fp32.run(None, of), "onnxruntime int8": lambda: int8.run(None, of),
                **engines}
     load = os.getloadavg()[0]
     med = interleaved_medians(engines, runs, rounds)
-    return {"threads": threads, "load_before": load, "load_after": os.getloadavg()[0],
-            "ms": {k: v * 1e3 for k, v in med.items()}}
+    out = {"threads": threads, "load_before": load, "load_after": os.getloadavg()[0],
+           "ms": {k: v * 1e3 for k, v in med.items()}}
+    if threads == 1:  # where the time goes (VM instrumentation; after the timing, so it cannot skew it)
+        out["profile"] = {tag: {k.replace("int_", "int8_"): v for k, v in _profile(vms[tag], engines[tag]).items()}
+                          for tag in PROFILED if tag in vms}  # _profile strips digits, int8's too
+    return out
 
 
 def table(result: dict) -> str:
@@ -106,8 +112,13 @@ def table(result: dict) -> str:
         for name, v in ms.items():
             lines.append(f"| {name} | {t['threads']} | {v:.1f} | {ms['onnxruntime fp32'] / v:.2f}x | "
                          f"{ms['onnxruntime int8'] / v:.2f}x |")
-    lines += ["", f"Load average before timing: {', '.join(str(round(t['load_before'], 2)) for t in result['timings'])}.",
-              "", "Commands:", ""] + [f"- `{c}`" for r in result["builds"]["rows"] for c in r["commands"][1:]]
+    lines += ["", f"Load average before timing: {', '.join(str(round(t['load_before'], 2)) for t in result['timings'])}"
+              f"; after: {', '.join(str(round(t['load_after'], 2)) for t in result['timings'])}."]
+    for t in result["timings"]:
+        for tag, shares in t.get("profile", {}).items():
+            top = ", ".join(f"{k} {v:.0%}" for k, v in list(shares.items())[:8])
+            lines += ["", f"Time shares, {tag}, {t['threads']} thread (Relax VM instrumentation): {top}."]
+    lines += ["", "Commands:", ""] + [f"- `{c}`" for r in result["builds"]["rows"] for c in r["commands"][1:]]
     return "\n".join(lines) + "\n"
 
 
@@ -133,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.build_only:
         print(f"built {len(plan['rows'])} artifacts in {args.work}")
         return
+    from blockprune.backends.tvm.kernels.int8_kernel import int8_isa
+    from blockprune.bench_timing import cpu_name
+
     timings = []
     for threads in [int(t) for t in args.threads.split(",")]:
         res = subprocess.run([sys.executable, __file__, "--worker", str(plan_path), "--worker-threads", str(threads),
@@ -141,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(res.stderr[-3000:])
         timings.append(json.loads(res.stdout.strip().splitlines()[-1]))
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, int8 kernels: "
+                         f"{int8_isa('host')}",
               "command": "python benchmarks/int8_flow.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "builds": plan, "timings": timings}
     out = Path(args.out)
