@@ -72,7 +72,7 @@ TASKS = ("SST-2", "MRPC", "RTE", "CoLA", "STS-B")
 RATIOS = (0.3, 0.5, 0.7, 0.8)
 BLOCKS = ("1x32", "4x4")
 #: the gradual grid's cells (block, ratio), in the order they run
-CELLS = (("16x1", 0.5), ("16x1", 0.7), ("16x1", 0.8), ("1x32", 0.5), ("4x4", 0.5))
+CELLS = (("16x1", 0.5), ("16x1", 0.7), ("16x1", 0.8), ("1x32", 0.5), ("4x4", 0.5), ("16x1", 0.3))
 EMBEDDING_RATIOS = (0.3, 0.5, 0.7)
 EMBEDDING_TASK = "STS-B (zero-shot embedding)"
 
@@ -153,14 +153,17 @@ class Cell:
     method: str = "rgl"
     teacher_metric: float | None = None  # gradual: the dense model distilled from (fewer epochs)
     allocation: dict[str, float] | None = None
+    seed: int = 0  # the pruning run's seed (the dense teacher is always the settings' seed)
 
     @property
     def key(self) -> str:
-        return cell_key(self.task, self.block, self.ratio, self.method)
+        return cell_key(self.task, self.block, self.ratio, self.method, self.seed)
 
 
-def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl") -> str:
-    return f"{task}/dense" if block is None else f"{task}/{method}/{block}/{ratio:g}"
+def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl", seed: int = 0) -> str:
+    if block is None:
+        return f"{task}/dense"
+    return f"{task}/{method}/{block}/{ratio:g}" + (f"/s{seed}" if seed else "")
 
 
 class ResultsFile:
@@ -246,10 +249,29 @@ class TaskSummary:
     cells: int = 0
 
 
+def seed_means(cells: Iterable[Cell]) -> list[tuple[Cell, int, float]]:
+    """Cells run with several seeds (same task, method, block, ratio) folded into one: (the seed-0
+    cell, or the first, with ``metric`` replaced by the mean over seeds; how many seeds; their
+    standard deviation, 0 for one). Why: a small dev set (RTE's 277 examples: one example = 0.36
+    points) makes a single seed's "within 1 point" a coin toss; the mean is what a user can expect."""
+    groups: dict[tuple, list[Cell]] = {}
+    for c in cells:
+        groups.setdefault((c.task, c.kind, c.method, c.block, c.ratio), []).append(c)
+    out = []
+    for group in groups.values():
+        group.sort(key=lambda c: c.seed)
+        vals = [c.metric for c in group]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
+        out.append((dataclasses.replace(group[0], metric=mean), len(vals), std))
+    return out
+
+
 def summarize(cells: Iterable[Cell], tolerance: float = 0.01) -> list[TaskSummary]:
     """One summary per (task, block) that has a dense cell; "within 1 point" means
-    ``metric >= dense_metric - tolerance`` with metrics on their 0..1 scale (1 point = 0.01)."""
-    cells = list(cells)
+    ``metric >= dense_metric - tolerance`` with metrics on their 0..1 scale (1 point = 0.01).
+    Cells run with several seeds count with their mean (:func:`seed_means`)."""
+    cells = [c for c, _, _ in seed_means(cells)]
     dense = {c.task: c for c in cells if c.kind == "dense"}
     out: list[TaskSummary] = []
     for task in sorted(dense, key=_task_order):
@@ -301,12 +323,16 @@ def markdown(settings: dict[str, Any], cells: list[Cell], tolerance: float, png:
     out += [""] + [f"- average of those rates, {b}: **{v:.2f}x** over {sum(1 for s in summaries if s.block == b)} "
                    f"task(s)" for b, v in avg.items()]
     out += ["", "### All cells", "",
+            "Several seeds: the mean, with `± std (n seeds)`; the dense teacher is the same for every seed.", "",
             "| task | block | ratio | CR | dev metric | vs dense (points) | after reweighting | minutes |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for c in sorted(cells, key=lambda c: (_task_order(c.task), c.kind != "dense", c.block or "", c.ratio or 0)):
+    folded = seed_means(cells)
+    for c, n, std in sorted(folded, key=lambda x: (_task_order(x[0].task), x[0].kind != "dense", x[0].block or "",
+                                                   x[0].ratio or 0)):
         delta = "-" if c.kind == "dense" else f"{100 * (c.metric - c.dense_metric):+.2f}"
+        spread = f" ± {100 * std:.2f} ({n} seeds)" if n > 1 else ""
         out.append(f"| {c.task} | {c.block or 'dense'} | {'-' if c.ratio is None else f'{c.ratio:g}'} | "
-                   f"{c.compression_rate:.2f}x | {_pts(c.metric)} | {delta} | {_pts(c.reweighted_metric)} | "
+                   f"{c.compression_rate:.2f}x | {_pts(c.metric)}{spread} | {delta} | {_pts(c.reweighted_metric)} | "
                    f"{c.seconds / 60:.1f} |")
     if png:
         out += ["", f"![metric vs compression rate]({png})"]
@@ -320,6 +346,7 @@ def plot(cells: list[Cell], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cells = [c for c, _, _ in seed_means(cells)]
     blocks = sorted({c.block for c in cells if c.kind == "pruned"}) or ["-"]
     fig, axes = plt.subplots(1, len(blocks), figsize=(5.2 * len(blocks), 4.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -374,6 +401,9 @@ class Grid:
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
     cells: list[tuple[str, float]] | None = None  # gradual grid: (block, ratio) in order
+    stage: str = "all"  # gradual grid: all, teacher, baseline or cells (see run_gradual_grid)
+    seeds: list[int] | None = None  # gradual grid / ablation: the pruning runs' seeds
+    baseline: "ResultsFile | None" = None  # ablation: the gradual grid's results (its dense rows)
 
 
 def _limit_train(s: GridSettings, task: str) -> int | None:
@@ -452,53 +482,202 @@ def run_gradual_grid(grid: Grid, results: ResultsFile, log=print) -> None:
     """Per task: the dense teacher (``epochs_dense``) and the same-budget dense baseline (the
     teacher fine-tuned ``epochs_rew + epochs_retrain`` more epochs); then cell-major over
     ``grid.cells`` (every task at the first cell before any at the second): gradual pruning +
-    retraining from the teacher's checkpoint, both distilled from it."""
-    from blockprune.frontends import recipe
+    retraining from the teacher's checkpoint, both distilled from it, once per seed in ``grid.seeds``.
+
+    ``grid.stage`` splits this work so that several processes (one per core, or many sharing one
+    GPU; see ``accuracy_parallel.py``) can run it: ``teacher`` trains the teachers only,
+    ``baseline`` the baselines (after the teacher), ``cells`` the pruned cells (their teacher must
+    exist; each waits for its task's baseline only to record its row); ``all`` does everything in
+    order."""
+    stage = grid.stage
+    for task in grid.tasks:
+        if stage == "teacher":
+            _gradual_teacher(grid, task, log)
+        elif stage in ("all", "baseline") and results.refresh(cell_key(task, None, None)) is None:
+            _gradual_baseline(grid, results, task, _gradual_teacher(grid, task, log), log)
+    if stage not in ("all", "cells"):
+        return
+    for block, ratio in grid.cells or [(b, r) for b in grid.blocks for r in grid.ratios]:
+        for seed in grid.seeds or [grid.settings.seed]:
+            for task in grid.tasks:
+                _gradual_cell(grid, results, task, block, ratio, seed, log)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M")
+
+
+def _teacher_ckpt(grid: Grid, task: str) -> Path:
     from blockprune.frontends.recipe import checkpoint_dir
 
+    return checkpoint_dir(grid.runs_dir / task / "dense", "dense")
+
+
+def _gradual_teacher(grid: Grid, task: str, log) -> Any:
+    """The dense fine-tune every pruned cell of ``task`` starts from and distils from (resumes)."""
+    from blockprune.frontends import recipe
+
+    if grid.stage == "teacher" and (_teacher_ckpt(grid, task) / "config.json").is_file():
+        return None  # trained by an earlier call (other stages read its result back: a resume, no training)
+    log(f"[{_stamp()}] {task}: dense teacher -> {grid.runs_dir / task / 'dense'}")
+    return recipe.run_recipe(_config(grid, task, grid.runs_dir / task / "dense", stop_after="dense", distill=0.0,
+                                     method="rgl", rgl_form="penalty", score="weight"))
+
+
+def _gradual_baseline(grid: Grid, results: ResultsFile, task: str, teacher: Any, log) -> None:
+    """The dense row: the teacher (``teacher``, its run's result) fine-tuned as many more epochs
+    as a pruned cell trains."""
+    from blockprune.frontends import recipe
+
     s = grid.settings
-    stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
-    teacher_metric: dict[str, float] = {}
-    for task in grid.tasks:
-        tdir = grid.runs_dir / task
-        key = cell_key(task, None, None)
-        if results.refresh(key) is not None:
-            continue
-        t0 = time.perf_counter()
-        log(f"[{stamp()}] {task}: dense teacher -> {tdir / 'dense'}")
-        res = recipe.run_recipe(_config(grid, task, tdir / "dense", stop_after="dense", distill=0.0,
-                                        method="rgl", rgl_form="penalty", score="weight"))
-        short = res.metrics["dense"]
-        more = s.epochs_rew + s.epochs_retrain
-        log(f"[{stamp()}] {task}: dense baseline, {more} more epochs -> {tdir / 'dense-baseline'}")
-        res2 = recipe.run_recipe(_config(grid, task, tdir / "dense-baseline", model=str(checkpoint_dir(tdir / "dense", "dense")),
-                                         epochs_dense=more, stop_after="dense", distill=0.0, method="rgl",
-                                         rgl_form="penalty", score="weight"))
-        results.add(Cell(task, "dense", res.metric_name, res2.metrics["dense"], res2.metrics["dense"],
-                         seconds=time.perf_counter() - t0, run_dir=str(tdir / "dense-baseline"), finished_at=stamp(),
-                         method="dense", teacher_metric=short))
-    for block, ratio in grid.cells or [(b, r) for b in grid.blocks for r in grid.ratios]:
-        for task in grid.tasks:
-            key = cell_key(task, block, ratio, "gradual")
-            if results.refresh(key) is not None:
-                continue
-            tdir = grid.runs_dir / task
-            dense = results.cells[cell_key(task, None, None)]
-            out = tdir / f"gradual-{block}" / f"r{ratio:g}"
-            log(f"[{stamp()}] {task} {block} ratio {ratio:g}: gradual pruning + retraining -> {out}")
-            t0 = time.perf_counter()
-            res = recipe.run_recipe(_config(grid, task, out, model=str(checkpoint_dir(tdir / "dense", "dense")),
-                                            epochs_dense=0, method="gradual", block=block, ratio=ratio,
-                                            distill=s.distill, distill_hidden=s.distill_hidden,
-                                            allocation=s.allocation,
-                                            sensitivity_file=str(tdir / f"sensitivity-{block}.json")))
-            alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
-            results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
-                             block=block, ratio=ratio, compression_rate=res.compression_rate,
-                             seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=stamp(),
-                             method="gradual", teacher_metric=dense.teacher_metric, allocation=alloc))
-            log(f"[{stamp()}] {task} {block} ratio {ratio:g}: {res.metric_name} {res.report['pruned_metric']:.4f} "
-                f"(dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), CR {res.compression_rate:.2f}x")
+    tdir = grid.runs_dir / task
+    t0 = time.perf_counter()
+    res = teacher
+    more = s.epochs_rew + s.epochs_retrain
+    log(f"[{_stamp()}] {task}: dense baseline, {more} more epochs -> {tdir / 'dense-baseline'}")
+    res2 = recipe.run_recipe(_config(grid, task, tdir / "dense-baseline", model=str(_teacher_ckpt(grid, task)),
+                                     epochs_dense=more, stop_after="dense", distill=0.0, method="rgl",
+                                     rgl_form="penalty", score="weight"))
+    results.add(Cell(task, "dense", res.metric_name, res2.metrics["dense"], res2.metrics["dense"],
+                     seconds=time.perf_counter() - t0, run_dir=str(tdir / "dense-baseline"), finished_at=_stamp(),
+                     method="dense", teacher_metric=res.metrics["dense"]))
+
+
+def _wait_dense(grid: Grid, results: ResultsFile, task: str, timeout_s: float = 6 * 3600) -> Cell:
+    """The task's dense row; with ``stage == 'cells'`` another process writes it, so poll."""
+    key = cell_key(task, None, None)
+    t0 = time.monotonic()
+    while (cell := results.refresh(key)) is None:
+        if grid.stage != "cells" or time.monotonic() - t0 > timeout_s:
+            raise SystemExit(f"{task}: no dense baseline in {results.path}; run --stage baseline for it first")
+        time.sleep(10)
+    return cell
+
+
+def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio: float, seed: int, log) -> None:
+    from blockprune.frontends import recipe
+
+    s = grid.settings
+    seed_tag = seed if seed != s.seed else 0
+    key = cell_key(task, block, ratio, "gradual", seed_tag)
+    if results.refresh(key) is not None:
+        return
+    tdir = grid.runs_dir / task
+    teacher = _teacher_ckpt(grid, task)
+    if grid.stage == "cells" and not (teacher / "config.json").is_file():
+        raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
+    suffix = f"-s{seed}" if seed_tag else ""
+    out = tdir / f"gradual-{block}" / f"r{ratio:g}{suffix}"
+    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
+    t0 = time.perf_counter()
+    res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="gradual", block=block,
+                                    ratio=ratio, seed=seed, distill=s.distill, distill_hidden=s.distill_hidden,
+                                    allocation=s.allocation,
+                                    sensitivity_file=str(tdir / f"sensitivity-{block}{suffix}.json")))
+    dense = _wait_dense(grid, results, task)
+    alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
+    results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
+                     block=block, ratio=ratio, compression_rate=res.compression_rate,
+                     seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=_stamp(),
+                     method="gradual", teacher_metric=dense.teacher_metric, allocation=alloc, seed=seed_tag))
+    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: {res.metric_name} "
+        f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), "
+        f"CR {res.compression_rate:.2f}x")
+
+
+#: the issue's comparison at one cell: mask selection by each method, the same retraining after it
+ABLATION_METHODS = ("magnitude-weight", "magnitude-activation", "rgl-penalty", "rgl-proximal")
+ABLATION_SEEDS = {"magnitude-weight": (0, 1, 2), "magnitude-activation": (0,), "rgl-penalty": (0,),
+                  "rgl-proximal": (0, 1, 2)}
+ABLATION_TASKS = ("MRPC", "STS-B")
+ABLATION_CELL = ("16x1", 0.7)
+
+
+def ablation_config(grid: Grid, task: str, method: str, block: str, ratio: float, seed: int, out: Path):
+    """One ablation run from the gradual grid's dense teacher, at the same total epochs as a
+    gradual cell (``epochs_rew + epochs_retrain``) and with the same distillation and per-layer
+    allocation, so only how the masks are chosen differs:
+
+    * ``magnitude-weight`` / ``magnitude-activation``: one-shot pruning of the teacher by plain
+      block norms / activation-aware scores, then all the epochs as masked retraining;
+    * ``rgl-penalty`` / ``rgl-proximal``: ``epochs_rew`` epochs of reweighted group Lasso (the
+      paper's penalty in the loss, lambda 1e-4 / the proximal step, lambda 10: each form's
+      default), hard pruning, then ``epochs_retrain`` of masked retraining."""
+    s = grid.settings
+    family, _, variant = method.partition("-")
+    common = dict(model=str(_teacher_ckpt(grid, task)), epochs_dense=0, block=block, ratio=ratio, seed=seed,
+                  distill=s.distill, distill_hidden=s.distill_hidden, allocation=s.allocation)
+    if family == "magnitude":
+        return _config(grid, task, out, method="magnitude", score=variant, epochs_rew=0,
+                       epochs_retrain=s.epochs_rew + s.epochs_retrain,
+                       sensitivity_file=str(out.parent.parent / f"sensitivity-{block}-{variant}-s{seed}.json"),
+                       **common)
+    if family == "rgl":
+        return _config(grid, task, out, method="rgl", rgl_form=variant, lam=None, score=s.score,
+                       sensitivity_file=str(out.parent.parent / f"sensitivity-{block}-{s.score}-s{seed}.json"),
+                       **common)
+    raise SystemExit(f"unknown ablation method {method!r}; use one of {', '.join(ABLATION_METHODS)}")
+
+
+def run_ablation(grid: Grid, results: ResultsFile, methods: Iterable[str], seeds: list[int] | None,
+                 log=print) -> None:
+    """The ablation cells (:data:`ABLATION_METHODS`) of ``grid.tasks`` at ``grid.cells``, each from
+    the gradual grid's teacher (same runs dir); rows recorded next to that grid's dense baseline,
+    read from ``baseline_results`` (the gradual grid's JSON)."""
+    from blockprune.frontends import recipe
+
+    for block, ratio in grid.cells or [ABLATION_CELL]:
+        for method in methods:
+            for seed in seeds if seeds is not None else ABLATION_SEEDS[method]:
+                for task in grid.tasks:
+                    key = cell_key(task, block, ratio, method, seed)
+                    if results.refresh(key) is not None:
+                        continue
+                    if not (_teacher_ckpt(grid, task) / "config.json").is_file():
+                        raise SystemExit(f"{task}: the gradual grid's dense teacher is missing under {grid.runs_dir}; "
+                                         "run `accuracy.py --stage teacher` first")
+                    out = grid.runs_dir / task / "ablation" / f"{method}-{block}-r{ratio:g}-s{seed}"
+                    log(f"[{_stamp()}] {task} {method} {block} ratio {ratio:g} seed {seed} -> {out}")
+                    t0 = time.perf_counter()
+                    res = recipe.run_recipe(ablation_config(grid, task, method, block, ratio, seed, out))
+                    dense = _wait_dense(grid, grid.baseline, task) if grid.baseline else None
+                    results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"],
+                                     dense.metric if dense else float("nan"), block=block, ratio=ratio,
+                                     compression_rate=res.compression_rate,
+                                     reweighted_metric=res.metrics.get("reweighted"),
+                                     seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=_stamp(),
+                                     method=method, seed=seed,
+                                     teacher_metric=dense.teacher_metric if dense else None))
+                    log(f"[{_stamp()}] {task} {method} seed {seed}: {res.metric_name} {res.report['pruned_metric']:.4f}")
+
+
+def ablation_markdown(cells: list[Cell], gradual: list[Cell], settings: dict[str, Any]) -> str:
+    """Per task: each method's mean ± std over seeds at the ablation cell, the gradual recipe's
+    cells at the same point from the main grid, and the dense baseline."""
+    rows = [c for c in cells if c.kind == "pruned"] + [
+        c for c in gradual if c.kind == "pruned" and (c.task, c.block, c.ratio) in
+        {(x.task, x.block, x.ratio) for x in cells}]
+    dense = {c.task: c for c in gradual if c.kind == "dense"}
+    out = ["## Mask selection at one cell: magnitude vs activation-aware vs reweighted group Lasso (MiniLM-L6)", "",
+           "Each run starts from the gradual grid's dense teacher and trains the same total epochs with the same "
+           "distillation and per-layer allocation; only how the masks are chosen differs "
+           "(`benchmarks/accuracy.py --ablation`, see `ablation_config`). Metric in points; mean ± sample std "
+           "over seeds.", "",
+           "Settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()), "",
+           "| task | block | ratio | method | seeds | dev metric | vs dense baseline (points) | per seed |",
+           "|---|---|---:|---|---:|---:|---:|---|"]
+    order = {m: i for i, m in enumerate((*ABLATION_METHODS, "gradual"))}
+    for c, n, std in sorted(seed_means(rows), key=lambda x: (_task_order(x[0].task), order.get(x[0].method, 99))):
+        seeds = sorted((x for x in rows if (x.task, x.method, x.block, x.ratio) == (c.task, c.method, c.block, c.ratio)),
+                       key=lambda x: x.seed)
+        d = dense.get(c.task)
+        delta = f"{100 * (c.metric - d.metric):+.2f}" if d else "-"
+        out.append(f"| {c.task} | {c.block} | {c.ratio:g} | {c.method} | {n} | {100 * c.metric:.2f}"
+                   f"{f' ± {100 * std:.2f}' if n > 1 else ''} | {delta} | "
+                   f"{', '.join(f'{100 * x.metric:.2f}' for x in seeds)} |")
+    if dense:
+        out += ["", "Dense baselines: " + ", ".join(f"{t} {100 * c.metric:.2f}" for t, c in dense.items())]
+    return "\n".join(out) + "\n"
 
 
 def run_embedding_grid(settings: EmbeddingGridSettings, ratios: list[float], sts_dir: Path, runs_dir: Path,
@@ -619,6 +798,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: RTE + STS-B (embedding: 64 sentences, 50 pairs), two cells, tiny limits, "
                          "1 epoch per stage")
+    ap.add_argument("--stage", choices=["all", "teacher", "baseline", "cells"], default="all",
+                    help="gradual grid: only this part, so several processes can share the work "
+                         "(accuracy_parallel.py schedules them)")
+    ap.add_argument("--seeds", default=None, help="gradual grid / ablation: seeds of the pruning runs, e.g. 0,1,2 "
+                                                  "(default: --seed; ablation: 3 for magnitude-weight and rgl-proximal)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="magnitude / activation-aware / penalty RGL / proximal RGL at one cell (default MRPC and "
+                         "STS-B at 16x1 0.7) from the gradual grid's teachers")
+    ap.add_argument("--ablation-methods", default=",".join(ABLATION_METHODS))
     ap.add_argument("--background", action="store_true", help="detach; output to RUNS_DIR/log.txt")
     ap.add_argument("--report-only", action="store_true", help="only rebuild md/png from the results JSON")
     ap.add_argument("--no-progress", action="store_true")
@@ -627,14 +815,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.epochs_retrain = args.epochs_retrain if args.epochs_retrain is not None else (2 if gradual else 3)
     args.distill = args.distill if args.distill is not None else (0.5 if args.method == "gradual" else 0.0)
     args.lr = args.lr if args.lr is not None else (5e-5 if args.embedding else 2e-5)
+    ratios_given = args.ratios is not None
     if args.ratios is None:
         args.ratios = ",".join(f"{r:g}" for r in (EMBEDDING_RATIOS if args.embedding else RATIOS))
     if args.embedding and args.limit_train is None:
         args.limit_train = 20000
+    if args.ablation:
+        if args.method != "gradual" or args.embedding:
+            raise SystemExit("--ablation runs from the gradual grid's teachers: drop --method rgl / --embedding")
+        if args.tasks == ",".join(TASKS):
+            args.tasks = ",".join(ABLATION_TASKS)
+        if args.cells == ",".join(f"{b}:{r:g}" for b, r in CELLS):
+            args.cells = "{}:{:g}".format(*ABLATION_CELL)
     if args.quick:
-        args.tasks = "RTE,STS-B"
-        args.ratios = "0.3,0.5" if args.embedding else "0.5,0.8"
-        args.cells = "16x1:0.5,4x4:0.5"
+        if args.tasks == ",".join(TASKS) or (args.ablation and args.tasks == ",".join(ABLATION_TASKS)):
+            args.tasks = "RTE,STS-B" if not args.ablation else "STS-B"  # unless --tasks chose
+        if not ratios_given:
+            args.ratios = "0.3,0.5" if args.embedding else "0.5,0.8"
+        if args.cells in (",".join(f"{b}:{r:g}" for b, r in CELLS), "{}:{:g}".format(*ABLATION_CELL)):
+            args.cells = "16x1:0.5,4x4:0.5" if not args.ablation else "16x1:0.5"
         args.epochs_dense = args.epochs_rew = args.epochs_retrain = 1
         args.limit_train, args.limit_eval, args.max_length, args.batch_size = 48, 32, 64, 16
         if args.embedding:
@@ -644,6 +843,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.exporter = "legacy"
     suffix = "_quick" if args.quick else ""
     name = "accuracy_embedding" if args.embedding else ("accuracy_gradual" if args.method == "gradual" else "accuracy")
+    args.baseline_results = args.results or RESULTS / f"{name}{suffix}.json"  # ablation: the grid's dense rows
+    if args.ablation:
+        args.baseline_results = RESULTS / f"{name}{suffix}.json"
+        args.results = args.results or RESULTS / f"accuracy_ablation{suffix}.json"
     args.results = args.results or RESULTS / f"{name}{suffix}.json"
     args.runs_dir = args.runs_dir or ROOT / "runs" / f"{name}{suffix}".replace("_", "-")
     # absolute: the run directories' configs record checkpoint paths, and a resume (or a second grid
@@ -665,12 +868,25 @@ def write_embedding_report(results: Path) -> Path:
     return path
 
 
+def write_ablation_report(results: Path, baseline: Path) -> Path:
+    settings, cells = load_cells(results)
+    gradual = load_cells(baseline)[1] if Path(baseline).is_file() else []
+    path = results.with_suffix(".md")
+    path.write_text(ablation_markdown(cells, gradual, settings))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(raw)
     if args.background:
         return _background(raw, args.runs_dir / "log.txt")
-    report = (lambda p: write_embedding_report(p)) if args.embedding else (lambda p: write_report(p, args.tolerance))
+    if args.embedding:
+        report = write_embedding_report
+    elif args.ablation:
+        report = lambda p: write_ablation_report(p, args.baseline_results)  # noqa: E731
+    else:
+        report = lambda p: write_report(p, args.tolerance)  # noqa: E731
     if not args.report_only:
         ratios = [float(r) for r in args.ratios.split(",") if r]
         if args.embedding:
@@ -700,12 +916,18 @@ def main(argv: list[str] | None = None) -> int:
                     distill_hidden=args.distill_hidden, allocation=args.allocation,
                     sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
                     sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples)
+            seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
-                        cells=_cells_arg(args.cells) if args.method == "gradual" else None)
+                        cells=_cells_arg(args.cells) if args.method == "gradual" else None,
+                        stage="cells" if args.ablation else args.stage, seeds=seeds)
             results = ResultsFile(args.results, settings)
             try:
-                run_grid(grid, results)
+                if args.ablation:
+                    grid.baseline = ResultsFile(args.baseline_results, settings)
+                    run_ablation(grid, results, [m for m in args.ablation_methods.split(",") if m], seeds)
+                else:
+                    run_grid(grid, results)
             finally:
                 if results.cells:
                     print(f"report: {report(args.results)}")
@@ -713,7 +935,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report: {report(args.results)}")
     else:
         raise SystemExit(f"{args.results} does not exist yet; run the grid first")
-    print(Path(args.results).with_suffix(".md").read_text())
+    md = Path(args.results).with_suffix(".md")
+    if md.is_file():
+        print(md.read_text())
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -103,3 +104,116 @@ def test_embedding_grid_records_dense_and_cells(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(SystemExit, match="other settings"):
         acc.ResultsFile(tmp_path / "e.json", acc.EmbeddingGridSettings(text=str(text), limit_train=11))
+
+
+def _gradual_settings(acc):
+    return acc.GridSettings(method="gradual", epochs_dense=3, epochs_rew=3, epochs_retrain=2, distill=0.5,
+                            distill_hidden=1.0, allocation="sensitivity", score="activation", rgl_form="proximal",
+                            freeze_embeddings=True)
+
+
+def _fake_teacher(grid, task):
+    ckpt = grid.runs_dir / task / "dense" / "checkpoints" / "dense"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+
+
+def test_grid_stages_split_the_work_and_seeds_get_their_own_cells(tmp_path, monkeypatch):
+    """--stage teacher/baseline/cells do disjoint parts (so processes can share a grid); extra seeds
+    are separate cells (own run dir, own seed, own key) folded into a mean by the summary."""
+    acc = _acc()
+    import blockprune.frontends.recipe as recipe
+
+    monkeypatch.setattr(recipe, "checkpoint_dir", lambda out, stage: Path(out) / "checkpoints" / stage)
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    settings = _gradual_settings(acc)
+    mk = lambda stage, seeds=None: acc.Grid(settings, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs",  # noqa: E731
+                                            cells=[("16x1", 0.5)], stage=stage, seeds=seeds)
+    res = acc.ResultsFile(tmp_path / "g.json", settings)
+    with pytest.raises(SystemExit, match="teacher .* is missing"):
+        acc.run_grid(mk("cells"), res, log=lambda s: None)
+    acc.run_grid(mk("teacher"), res, log=lambda s: None)
+    assert [(Path(c.out).name, c.stop_after) for c in calls] == [("dense", "dense")] and res.cells == {}
+    _fake_teacher(mk("teacher"), "RTE")
+    calls.clear()
+    acc.run_grid(mk("teacher"), res, log=lambda s: None)
+    assert calls == []  # the teacher exists: nothing retrained
+    acc.run_grid(mk("baseline"), res, log=lambda s: None)
+    assert [Path(c.out).name for c in calls] == ["dense", "dense-baseline"] and list(res.cells) == ["RTE/dense"]
+    calls.clear()
+    acc.run_grid(mk("cells", seeds=[0, 1, 2]), res, log=lambda s: None)
+    assert [(Path(c.out).name, c.seed, c.method) for c in calls] == [
+        ("r0.5", 0, "gradual"), ("r0.5-s1", 1, "gradual"), ("r0.5-s2", 2, "gradual")]
+    assert sorted(res.cells) == ["RTE/dense", "RTE/gradual/16x1/0.5", "RTE/gradual/16x1/0.5/s1",
+                                 "RTE/gradual/16x1/0.5/s2"]
+    # the summary counts a cell run with several seeds once, with the mean of its seeds
+    cells = list(res.cells.values())
+    for c, v in zip(sorted((c for c in cells if c.kind == "pruned"), key=lambda c: c.seed), (0.70, 0.79, 0.90)):
+        c.metric = v
+    (folded, n, std), = [x for x in acc.seed_means(cells) if x[0].kind == "pruned"]
+    assert n == 3 and folded.metric == pytest.approx(0.7967, abs=1e-4)
+    assert std == pytest.approx(statistics.stdev([0.70, 0.79, 0.90]))
+    s, = acc.summarize(cells, tolerance=0.01)
+    assert s.best_rate == 1.0  # seed 2 alone (0.90) is within a point of dense 0.81; the mean (0.797) is not
+    assert "79.67 ± 10.02 (3 seeds)" in acc.markdown({}, cells, 0.01, None)
+
+
+def test_ablation_configs_differ_only_in_how_masks_are_chosen(tmp_path):
+    acc = _acc()
+    settings = _gradual_settings(acc)
+    grid = acc.Grid(settings, ["MRPC"], [], [], tmp_path / "d", tmp_path / "runs")
+    out = tmp_path / "runs" / "MRPC" / "ablation" / "x"
+    cfgs = {m: acc.ablation_config(grid, "MRPC", m, "16x1", 0.7, 1, out) for m in acc.ABLATION_METHODS}
+    for cfg in cfgs.values():  # same start, budget, distillation, allocation, seed
+        assert Path(cfg.model).parts[-4:] == ("MRPC", "dense", "checkpoints", "dense") or "dense" in cfg.model
+        assert (cfg.epochs_dense, cfg.epochs_rew + cfg.epochs_retrain, cfg.distill, cfg.distill_hidden) == (0, 5, 0.5, 1.0)
+        assert (cfg.allocation, cfg.block, cfg.ratio, cfg.seed) == ("sensitivity", "16x1", 0.7, 1)
+        cfg.validate()
+    assert (cfgs["magnitude-weight"].method, cfgs["magnitude-weight"].score, cfgs["magnitude-weight"].epochs_rew) == \
+        ("magnitude", "weight", 0)
+    assert cfgs["magnitude-activation"].score == "activation"
+    assert (cfgs["rgl-penalty"].method, cfgs["rgl-penalty"].rgl_form, cfgs["rgl-penalty"].lam_value) == ("rgl", "penalty", 1e-4)
+    assert (cfgs["rgl-proximal"].rgl_form, cfgs["rgl-proximal"].lam_value, cfgs["rgl-proximal"].epochs_rew) == \
+        ("proximal", 10.0, 3)
+    with pytest.raises(SystemExit, match="unknown ablation method"):
+        acc.ablation_config(grid, "MRPC", "lottery", "16x1", 0.7, 0, out)
+
+
+def _par():
+    spec = importlib.util.spec_from_file_location("bench_accuracy_parallel", ROOT / "benchmarks" / "accuracy_parallel.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parallel_plan_has_every_job_once_after_its_teacher():
+    par = _par()
+    jobs = par.plan_jobs(["SST-2", "MRPC", "RTE", "CoLA", "STS-B"], {"grid", "seeds", "ablation", "embedding"}, False)
+    names = [j.name for j in jobs]
+    assert names[0] == "teacher:SST-2" and len(names) == len(set(names))
+    cells = [j for j in jobs if j.name.startswith("cell:")]
+    assert len([j for j in cells if j.name.endswith(":s0")]) == 5 * len(par.CELLS)
+    assert {j.name for j in cells if j.name.startswith("cell:RTE") and not j.name.endswith(":s0")} == \
+        {f"cell:RTE:{b}:{r:g}:s{s}" for b, r in par.CELLS for s in (1, 2)}
+    assert sum(j.name.startswith("ablation:") for j in jobs) == 2 * sum(len(v) for v in par.ABLATION_SEEDS.values())
+    for j in jobs:
+        if not j.name.startswith(("teacher:", "embedding:")):
+            assert j.deps == [f"teacher:{j.name.split(':')[1]}"]
+
+
+def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadline(tmp_path, monkeypatch):
+    par = _par()
+    script = tmp_path / "fake_accuracy.py"
+    script.write_text("import sys, time\nargs = sys.argv[1:]\n"
+                      "if 'BAD' in args: sys.exit(3)\n"
+                      "time.sleep(30 if 'SLOW' in args else 0)\n")
+    monkeypatch.setattr(par, "ACCURACY", script)
+    jobs = [par.Job("teacher:A", ["A"]), par.Job("teacher:B", ["BAD"]), par.Job("cell:B:x", ["B"], ["teacher:B"]),
+            par.Job("cell:A:x", ["A"], ["teacher:A"]), par.Job("slow", ["SLOW"])]
+    par.run_jobs(jobs, 2, [], tmp_path / "logs", None, 4 / 60 * 60, dict(__import__("os").environ), echo=lambda s: None)
+    status = {j.name: j.status for j in jobs}
+    assert status == {"teacher:A": "ok", "teacher:B": "failed", "cell:B:x": "skipped", "cell:A:x": "ok",
+                      "slow": "killed"}
+    assert (tmp_path / "logs" / "teacher_B.log").read_text().startswith(sys.executable)
