@@ -1,8 +1,9 @@
-"""Regenerate the README's speed section from the committed benchmark JSON.
+"""Regenerate the README's result sections from the committed benchmark JSON.
 
-Why a script: README figures must be the measured ones. The section between
-``<!-- results:default_flow -->`` and ``<!-- /results:default_flow -->`` is rendered from
-``benchmarks/results/default_flow.json`` (date, machine, load, commands, table, profile);
+Why a script: README figures must be the measured ones. Each section between
+``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is rendered from its JSON:
+``default_flow`` from ``benchmarks/results/default_flow.json`` (date, machine, load, commands,
+table, profile), ``accuracy`` from ``accuracy_gradual.json`` (+ ``accuracy_ablation.json``);
 ``--check`` exits 1 when the README differs from what the JSON gives (a test runs it).
 
 Usage: python scripts/readme_results.py [--check]
@@ -51,6 +52,70 @@ def render(result: dict) -> str:
     ])
 
 
+ACC = ROOT / "benchmarks" / "results" / "accuracy_gradual.json"
+ABLATION = ROOT / "benchmarks" / "results" / "accuracy_ablation.json"
+
+
+def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION) -> str:
+    """Best compression within a point per task, every cell as a task x cell matrix, the plot,
+    and the ablation's means, all from the grid's results JSON."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import _task_order, average_rates, load_cells, seed_means, summarize
+
+    settings, cells = load_cells(grid_path)
+    folded = seed_means(cells)
+    summaries = summarize(cells, 0.01)
+    cols = sorted({(c.block, c.ratio) for c, _, _ in folded if c.kind == "pruned"}, key=lambda x: (x[0] != "16x1", x))
+    crs = {(c.block, c.ratio): c.compression_rate for c, _, _ in folded if c.kind == "pruned"}
+    done = sum(1 for c in cells if c.kind == "pruned")
+    keys = ("epochs_dense", "epochs_rew", "epochs_retrain", "lr", "distill", "distill_hidden", "allocation",
+            "score", "sst2_limit_train", "exporter")
+    out = [START_ACC,
+           f"Settings ({done} pruned runs in `{grid_path.relative_to(ROOT)}`): "
+           + ", ".join(f"{k}={settings.get(k)}" for k in keys) + ".", "",
+           "| task (metric) | dense | " + " | ".join(f"{b} r={r:g} ({crs[(b, r)]:.2f}x)" for b, r in cols)
+           + " | highest CR within 1 point |",
+           "|---|---:|" + "---:|" * len(cols) + "---|"]
+    by = {(c.task, c.block, c.ratio): (c, n, sd) for c, n, sd in folded if c.kind == "pruned"}
+    dense = {c.task: c for c, _, _ in sorted(folded, key=lambda x: _task_order(x[0].task)) if c.kind == "dense"}
+    for task, d in dense.items():
+        row = [f"{task} ({d.metric_name})", f"{100 * d.metric:.2f}"]
+        for b, r in cols:
+            c = by.get((task, b, r))
+            row.append("not run" if c is None else f"{100 * c[0].metric:.2f}" + (f" ({c[1]} seeds)" if c[1] > 1 else ""))
+        best = max((x for x in summaries if x.task == task), key=lambda x: x.best_rate, default=None)
+        row.append("1.00x (none: dense)" if best is None or best.best_ratio is None else
+                   f"**{best.best_rate:.2f}x** ({best.block} r={best.best_ratio:g}: {100 * best.best_metric:.2f})")
+        out.append("| " + " | ".join(row) + " |")
+    avg = average_rates(summaries)
+    best_per_task = [max((x.best_rate for x in summaries if x.task == t), default=1.0) for t in dense]
+    out += ["", f"**Average over the tasks of the highest CR within a point (any block): "
+                f"{sum(best_per_task) / max(len(best_per_task), 1):.2f}x**; per block: "
+            + ", ".join(f"{b} {v:.2f}x" for b, v in avg.items()) + " (goal: 2.0x).", "",
+            f"![metric vs compression rate](benchmarks/results/{grid_path.with_suffix('.png').name})"]
+    if ablation_path.is_file():
+        _, abl = load_cells(ablation_path)
+        same = [c for c in cells if c.kind == "pruned" and c.method == "gradual"
+                and (c.task, c.block, c.ratio) in {(a.task, a.block, a.ratio) for a in abl}]
+        out += ["", "Mask selection at one cell (same start, epochs, distillation, allocation; "
+                    f"`{ablation_path.relative_to(ROOT)}`):", "",
+                "| task | cell | method | seeds | dev metric | vs dense |", "|---|---|---|---:|---:|---:|"]
+        for c, n, sd in sorted(seed_means(abl + same), key=lambda x: (x[0].task, x[0].method)):
+            out.append(f"| {c.task} | {c.block} r={c.ratio:g} | {c.method} | {n} | {100 * c.metric:.2f}"
+                       + (f" ± {100 * sd:.2f}" if n > 1 else "") + f" | {100 * (c.metric - dense[c.task].metric):+.2f} |")
+    out.append(END_ACC)
+    return "\n".join(out)
+
+
+START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
+
+
+def _replace(text: str, start: str, end: str, block: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return head + block + tail
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
@@ -59,13 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if START not in text or END not in text:
         print(f"README has no {START} ... {END} block", file=sys.stderr)
         return 1
-    block = render(json.loads(JSON.read_text()))
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    new = head + block + tail
+    new = _replace(text, START, END, render(json.loads(JSON.read_text())))
+    if START_ACC in new and END_ACC in new:
+        new = _replace(new, START_ACC, END_ACC, render_accuracy())
     if args.check:
         if new != text:
-            print("README speed section differs from benchmarks/results/default_flow.json; "
+            print("README result sections differ from benchmarks/results/*.json; "
                   "run python scripts/readme_results.py", file=sys.stderr)
             return 1
         return 0
