@@ -1,5 +1,8 @@
 """Whole Mali build on PoCL, call by call in the VM's order, against onnxruntime (issue #13).
 
+roberta-tiny (same pruning) must pass too: its position ids are ``cumsum`` over the mask, which
+TVM's GPU scan computed wrongly (tests/test_gpu_cumsum.py covers the kernel itself).
+
 bert-tiny pruned 16x1 at 80% (seq 16, batch 1): the run must match onnxruntime within
 ``1e-5 + 1e-4 * max|output|`` on vocabulary-wide token ids with a padded mask, and must fail when
 one kernel's result is off (by 1.0 in a BSR output, by 4e31 in the additive mask) or a weight
@@ -105,6 +108,39 @@ def test_inputs_of_the_wrong_shape_are_refused(mods, bsr_model):
     feeds = gm.model_feeds(bsr_model[0], 1, SEQ + 1)
     with pytest.raises(BlockpruneError, match=r"has shape \[1, 17\], the build takes \[1, 16\]"):
         gm.run_main_on_pocl(mods, feeds, trace=False)
+
+
+@pytest.fixture(scope="module")
+def roberta_mods(exports) -> tuple[gv.GPUModules, onnx.ModelProto]:
+    """roberta-tiny pruned 16x1 at 80%, BSR kept: position ids come from cumsum over the mask."""
+    from blockprune.compress_api import compress_model
+    from blockprune.passes import PruneConfig
+
+    dense = exports("roberta-tiny", "legacy", "encoder")[1].model
+    model = compress_model(dense, prune=PruneConfig(block="16x1", sparsity=0.8), form="auto", verify=False).model
+    return gv.gpu_modules(model, "mali", 1, SEQ, gpu_break_even=1.0), model
+
+
+def test_roberta_whole_build_matches_onnxruntime(roberta_mods):
+    """TVM's GPU scan raced here (max-abs 2.77); the row-scan kernel gives exact position ids."""
+    from blockprune.backends.tvm.kernels.cumsum_gpu import KERNEL_NAME
+
+    mods, model = roberta_mods
+    report = gm.verify_model_run(mods, model)
+    assert report.ok, report.table()
+    assert report.outputs[0].rel_diff < 1e-5 and report.first_departure() is None, report.table()
+    scans = [c for c in report.calls if "cumsum" in c.func]
+    assert [c.func for c in scans] == [KERNEL_NAME] and scans[0].max_abs_diff == 0.0
+    assert "padded" in report.feeds
+
+
+def test_roberta_every_kernel_matches_its_cpu_build(roberta_mods):
+    """Includes the one-row token-type gather: random indices must stay in its bounds."""
+    rows = gv.verify_modules(roberta_mods[0])
+    assert rows and all(r.ok for r in rows), gv.format_rows([r for r in rows if not r.ok])
+    assert any("cumsum" in r.func for r in rows)
+    gathers = [f for n, f in roberta_mods[0].gpu.functions.items() if 1 in gv.gather_bounds(f).values()]
+    assert gathers  # the single-row table is there and was bounded
 
 
 def test_cli_verify_runs_the_whole_model(bsr_model, capsys):

@@ -240,12 +240,18 @@ def flatten_bsr_calls(mod, kernel_names: set[str]):
 # ---------------------------------------------------------------------------------------------
 # scheduling and building
 # ---------------------------------------------------------------------------------------------
-def _legalize_passes(target) -> list:
-    """TVM's generic GPU dispatch + legalize passes, minus its final dlight step (we schedule a copy)."""
+def _legalize_passes(target, preset: GPUPreset) -> list:
+    """TVM's generic GPU dispatch + legalize passes, minus its final dlight step (we schedule a copy).
+
+    ``cumsum`` is rewritten to our row-scan kernel first: TVM's dispatch would substitute a
+    scan that races between work-items (:mod:`.cumsum_gpu`, RoBERTa's position ids).
+    """
     from tvm import relax
     from tvm.relax.backend.gpu_generic import pipeline as gpu_generic
 
-    return gpu_generic.library_dispatch_passes(target) + [
+    from blockprune.backends.tvm.kernels.cumsum_gpu import row_scan_pass
+
+    return [row_scan_pass(preset)] + gpu_generic.library_dispatch_passes(target) + [
         relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
         relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
@@ -268,7 +274,7 @@ def schedule_for_gpu(relax_mod, preset: GPUPreset):
 
     target = preset.target()
     with target:
-        unscheduled = tvm.transform.Sequential(_legalize_passes(target))(relax_mod)
+        unscheduled = tvm.transform.Sequential(_legalize_passes(target, preset))(relax_mod)
         scheduled = dl.ApplyDefaultSchedule(*dlight_rules())(copy_module(unscheduled))
     return scheduled, unscheduled
 

@@ -186,15 +186,69 @@ def bsr_layer_arrays(relax_mod, kernel_names: set[str]) -> dict[str, list[dict[s
     return out
 
 
+def _tir_nodes(node, visit) -> None:
+    """Pre-order walk over TIR statements *and* expressions (``ov._walk`` stops at statements)."""
+    import tvm
+
+    visit(node)
+    for name in ov._fields(node):
+        if name == "span":
+            continue
+        value = getattr(node, name)
+        items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "Array" else [value]
+        for item in items:
+            if isinstance(item, (tvm.tirx.Stmt, tvm.ir.expr.Expr)):
+                _tir_nodes(item, visit)
+
+
+def _accessed_buffer(node):
+    """The buffer a TIR load or store touches, or None (0.27 spells a load ``TensorLoad.source``)."""
+    import tvm
+
+    if isinstance(node, tvm.tirx.BufferStore):
+        return node.buffer
+    if isinstance(node, tvm.ir.expr.TensorLoad):
+        return node.source
+    return None
+
+
+def gather_bounds(func) -> dict[str, int]:
+    """For each buffer whose values index another buffer (a gather), the smallest extent it indexes.
+
+    Why: random index values must stay in bounds, and ``{0, 1}`` does not for a one-row table
+    (RoBERTa's token-type embedding has a single row; reading row 1 returned garbage).
+    """
+    from tvm import tirx
+
+    bounds: dict[str, int] = {}
+
+    def note(node) -> None:
+        buf = _accessed_buffer(node)
+        if buf is None:
+            return
+        for index, extent in zip(node.indices, buf.shape):
+            if not isinstance(extent, (int, tirx.IntImm)):
+                continue
+            inner: list[str] = []
+            _tir_nodes(index, lambda n: inner.append(b.name) if (b := _accessed_buffer(n)) is not None else None)
+            for name in inner:
+                bounds[name] = min(bounds.get(name, int(extent)), int(extent))
+
+    _tir_nodes(func.body, note)
+    return bounds
+
+
 def _dense_inputs(func, rng: np.random.Generator, env: dict[str, int] | None = None) -> dict[str, np.ndarray]:
     """Arrays for a PrimFunc: uniform(-1, 1) floats, integers in {0, 1}.
 
-    {0, 1} keeps token ids, masks and gather indices in bounds for any axis of at least 2.
+    {0, 1} keeps token ids and masks meaningful; an integer buffer that indexes an axis of one
+    element (:func:`gather_bounds`) gets zeros, so every gather stays in bounds.
     Symbolic dims (generic kernels such as the GPU scan) take their values from ``env``, the
     static shapes at the function's call site (:func:`call_site_dims`).
     """
     env = env or {}
     arrays = {}
+    bounds = gather_bounds(func)
     for name, shape, dtype in ov._param_buffers(func):
         try:
             dims = tuple(env[d.name] if hasattr(d, "name") and d.name in env else int(d) for d in shape)
@@ -202,7 +256,8 @@ def _dense_inputs(func, rng: np.random.Generator, env: dict[str, int] | None = N
             raise BlockpruneError(f"{name} of a dense PrimFunc has a symbolic shape {shape}",
                                   "the GPU backend compiles static shapes only (fix batch and seq)") from None
         dt = np.dtype(dtype)
-        values = rng.uniform(-1.0, 1.0, size=dims) if dt.kind == "f" else rng.integers(0, 2, size=dims)
+        high = max(1, min(2, bounds.get(name, 2)))
+        values = rng.uniform(-1.0, 1.0, size=dims) if dt.kind == "f" else rng.integers(0, high, size=dims)
         arrays[name] = np.asarray(values, dtype=dt)
     return arrays
 
@@ -308,9 +363,20 @@ def _cpu_references_for_prebound(relax_mod, ref_funcs: dict[str, Any], skip: set
         ref_funcs[name] = ref
 
 
+def _scan_attrs(func, rank: int) -> tuple[int, int]:
+    """``(axis, exclusive)`` of a GPU scan: our row-scan kernel records them (``SCAN_ATTR``);
+    TVM's ``gpu_2d_continuous_cumsum`` is an inclusive scan of the last axis."""
+    from blockprune.backends.tvm.kernels.cumsum_gpu import SCAN_ATTR
+
+    attrs = func.attrs.get(SCAN_ATTR) if func.attrs is not None else None
+    if attrs is None:
+        return rank - 1, 0
+    return int(attrs["axis"]), int(attrs["exclusive"])
+
+
 def _cumsum_reference(func):
-    """CPU ``cumsum`` along the last axis with ``func``'s ``(A, Out)`` buffers: the reference for
-    the scan TVM's GPU dispatch substitutes for ``relax.cumsum`` (``gpu_2d_continuous_cumsum``)."""
+    """CPU ``cumsum`` with ``func``'s ``(A, Out)`` buffers, axis and exclusiveness: the reference
+    for the GPU scans that replace ``relax.cumsum`` (ours, :mod:`.cumsum_gpu`, or TVM's)."""
     import tvm
     from tvm import relax
 
@@ -323,7 +389,8 @@ def _cumsum_reference(func):
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(shape, a_dtype))
     with bb.function("main", [x]):
-        y = bb.emit(relax.op.cumsum(x, axis=len(shape) - 1, dtype=out_dtype))
+        axis, exclusive = _scan_attrs(func, len(shape))
+        y = bb.emit(relax.op.cumsum(x, axis=axis, dtype=out_dtype, exclusive=exclusive))
         bb.emit_func_output(y)
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
