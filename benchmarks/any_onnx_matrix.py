@@ -212,6 +212,20 @@ def to_markdown(rows: list[dict], started: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_rows(path: Path, new: list[dict], started: str) -> tuple[list[dict], str]:
+    """The rows of ``path`` with those of the same (model, route) replaced by ``new``, in the old
+    order (new ones appended), and a date line saying which rows are from when.
+
+    Why: one model's rows can be rerun after a fix without rerunning (and re-timing) the rest.
+    """
+    old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "generated": started}
+    fresh = {(r["model"], r["route"]): r for r in new}
+    rows = [fresh.pop((r["model"], r["route"]), r) for r in old["rows"]] + list(fresh.values())
+    models = ", ".join(sorted({r["model"] for r in new}))
+    base = str(old.get("generated", started)).split(";")[0]
+    return rows, f"{base}; {models} rows regenerated on {started}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from blockprune.models.foreign import ROUTES
 
@@ -222,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bert-base", action="store_true", help="also the BERT-base-shaped row (slow: ~1 min)")
     p.add_argument("--only-bert-base", action="store_true", help="just the BERT-base row (merged into --out)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "any_onnx"))
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the rows run now (same model and route) in --out; keep the others")
     args = p.parse_args(argv)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out = Path(args.out)
@@ -245,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             row = bert_base_row(Path(tmp), aarch64=not args.no_aarch64)
             rows.append(row)
             print(row, flush=True)
+    if args.merge and not args.only_bert_base:
+        rows, started = merge_rows(out.with_suffix(".json"), rows, started)
     with atomic_path(out.with_suffix(".json"), suffix=".json") as t:
         Path(t).write_text(json.dumps({"generated": started, "rows": rows}, indent=2, default=str) + "\n")
     with atomic_path(out.with_suffix(".md"), suffix=".md") as t:
