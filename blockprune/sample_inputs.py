@@ -17,14 +17,35 @@ _NP = {onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
        onnx.TensorProto.BOOL: np.bool_}
 
 
-def _gather_rows(model: onnx.ModelProto, input_name: str) -> int | None:
-    """Rows of the embedding table gathered by ``input_name`` (its vocabulary size)."""
+def _consumers(model: onnx.ModelProto, name: str) -> list[tuple[onnx.NodeProto, int]]:
+    return [(n, i) for n in model.graph.node for i, x in enumerate(n.input) if x == name]
+
+
+# Fused embedding of onnxruntime's transformer optimizer: input slot -> slot of the table it indexes.
+_EMBED_TABLES = {"EmbedLayerNormalization": {0: 2, 1: 4}}
+
+
+def _gather_rows(model: onnx.ModelProto, input_name: str, depth: int = 3) -> int | None:
+    """Rows of the embedding table indexed by ``input_name`` (its vocabulary size).
+
+    Why follow ``Cast`` and the fused embedding: onnxruntime-optimized graphs cast the int64 ids
+    to int32 and feed them to ``EmbedLayerNormalization``; without this their ids would be drawn
+    from {0, 1} only, far from the realistic inputs every check claims.
+    """
     inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == input_name:
-            t = inits.get(node.input[0])
-            if t is not None and len(t.dims) == 2:
-                return int(t.dims[0])
+    for node, slot in _consumers(model, input_name):
+        table = None
+        if node.op_type == "Gather" and slot == 1:
+            table = node.input[0]
+        elif slot in _EMBED_TABLES.get(node.op_type, {}) and len(node.input) > _EMBED_TABLES[node.op_type][slot]:
+            table = node.input[_EMBED_TABLES[node.op_type][slot]]
+        elif node.op_type == "Cast" and depth > 0:
+            rows = _gather_rows(model, node.output[0], depth - 1)
+            if rows is not None:
+                return rows
+        t = inits.get(table) if table else None
+        if t is not None and len(t.dims) == 2:
+            return int(t.dims[0])
     return None
 
 
@@ -52,11 +73,26 @@ def make_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> d
                     arr[b, max(1, arr.shape[1] // 2 + b % 3):] = 0
         elif np.issubdtype(dtype, np.integer):
             if "type" in name:
-                high = int(cfg.get("type_vocab_size") or 1)
+                high = int(cfg.get("type_vocab_size") or _gather_rows(model, name) or 1)
             else:
                 high = int(cfg.get("vocab_size") or _gather_rows(model, name) or 2)
             arr = rng.integers(0, max(high, 1), size=dims, dtype=np.int64).astype(dtype)
         else:
             arr = rng.standard_normal(dims).astype(dtype)
         feeds[name] = arr
+    return feeds
+
+
+def with_padding(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``feeds`` with the tail of the last row of a 2-D ``attention_mask`` zeroed if nothing is padded.
+
+    Why: :func:`make_feeds` pads every other row, so batch-1 inputs (what artifacts are mostly
+    compiled for) would never exercise the masked path of the attention; a wrong mask lowering
+    then passes every check. A quarter of the row is padded; at least one token stays.
+    """
+    mask = feeds.get("attention_mask")
+    if mask is not None and mask.ndim == 2 and mask.shape[1] > 1 and mask.all():
+        mask = mask.copy()
+        mask[-1, max(1, (3 * mask.shape[1]) // 4):] = 0
+        feeds = {**feeds, "attention_mask": mask}
     return feeds

@@ -245,7 +245,8 @@ def test_failed_verification_publishes_nothing(routes, tmp_path, monkeypatch):
     src = routes("bert-tiny", "torch-legacy")
     good = bp.compile(src, tmp_path / "art", seq=SEQ)
     before = (tmp_path / "art" / "manifest.json").read_text()
-    monkeypatch.setattr(runner, "compare_with_onnx", lambda result, model: {"output": 0.5})
+    monkeypatch.setattr(runner, "paired_with_onnx",  # what verify_artifact compares: off by 0.5
+                        lambda result, model: {"output": (np.full(4, 0.5, np.float32), np.zeros(4, np.float32))})
     with pytest.raises(BlockpruneError, match="differs from onnxruntime"):
         bp.compile(src, tmp_path / "art", seq=SEQ)
     with pytest.raises(BlockpruneError):

@@ -8,9 +8,11 @@ place. x86-64 artifacts run in-process; aarch64 ones under qemu through the C++ 
 (``runner.run_artifact`` picks the path).
 
 Inputs are the toolchain's realistic samples (``blockprune.sample_inputs``): token ids across the
-whole vocabulary, a padding mask with real zeros, token types inside the type vocabulary, two
-seeds. Tolerance: max-abs 1e-4 for float32 outputs (TVM and onnxruntime differ in summation
-order and in fast-math ``exp``/``erf``, well below that on encoder outputs).
+whole vocabulary, a padding mask with real zeros (``with_padding``: also at batch 1, where the
+shared samples pad nothing, so a wrong attention-mask lowering cannot pass), token types inside
+the type vocabulary, two seeds. Tolerance: max-abs 1e-4 for float32 outputs (TVM and
+onnxruntime differ in summation order and in fast-math ``exp``/``erf``, well below that on
+encoder outputs).
 
 int8 models (``compress --quantize int8``) are checked against :func:`reference_model`: the same
 model with its integer matmuls made exact, because onnxruntime's AVX2 ``MatMulInteger`` saturates
@@ -62,7 +64,7 @@ class ArtifactCheck:
 
     def to_json(self) -> dict[str, Any]:
         out = {"max_abs_diff": self.max_abs_diff, "atol": self.atol, "how": self.how, "runs": self.runs,
-               "inputs": "sample_inputs.make_feeds (vocabulary-wide token ids, padded mask)"}
+               "inputs": "sample_inputs.make_feeds + with_padding (vocabulary-wide token ids, padded mask)"}
         if self.int8 is not None:
             out.update(int8=self.int8, reference="exact-integer int8 model (passes.int8_reference)",
                        int8_bounds={"max_rel_l2": INT8_MAX_REL, "min_row_cosine": INT8_MIN_COSINE})
@@ -96,7 +98,7 @@ def _int8_stats(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 def verify_artifact(directory: str | os.PathLike, model: onnx.ModelProto, atol: float = DEFAULT_ATOL,
                     seeds: tuple[int, ...] = DEFAULT_SEEDS) -> ArtifactCheck:
     """Run the artifact in ``directory`` and onnxruntime on ``model``; raise when they differ by > ``atol``."""
-    from blockprune.sample_inputs import make_feeds
+    from blockprune.sample_inputs import make_feeds, with_padding
 
     from blockprune.backends.tvm.runtime.artifact import Manifest
     from blockprune.backends.tvm.runtime.runner import paired_with_onnx, run_artifact
@@ -106,7 +108,7 @@ def verify_artifact(directory: str | os.PathLike, model: onnx.ModelProto, atol: 
     model = reference_model(model)
     check = ArtifactCheck(atol=atol, int8={} if int8 else None)
     for seed in seeds:
-        feeds = make_feeds(model, manifest.batch, manifest.seq, seed=seed)
+        feeds = with_padding(make_feeds(model, manifest.batch, manifest.seq, seed=seed))
         feeds = {i["name"]: feeds[i["name"]] for i in manifest.inputs if i["name"] in feeds}
         result = run_artifact(directory, feeds)
         check.how = result.how

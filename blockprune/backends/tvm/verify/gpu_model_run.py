@@ -152,13 +152,9 @@ def model_feeds(model: onnx.ModelProto, batch: int, seq: int, seed: int = 0) -> 
     Why the extra padding: the shared sample feeds pad every other row, so batch 1 (what GPU
     builds use) would never exercise the masked path of the attention.
     """
-    from blockprune.sample_inputs import make_feeds
+    from blockprune.sample_inputs import make_feeds, with_padding
 
-    feeds = make_feeds(model, batch, seq, seed=seed)
-    mask = feeds.get("attention_mask")
-    if mask is not None and mask.ndim == 2 and mask.shape[1] > 1 and mask.all():
-        mask[-1, max(1, (3 * mask.shape[1]) // 4):] = 0
-    return feeds
+    return with_padding(make_feeds(model, batch, seq, seed=seed))
 
 
 def _describe(feeds: Mapping[str, np.ndarray]) -> str:

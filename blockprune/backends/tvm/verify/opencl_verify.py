@@ -161,6 +161,66 @@ def _with_symbols(mod):
     return tvm.IRModule(funcs)
 
 
+def distinct_names(names: list[str]) -> list[str]:
+    """``["lv", "T", "T", "T"]`` -> ``["lv", "T", "T_1", "T_2"]``: TVMScript's renaming of repeated names.
+
+    Why: TIR lets several parameters share a name (``topi.split`` names every output ``T_split``),
+    while this harness matches arrays, OpenCL buffers and kernel arguments by name; left alone,
+    every output of such a function would alias one buffer on both sides of the comparison.
+    """
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        new, k = name, 0
+        while new in seen:
+            k += 1
+            new = f"{name}_{k}"
+        seen.add(new)
+        out.append(new)
+    return out
+
+
+def _renamed_params(func, gv_name: str):
+    """``func`` with repeated parameter names made distinct (:func:`distinct_names`), unchanged otherwise.
+
+    Renaming goes through TVMScript (its printer gives each variable a distinct name), and the
+    result must be structurally equal to ``func`` (names do not count) with the expected names;
+    anything else is refused rather than verified with aliased buffers.
+    """
+    import tvm
+
+    names = [p.name for p in func.params]
+    if len(set(names)) == len(names):
+        return func
+    want = distinct_names(names)
+    try:
+        renamed = tvm.script.from_source(func.script())
+        tvm.ir.assert_structural_equal(func, renamed)
+    except Exception as err:  # noqa: BLE001 - any failure means the buffers cannot be told apart
+        raise BlockpruneError(f"{gv_name} has repeated parameter names {names} and could not be renamed for "
+                              f"the PoCL check ({type(err).__name__})", "report the model; this is a harness "
+                              "limit, the compiled artifact is not affected") from None
+    if [p.name for p in renamed.params] != want:
+        raise BlockpruneError(f"{gv_name}: renaming its repeated parameters gave {[p.name for p in renamed.params]}, "
+                              f"expected {want}", "report the model; this is a harness limit")
+    return renamed
+
+
+def with_distinct_param_names(mod):
+    """``mod`` with every PrimFunc's parameters distinctly named (see :func:`distinct_names`).
+
+    Verified functions, their lowering and the arrays fed to them must all come from this form,
+    so that each parameter is its own buffer on PoCL and in the CPU reference.
+    """
+    import tvm
+
+    funcs = {}
+    for gv, func in mod.functions.items():
+        funcs[gv] = _renamed_params(func, gv.name_hint) if isinstance(func, tvm.tirx.PrimFunc) else func
+    changed = any(funcs[gv] is not func for gv, func in mod.functions.items())
+    return tvm.IRModule(funcs, attrs=mod.attrs) if changed else mod
+
+
 def _binds_threads(func) -> bool:
     """True when a PrimFunc has a blockIdx/threadIdx binding (loop or launch attribute)."""
     import tvm
@@ -192,7 +252,7 @@ def lower_for_opencl(mod, target: "GPUPreset | str | Any" = "mali") -> LoweredGP
         )
 
     tgt = resolve_gpu_target(target).target()
-    mod = tvm.tirx.transform.BindTarget(tgt)(_with_symbols(mod))
+    mod = tvm.tirx.transform.BindTarget(tgt)(_with_symbols(with_distinct_param_names(mod)))
     # tvm.compile's choice ("default", the s_tir pipeline) for every OpenCL device
     pipeline, _, finalize_device = tvm.tirx.get_tir_pipeline("default")
     host, devices = split_host_device_mods(pipeline(mod))
@@ -337,14 +397,18 @@ def kernel_launch(lowered: LoweredGPUModule, kernel: str, env: Mapping[str, int]
 # Arguments
 # --------------------------------------------------------------------------------------------
 def _param_buffers(func) -> list[tuple[str, tuple, str]]:
-    """[(name, shape exprs, dtype)] of a PrimFunc's buffer parameters, in declaration order."""
+    """[(name, shape exprs, dtype)] of a PrimFunc's buffer parameters, in declaration order.
+
+    Names are made distinct as :func:`lower_for_opencl` renames them, so that every parameter
+    is its own array even where TIR repeats a name.
+    """
     out = []
-    for p in func.params:
+    for p, name in zip(func.params, distinct_names([p.name for p in func.params])):
         ty = p.ty
         if type(ty).__name__ != "BufferType":
             raise BlockpruneError(f"parameter {p.name} of a PrimFunc is not a buffer",
                                   "verify functions whose parameters are all buffers (static or symbolic shapes)")
-        out.append((p.name, tuple(ty.shape), str(ty.dtype)))
+        out.append((name, tuple(ty.shape), str(ty.dtype)))
     return out
 
 
