@@ -214,16 +214,19 @@ def to_markdown(rows: list[dict], started: str) -> str:
 
 def merge_rows(path: Path, new: list[dict], started: str) -> tuple[list[dict], str]:
     """The rows of ``path`` with those of the same (model, route) replaced by ``new``, in the old
-    order (new ones appended), and a date line saying which rows are from when.
+    order (new ones appended), and a date line saying which rows are from when (earlier
+    regenerations stay listed: their rows are still from then).
 
     Why: one model's rows can be rerun after a fix without rerunning (and re-timing) the rest.
     """
     old = json.loads(path.read_text()) if path.is_file() else {"rows": [], "generated": started}
     fresh = {(r["model"], r["route"]): r for r in new}
     rows = [fresh.pop((r["model"], r["route"]), r) for r in old["rows"]] + list(fresh.values())
-    models = ", ".join(sorted({r["model"] for r in new}))
-    base = str(old.get("generated", started)).split(";")[0]
-    return rows, f"{base}; {models} rows regenerated on {started}"
+    models = {r["model"] for r in new}
+    routes = {r["route"] for r in new}
+    what = (f"{', '.join(sorted(models))} rows" if len(routes) > 1 else
+            f"{next(iter(routes))} rows of {', '.join(sorted(models))}")
+    return rows, f"{old.get('generated', started)}; {what} regenerated on {started}"
 
 
 def main(argv: list[str] | None = None) -> int:
