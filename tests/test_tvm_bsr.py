@@ -195,7 +195,8 @@ def test_schedules_follow_the_vector_unit():
     assert (avx512.lanes, avx2.lanes) == (16, 8)
     # tall blocks: vectors along the outputs; short ones: along the inputs, reduced at the end
     assert bk.choose_schedule(128, 768, "16x1", isa=avx2, target="x86-64").layout == "n-lanes"
-    assert bk.choose_schedule(128, 768, "1x32", isa=avx2, target="x86-64").layout == "k-lanes"
+    assert bk.choose_schedule(128, 768, "1x32", isa=avx2, target="x86-64").layout == "m-lanes"
+    assert bk.choose_schedule(8, 768, "1x32", isa=avx2, target="x86-64").layout == "k-lanes"
     assert bk.choose_schedule(128, 768, "4x4", isa=avx512, target="x86-64").layout == "k-lanes"
     assert bk.choose_schedule(128, 768, "4x4", target="cortex-a72").layout == "n-lanes"
     s = bk.choose_schedule(128, 768, "32x32", isa=avx512, target="x86-64")
@@ -290,3 +291,83 @@ def test_x_rows_aliasing_in_l1_are_packed_with_a_pad(block):
     for schedule in (sch, replace(sch, x_pad=0), replace(sch, k_chunk=256)):
         y = bk.run_bsr_matmul(x, bsr, bias, schedule=schedule)
         np.testing.assert_allclose(y, x @ w.T + bias, rtol=0, atol=1e-4)
+
+
+# ---- m-lanes (vectors along M; blocks one row tall) ------------------------------------------
+def _m_lanes(tm: int, chunk: int, k_chunk: int = 0, lanes: int = 16, isa: str = "avx512"):
+    return bk.BSRSchedule("m-lanes", lanes, tm, chunk, isa=isa, k_chunk=k_chunk)
+
+
+@pytest.mark.parametrize("block,m,tm,chunk,k_chunk", [
+    ("1x32", 16, 16, 4, 0),    # one tile, narrow chunk: the per-lane flush
+    ("1x32", 13, 16, 4, 0),    # M < one vector: padded X^T, guarded stores
+    ("1x32", 40, 32, 16, 32),  # two tiles (the second partial), in-register transposes, K slices
+    ("1x16", 20, 16, 16, 32),  # M % 16 != 0: lane-by-lane X^T tail
+    ("1x16", 64, 64, 32, 16),  # the transposed flush over several vectors of outputs and tokens
+    ("4x4", 40, 16, 3, 16),    # blocks taller than one row: r accumulator sets
+    ("1x1", 32, 32, 8, 0),
+])
+def test_m_lanes_matches_numpy(block, m, tm, chunk, k_chunk):
+    """Every shape path of the m-lanes kernel (tiles, tails, slices, flushes) against numpy."""
+    rng = np.random.default_rng(zlib.crc32(f"m/{block}/{m}/{tm}".encode()))
+    w = block_sparse_weight(rng, N, K, block, 0.5, empty_rows=1)
+    x = rng.standard_normal((m, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    y = bk.run_bsr_matmul(x, dense_to_bsr(w, block), bias, schedule=_m_lanes(tm, chunk, k_chunk))
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(y[:, 0], np.full(m, bias[0], np.float32))  # empty first row
+
+
+def test_m_lanes_avx2_and_empty_weight():
+    """8-lane vectors (AVX2 runs here too), and a weight with no block at all gives the bias."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 24, K)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    w = block_sparse_weight(rng, N, K, "1x32", 0.6)
+    for weight in (w, np.zeros_like(w)):
+        y = bk.run_bsr_matmul(x, dense_to_bsr(weight, "1x32"), bias, schedule=_m_lanes(32, 16, 32, 8, "avx2"))
+        np.testing.assert_allclose(y, x @ weight.T + bias, rtol=0, atol=1e-4)
+
+
+def test_m_lanes_is_chosen_for_row_segments_on_x86_with_tokens():
+    avx512 = bk.vector_isa({"kind": "llvm", "mcpu": "znver5"})
+    avx2 = bk.vector_isa({"kind": "llvm", "mcpu": "znver3"})
+    s = bk.choose_schedule(128, 768, "1x32", isa=avx512, target="x86-64", k=3072)
+    assert (s.layout, s.lanes, s.tile_rows) == ("m-lanes", 16, 128)
+    assert s.k_chunk and 3072 % s.k_chunk == 0 and s.k_chunk * 128 * 4 <= 32 * 1024 and s.x_pad == 0
+    s = bk.choose_schedule(128, 768, "1x16", isa=avx2, target="x86-64", k=768)
+    assert (s.layout, s.lanes, s.tile_rows) == ("m-lanes", 8, 64)
+    assert bk.choose_schedule(16, 768, "1x32", isa=avx512, target="x86-64").layout == "k-lanes"  # M < 4 vectors
+    assert bk.choose_schedule(128, 768, "1x32", target="cortex-a72").layout == "k-lanes"
+    assert bk.choose_schedule(128, 768, "16x1", isa=avx512, target="x86-64").layout == "n-lanes"
+
+
+def test_m_lanes_default_schedule_bert_shape_with_epilogue():
+    """The schedule the default flow gets for BERT-base (M = 128), with bias + GELU + residual."""
+    import math
+
+    rng = np.random.default_rng(8)
+    k, n = 768, 64
+    w = block_sparse_weight(rng, n, k, "1x32", 0.8) * np.float32(2 / math.sqrt(k))
+    x = rng.standard_normal((1, 128, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    res = rng.standard_normal((1, 128, n)).astype(np.float32)
+    kern = bk.build_bsr_kernel(x.shape, n, "1x32", bias=True, gelu=True, residual=True)
+    if bk.vector_isa("host").name in ("avx512", "avx2"):
+        assert kern.schedule.layout == "m-lanes" and kern.schedule.k_chunk
+    got = kern(x, dense_to_bsr(w, "1x32"), bias, res)
+    ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    ref = 0.5 * ref * (1 + np.vectorize(math.erf)(ref / math.sqrt(2))) + res
+    assert np.abs(got - ref).max() < 2e-5
+
+
+def test_m_lanes_compiles_for_neon_and_avx512():
+    """Forced m-lanes on NEON (4 lanes) and AVX-512 compile to FMAs on broadcast weights."""
+    if shutil.which("aarch64-linux-gnu-g++") is not None:
+        kernel = bk.build_bsr_kernel((M * 4, K), N, "1x32", target="cortex-a72", schedule=_m_lanes(32, 8, 32, 4, "neon"))
+        assert "fmla" in kernel.assembly()
+    kernel = bk.build_bsr_kernel((128, K), N, "1x32", target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2})
+    assert kernel.schedule.layout == "m-lanes"
+    asm = kernel.assembly()
+    assert "vfmadd231ps" in asm and "zmm" in asm and "vpermt2ps" in asm  # transposes in registers
