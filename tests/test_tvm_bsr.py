@@ -371,3 +371,26 @@ def test_m_lanes_compiles_for_neon_and_avx512():
     assert kernel.schedule.layout == "m-lanes"
     asm = kernel.assembly()
     assert "vfmadd231ps" in asm and "zmm" in asm and "vpermt2ps" in asm  # transposes in registers
+
+
+def test_m_lanes_arrays_list_each_chunk_by_slice_then_row():
+    """The flat per-chunk block lists: every block once, ordered (K slice, row, column)."""
+    rng = np.random.default_rng(12)
+    w = block_sparse_weight(rng, N, 128, "1x32", 0.5, empty_rows=3)
+    bsr = dense_to_bsr(w, "1x32")
+    sch = _m_lanes(32, 8, k_chunk=64)
+    data, codes, ptr = bk.m_lanes_arrays(bsr, sch)
+    ncols = 128 // 32
+    assert ptr.shape == (N // 8 + 1,) and ptr[0] == 0 and ptr[-1] == bsr.nnzb
+    rebuilt = np.zeros_like(w)
+    for ic in range(N // 8):
+        seg = codes[ptr[ic]:ptr[ic + 1]]
+        rows, cols = ic * 8 + seg // ncols, seg % ncols
+        keys = list(zip((cols * 32) // 64, rows, cols))
+        assert keys == sorted(keys)
+        for b, (row, col) in enumerate(zip(rows, cols)):
+            rebuilt[row, col * 32:(col + 1) * 32] = data[ptr[ic] + b]
+    np.testing.assert_array_equal(rebuilt, w)
+    s = bk.choose_schedule(128, 768, "1x32", isa=bk.vector_isa({"kind": "llvm", "mcpu": "znver5"}),
+                           target={"kind": "llvm", "mcpu": "znver5", "num-cores": 2}, k=3072)
+    assert s.row_chunk == 128  # X^T of 1.5 MB: long chunks re-read it less often

@@ -24,9 +24,10 @@ Three layouts, chosen per block shape and target (:func:`choose_schedule`):
   does ``acc[mv] += bcast(W[o, c0+kk]) * Xt[c0+kk, mv-th vector]`` for the TM = 8 vectors of a
   token tile: one contiguous load per FMA (the minimum for a block one row tall, which gives an
   X value no reuse across outputs) and no horizontal sums. K is walked in slices whose ``Xt``
-  rows stay in L1; a task's rows are staged as ``[outputs, TM]`` (the partial sums between
-  slices; a row with no block in a slice is skipped) and written to ``Y`` through in-register
-  transposes, where the bias and epilogue are applied. Block data as in k-lanes.
+  rows stay in L1: a task's blocks are one flat list ordered by slice, then row
+  (:func:`m_lanes_arrays`), each moving its row's accumulators in from and back out to the
+  staged rows ``[outputs, TM]`` (no data-dependent branches); the staged rows are written to
+  ``Y`` through in-register transposes, where the bias and epilogue are applied.
 
 Common to both (see tvm-notes): parallel over chunks of block rows; inside a task, a tile of
 ``TI`` input rows is kept in L1 while the chunk's block rows stream by; accumulators are
@@ -167,6 +168,13 @@ def choose_schedule(m: int, n: int, block: "BlockShape | str", target: Any = "ho
     row_chunk = max(d for d in range(1, target_chunk + 1) if nb % d == 0)
     if _use_m_lanes(m, block, isa):
         sch = _m_lanes_schedule(m, block, isa, row_chunk)
+        if k is not None and k * sch.tile_rows * 4 > _XT_L2_BYTES:
+            # Each chunk walks all of X^T; once X^T crowds L2, longer chunks re-read it less
+            # often (measured, K=3072 M=128 1x32 at 80%: 128-row chunks 1.14x faster than 32),
+            # while leaving >= 2 tasks per core.
+            target = max(row_chunk, min(128, nb // (2 * cores)))
+            row_chunk = max(d for d in range(1, target + 1) if nb % d == 0)
+            sch = replace(sch, row_chunk=row_chunk)
         if k is not None:
             sch = replace(sch, k_chunk=_m_k_chunk(k, c, sch.tile_rows))
         return sch
@@ -183,6 +191,8 @@ def choose_schedule(m: int, n: int, block: "BlockShape | str", target: Any = "ho
 # reads again; 32 KB leaves room in a 48 KB L1 for the staged rows. Measured on a Xeon with
 # AVX-512 (TM = 128, 1x32 at 80%): 64-row slices ran 1.1-1.25x faster than one pass over K.
 _XT_SLICE_BYTES = 32 * 1024
+# m-lanes: an X^T above this shares L2 (1-2 MB per core) badly with Y and the weights.
+_XT_L2_BYTES = 512 * 1024
 # m-lanes accumulators per output row: enough independent FMA chains to cover the FMA latency
 # (4 cycles x 2 ports), few enough to leave registers for the broadcast weight on AVX2.
 _M_LANES_ACC = 8
@@ -456,6 +466,8 @@ class _KernelBuilder:
                 self.I = T.arg("indices", T.buffer((nnzb,), "int32"))
                 # block pointers per row (CSR), or per row and K-chunk when K is split
                 p_shape = (self.nb + 1,) if self.nkc == 1 else (self.nb, self.nkc + 1)
+                if sch.layout == "m-lanes":  # one block list per chunk of block rows
+                    p_shape = (self.nb // sch.row_chunk + 1,)
                 self.P = T.arg("indptr", T.buffer(p_shape, "int32"))
                 self.B = T.arg("bias", T.buffer((n,), "float32")) if spec.bias else None
                 r_arg = T.arg("R", T.buffer(spec.y_shape, "float32")) if spec.residual else None
@@ -671,8 +683,9 @@ class _KernelBuilder:
 
         Each X^T row is one contiguous vector load per accumulator, no horizontal sums. A task is
         a chunk of block rows x a tile of TM tokens; its finished rows are staged as ``[outputs,
-        TM]`` (also the partial sums between K slices) and written to Y, transposed, by the flush
-        with bias and epilogue. With K in slices, a block row whose slice is empty is skipped.
+        TM]`` and written to Y, transposed, by the flush with bias and epilogue. The blocks of a
+        chunk are one flat list ordered by K slice (:func:`m_lanes_arrays`), so the X^T slice in
+        use stays in L1.
         """
         T, tirx, sch, spec = self.T, self.tirx, self.sch, self.spec
         r, c, V = self.r, self.c, sch.lanes
@@ -691,39 +704,31 @@ class _KernelBuilder:
             def stage_at(ii, rr, mv):
                 return [self.ramp((ii * r + rr) * tm + mv * V, V)]
 
-            def row_pass(ii, kpass):
-                row = ic * chunk + ii
+            # One flat loop over the chunk's blocks, in (K slice, row) order (m_lanes_arrays):
+            # each block moves its row's accumulators in from the staging rows and back out, a
+            # fixed cost with no data-dependent branch (per-row, per-slice loops mispredicted).
+            with T.serial(0, width * tm // V) as z:
+                T.buffer_store(stage, self.zeros(V), [self.ramp(z * V, V)])
+            ncols = spec.k // c
+            with T.serial(self.load(self.P, [ic]), self.load(self.P, [ic + 1])) as b:
+                code = self.load(self.I, [b])
+                ii = tirx.floordiv(code, ncols)
+                col = tirx.floormod(code, ncols)
                 for rr in range(r):
                     for mv in range(mv_count):
-                        init = self.zeros(V) if kpass is None else self.load(stage, stage_at(ii, rr, mv))
-                        T.buffer_store(acc[rr], init, [mv, self.ramp(0, V)])
-                with self._block_loop(row, kpass) as b:
-                    col = self.load(self.I, [b])
-                    kloop = T.unroll(0, c) if c <= 4 else T.serial(0, c)
-                    with kloop as kk:
-                        xrow = col * c + kk
-                        for rr in range(r):
-                            w = tirx.Broadcast(self.load(self.D, [b, rr * c + kk]), V)
-                            for mv in range(mv_count):
-                                idx = [mv, self.ramp(0, V)]
-                                xv = self.load(xt, [xrow, self.ramp(mt * tm + mv * V, V)])
-                                T.buffer_store(acc[rr], self.load(acc[rr], idx) + w * xv, idx)
+                        T.buffer_store(acc[rr], self.load(stage, stage_at(ii, rr, mv)), [mv, self.ramp(0, V)])
+                kloop = T.unroll(0, c) if c <= 4 else T.serial(0, c)
+                with kloop as kk:
+                    xrow = col * c + kk
+                    for rr in range(r):
+                        w = tirx.Broadcast(self.load(self.D, [b, rr * c + kk]), V)
+                        for mv in range(mv_count):
+                            idx = [mv, self.ramp(0, V)]
+                            xv = self.load(xt, [xrow, self.ramp(mt * tm + mv * V, V)])
+                            T.buffer_store(acc[rr], self.load(acc[rr], idx) + w * xv, idx)
                 for rr in range(r):
                     for mv in range(mv_count):
                         T.buffer_store(stage, self.load(acc[rr], [mv, self.ramp(0, V)]), stage_at(ii, rr, mv))
-
-            if self.nkc == 1:
-                with T.serial(0, chunk) as ii:
-                    row_pass(ii, None)
-            else:
-                with T.serial(0, width * tm // V) as z:
-                    T.buffer_store(stage, self.zeros(V), [self.ramp(z * V, V)])
-                with T.serial(0, self.nkc) as kc:
-                    with T.serial(0, chunk) as ii:
-                        row = ic * chunk + ii
-                        with T.If(self.load(self.P, [row, kc]) < self.load(self.P, [row, kc + 1])):
-                            with T.Then():
-                                row_pass(ii, kc)
             self._flush_m_lanes(stage, ic * width, mt * tm, tm, width)
 
     def _flush_m_lanes(self, stage, n0, m0, tm: int, width: int) -> None:
@@ -913,11 +918,37 @@ def chunked_indptr(bsr: BSRMatrix, k_chunk: int) -> np.ndarray:
     return ptr
 
 
+def m_lanes_arrays(bsr: BSRMatrix, schedule: BSRSchedule) -> list[np.ndarray]:
+    """m-lanes arrays: the blocks of each chunk of ``row_chunk`` block rows as one flat list.
+
+    Inside a chunk the blocks are ordered by K slice (``k_chunk`` input features; all of K when
+    0), then row, then column, so the X^T slice of a pass stays in L1 while the chunk's rows use
+    it. ``indices[b] = row_in_chunk * (K / c) + block_column``; ``indptr[i]`` is where chunk i
+    starts (``[block_rows / row_chunk + 1]``); ``data`` is reordered alike, ``[nnzb, r*c]``.
+    """
+    r, c = bsr.block.rows, bsr.block.cols
+    ncols = bsr.shape[1] // c
+    chunk = schedule.row_chunk
+    rows = np.repeat(np.arange(bsr.block_rows, dtype=np.int64), bsr.row_nnzb())
+    cols = bsr.indices.astype(np.int64)
+    kslice = (cols * c) // schedule.k_chunk if schedule.k_chunk else np.zeros_like(cols)
+    order = np.lexsort((cols, rows % chunk, kslice, rows // chunk))
+    counts = np.bincount(rows // chunk, minlength=bsr.block_rows // chunk)
+    ptr = np.zeros(bsr.block_rows // chunk + 1, dtype=np.int32)
+    ptr[1:] = np.cumsum(counts)
+    codes = ((rows % chunk) * ncols + cols)[order].astype(np.int32)
+    data = np.ascontiguousarray(bsr.data.reshape(-1, r * c)[order], dtype=np.float32)
+    return [data, codes, ptr]
+
+
 def kernel_arrays(bsr: BSRMatrix, schedule: BSRSchedule) -> list[np.ndarray]:
     """``[data, indices, indptr]`` as the kernel takes them (after X, before bias and Y).
 
-    ``indptr`` is the CSR row pointer, or :func:`chunked_indptr` when the schedule splits K.
+    ``indptr`` is the CSR row pointer, or :func:`chunked_indptr` when the schedule splits K;
+    m-lanes takes per-chunk block lists (:func:`m_lanes_arrays`).
     """
+    if schedule.layout == "m-lanes":
+        return m_lanes_arrays(bsr, schedule)
     if schedule.k_chunk and schedule.k_chunk < bsr.shape[1]:
         ptr = chunked_indptr(bsr, schedule.k_chunk)
     else:
