@@ -16,12 +16,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _acc():
-    spec = importlib.util.spec_from_file_location("bench_accuracy_grid", ROOT / "benchmarks" / "accuracy.py")
+def _bench(name: str, module: str):
+    """A script under benchmarks/ imported as a module (they are not a package)."""
+    spec = importlib.util.spec_from_file_location(module, ROOT / "benchmarks" / name)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def _acc():
+    return _bench("accuracy.py", "bench_accuracy_grid")
 
 
 class _Fake:
@@ -181,11 +186,7 @@ def test_ablation_configs_differ_only_in_how_masks_are_chosen(tmp_path):
 
 
 def _par():
-    spec = importlib.util.spec_from_file_location("bench_accuracy_parallel", ROOT / "benchmarks" / "accuracy_parallel.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return _bench("accuracy_parallel.py", "bench_accuracy_parallel")
 
 
 def test_parallel_plan_has_every_job_once_after_its_teacher():
