@@ -195,8 +195,7 @@ def test_schedules_follow_the_vector_unit():
     assert (avx512.lanes, avx2.lanes) == (16, 8)
     # tall blocks: vectors along the outputs; short ones: along the inputs, reduced at the end
     assert bk.choose_schedule(128, 768, "16x1", isa=avx2, target="x86-64").layout == "n-lanes"
-    assert bk.choose_schedule(128, 768, "1x32", isa=avx2, target="x86-64").layout == "m-lanes"
-    assert bk.choose_schedule(8, 768, "1x32", isa=avx2, target="x86-64").layout == "k-lanes"
+    assert bk.choose_schedule(128, 768, "1x32", isa=avx2, target="x86-64").layout == "k-lanes"
     assert bk.choose_schedule(128, 768, "4x4", isa=avx512, target="x86-64").layout == "k-lanes"
     assert bk.choose_schedule(128, 768, "4x4", target="cortex-a72").layout == "n-lanes"
     s = bk.choose_schedule(128, 768, "32x32", isa=avx512, target="x86-64")
@@ -336,8 +335,9 @@ def test_m_lanes_is_chosen_for_row_segments_on_x86_with_tokens():
     s = bk.choose_schedule(128, 768, "1x32", isa=avx512, target="x86-64", k=3072)
     assert (s.layout, s.lanes, s.tile_rows) == ("m-lanes", 16, 128)
     assert s.k_chunk and 3072 % s.k_chunk == 0 and s.k_chunk * 128 * 4 <= 32 * 1024 and s.x_pad == 0
-    s = bk.choose_schedule(128, 768, "1x16", isa=avx2, target="x86-64", k=768)
-    assert (s.layout, s.lanes, s.tile_rows) == ("m-lanes", 8, 64)
+    s = bk.choose_schedule(128, 768, "1x16", isa=avx512, target="x86-64", k=768)
+    assert (s.layout, s.lanes, s.tile_rows, s.k_chunk) == ("m-lanes", 16, 128, 64)
+    assert bk.choose_schedule(128, 768, "1x32", isa=avx2, target="x86-64").layout == "k-lanes"  # not faster there
     assert bk.choose_schedule(16, 768, "1x32", isa=avx512, target="x86-64").layout == "k-lanes"  # M < 4 vectors
     assert bk.choose_schedule(128, 768, "1x32", target="cortex-a72").layout == "k-lanes"
     assert bk.choose_schedule(128, 768, "16x1", isa=avx512, target="x86-64").layout == "n-lanes"
@@ -354,7 +354,7 @@ def test_m_lanes_default_schedule_bert_shape_with_epilogue():
     bias = rng.standard_normal(n).astype(np.float32)
     res = rng.standard_normal((1, 128, n)).astype(np.float32)
     kern = bk.build_bsr_kernel(x.shape, n, "1x32", bias=True, gelu=True, residual=True)
-    if bk.vector_isa("host").name in ("avx512", "avx2"):
+    if bk.vector_isa("host").name == "avx512":
         assert kern.schedule.layout == "m-lanes" and kern.schedule.k_chunk
     got = kern(x, dense_to_bsr(w, "1x32"), bias, res)
     ref = x.astype(np.float64) @ w.T.astype(np.float64) + bias

@@ -18,7 +18,7 @@ Three layouts, chosen per block shape and target (:func:`choose_schedule`):
   are done for ``c`` accumulators at once by a shuffle tree (even+odd lanes of two vectors,
   log2(c) levels; LLVM turns it into vhaddps on x86), a few instructions per output instead
   of one per lane. The sums are staged per task and copied to ``Y`` as vectors.
-* ``m-lanes`` (blocks one row tall on x86: 1x32, 1x16 row segments, with M >= 4 vectors):
+* ``m-lanes`` (blocks one row tall on AVX-512: 1x32, 1x16 row segments, M >= 4 vectors):
   vectors run along M (tokens). X is transposed once per call into a workspace ``Xt[K, M]``
   (V x V tiles transposed in registers); for each block ``(o, c0)`` and ``kk < c`` the kernel
   does ``acc[mv] += bcast(W[o, c0+kk]) * Xt[c0+kk, mv-th vector]`` for the TM = 8 vectors of a
@@ -199,14 +199,16 @@ _M_LANES_ACC = 8
 
 
 def _use_m_lanes(m: int, block: BlockShape, isa: VectorISA) -> bool:
-    """m-lanes for blocks one row tall on x86 (AVX2, AVX-512) when M fills >= 4 vectors.
+    """m-lanes for blocks one row tall on AVX-512 when M fills >= 4 vectors.
 
     Why: a 1xc block has no reuse of a loaded X value across outputs, so every FMA needs a load
     in any layout; k-lanes adds a horizontal sum per output on top, m-lanes does not. Measured on
-    a Xeon with AVX-512, BERT-base shapes, 1x32 at 80%: 1.15-1.3x faster than k-lanes at 1 thread.
-    NEON keeps k-lanes (its 4-lane sums are cheap; m-lanes is unmeasured there).
+    a Xeon with AVX-512, BERT-base shapes (M=128), 1x32 at 80%, 1 thread: 1.2-1.45x faster than
+    k-lanes (1x16 at 70%: 1.1-1.3x). With 8-lane AVX2 code (znver3, timed on that Xeon) it was
+    not faster (0.89-1.07x), so AVX2 (Zen 3) keeps k-lanes until measured there; NEON keeps
+    k-lanes too (4-lane sums are cheap; m-lanes compiles and runs there, unmeasured).
     """
-    return block.rows == 1 and isa.name in ("avx512", "avx2") and -(-m // isa.lanes) >= 4
+    return block.rows == 1 and isa.name == "avx512" and -(-m // isa.lanes) >= 4
 
 
 def _m_lanes_schedule(m: int, block: BlockShape, isa: VectorISA, row_chunk: int) -> BSRSchedule:
