@@ -80,3 +80,21 @@ def without_pyopencl(monkeypatch):
     yield
     monkeypatch.undo()
     ov._opencl_context.cache_clear()
+
+
+@pytest.fixture
+def aarch64_qemu() -> None:
+    """Skip unless aarch64 artifacts can be built and run here: the cross-compiler, qemu-user and
+    TVM's aarch64 runtime (``make test`` installs the first two; the runtime comes from wheels)."""
+    import shutil
+
+    from blockprune.backends.tvm.runtime import runner
+    from blockprune.errors import BlockpruneError
+
+    for tool, package in (("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not installed (apt-get install {package})")
+    try:
+        runner.ensure_aarch64_runtime()
+    except BlockpruneError as err:
+        pytest.skip(f"aarch64 TVM runtime wheels unavailable: {err.problem}")

@@ -112,14 +112,7 @@ def test_recompiled_artifact_runs_its_new_code(models, tmp_path):
         assert max(diffs.values()) <= ATOL
 
 
-def test_aarch64_artifact_runs_under_qemu(models, tmp_path):
-    for tool, package in (("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install {package})")
-    try:
-        runner.ensure_aarch64_runtime()
-    except BlockpruneError as err:
-        pytest.skip(f"aarch64 TVM runtime wheels unavailable: {err.problem}")
+def test_aarch64_artifact_runs_under_qemu(models, tmp_path, aarch64_qemu):
     model = models("bert-tiny", "bsr")
     res, run, diffs = compile_and_compare(model, tmp_path / "a72", target="cortex-a72")
     assert run.how == "qemu-aarch64"

@@ -396,20 +396,13 @@ def test_m_lanes_arrays_list_each_chunk_by_slice_then_row():
     assert s.row_chunk == 128  # X^T of 1.5 MB: long chunks re-read it less often
 
 
-def test_m_lanes_runs_on_aarch64_under_qemu(tmp_path):
+def test_m_lanes_runs_on_aarch64_under_qemu(tmp_path, aarch64_qemu):
     """m-lanes forced on NEON (4 lanes; the default there stays k-lanes) runs exactly under qemu."""
     from tvm import relax
 
     from blockprune.backends.tvm.runtime import runner
     from blockprune.backends.tvm.runtime.artifact import Manifest
 
-    for tool, package in (("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install {package})")
-    try:
-        runner.ensure_aarch64_runtime()
-    except BlockpruneError as err:
-        pytest.skip(f"aarch64 TVM runtime wheels unavailable: {err.problem}")
     rng = np.random.default_rng(21)
     m = 36  # two token tiles of 32, the second partial
     w = block_sparse_weight(rng, N, K, "1x16", 0.5, empty_rows=1)

@@ -7,7 +7,6 @@ Shapes are small (M <= 24, K <= 128, N <= 96) so each compile stays well under a
 
 from __future__ import annotations
 
-import shutil
 import zlib
 
 import numpy as np
@@ -258,18 +257,11 @@ def test_vnni_kernel_is_exact_and_uses_vpdpbusd(lanes):
 
 # ---- aarch64: cross-compiled, run under qemu ----------------------------------------------------
 @pytest.mark.parametrize("target,instr", [("cortex-a72", "smlal"), ("cortex-a76", "sdot")])
-def test_aarch64_layer_runs_under_qemu(tmp_path, target, instr):
+def test_aarch64_layer_runs_under_qemu(tmp_path, target, instr, aarch64_qemu):
     from blockprune.backends.tvm.runtime import runner
     from blockprune.backends.tvm.runtime.artifact import Manifest
     from blockprune.backends.tvm.targets.presets import export_fcompile
 
-    for tool, package in (("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu"), ("qemu-aarch64", "qemu-user")):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} not installed (apt-get install {package})")
-    try:
-        runner.ensure_aarch64_runtime()
-    except BlockpruneError as err:
-        pytest.skip(f"aarch64 TVM runtime wheels unavailable: {err.problem}")
     rng = np.random.default_rng(11)
     x = rng.standard_normal((M, K)).astype(np.float32)
     wq = sparse_int8(rng, N, K, "4x4")
