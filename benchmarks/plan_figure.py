@@ -50,7 +50,10 @@ def phase_baseline(work: Path, threads: int) -> None:
     print(f"onnxruntime dense: {ms:.2f} ms")
 
 
-def phase_build(work: Path, speedups: list[float]) -> None:
+def phase_build(work: Path, speedups: list[float], uniform: list[float]) -> None:
+    """Each plan (plan -> compress --plan -> compile), then the uniform 16x1 rows (compress --block 16x1
+    --sparsity R -> compile, default flags): timed beside the plans, they give the uniform ratio of the
+    same measured speed as each plan (the model its training is compared with)."""
     base = json.loads((work / "baseline.json").read_text())["ort_ms"]
     builds = []
     for s in speedups:
@@ -64,6 +67,13 @@ def phase_build(work: Path, speedups: list[float]) -> None:
         builds.append({"speedup_goal": s, "plan": f"plan-{tag}.yaml", "onnx": f"plan-{tag}.onnx",
                        "artifact": f"plan-{tag}.art", "commands": log, "build_seconds": time.perf_counter() - t0})
         print(f"built {tag} in {builds[-1]['build_seconds']:.0f}s", flush=True)
+    for r in uniform:
+        log = []
+        tag = f"uniform-16x1-{r:g}"
+        _run([BP, "compress", "minilm.onnx", "-o", f"{tag}.onnx", "--block", "16x1", "--sparsity", str(r)], work, log)
+        _run([BP, "compile", f"{tag}.onnx", "-o", f"{tag}.art"], work, log)
+        builds.append({"uniform_ratio": r, "onnx": f"{tag}.onnx", "artifact": f"{tag}.art", "commands": log})
+        print(f"built {tag}", flush=True)
     (work / "builds.json").write_text(json.dumps(builds, indent=1))
 
 
@@ -94,8 +104,12 @@ def phase_time(work: Path, threads: int, runs: int, rounds: int) -> dict:
     load_before = os.getloadavg()[0]
     med = interleaved_medians({"onnxruntime": lambda: sess.run(None, ort_feeds), **engines}, runs, rounds)
     ort_ms = med["onnxruntime"] * 1e3
-    rows = []
+    rows, uniform = [], []
     for b in builds:
+        if "uniform_ratio" in b:
+            ms = med[b["artifact"]] * 1e3
+            uniform.append({**b, "ort_ms": ort_ms, "tvm_ms": ms, "measured_speedup": ort_ms / ms})
+            continue
         plan = yaml.safe_load((work / b["plan"]).read_text())["plan"]
         ms = med[b["artifact"]] * 1e3
         rows.append({**b, "predicted_ms": plan["predicted_ms"], "plan_baseline_ms": plan["baseline_ms"],
@@ -109,8 +123,31 @@ def phase_time(work: Path, threads: int, runs: int, rounds: int) -> dict:
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
             "threads": threads, "clock": "wall (time.perf_counter), medians of runs x rounds, engines interleaved",
             "runs": runs, "rounds": rounds, "load_before": load_before, "load_after": os.getloadavg()[0],
-            "batch_seq": [1, 128], "rows": rows, "default_flow_check": default_flow_check(),
+            "batch_seq": [1, 128], "rows": same_speed_uniform(rows, uniform), "uniform": uniform,
+            "cost_table": _cost_table(), "default_flow_check": default_flow_check(),
             "analytic_error_on_x86": _analytic_error()}
+
+
+def same_speed_uniform(rows: list[dict], uniform: list[dict]) -> list[dict]:
+    """Each plan row gains ``uniform_ratio``: the uniform 16x1 ratio whose measured speed-up (same
+    process, same onnxruntime time) equals the plan's, interpolated linearly between the timed
+    uniform rows (None outside their range)."""
+    import numpy as np
+
+    pts = sorted((u["measured_speedup"], u["uniform_ratio"]) for u in uniform)
+    for r in rows:
+        r["uniform_ratio"] = None
+        if len(pts) >= 2 and pts[0][0] <= r["measured_speedup"] <= pts[-1][0]:
+            r["uniform_ratio"] = round(float(np.interp(r["measured_speedup"], [p[0] for p in pts],
+                                                       [p[1] for p in pts])), 3)
+    return rows
+
+
+def _cost_table() -> str:
+    from blockprune.backends.tvm.cost.calibrate import default_break_even_table, shipped_table_path
+
+    t = default_break_even_table()
+    return f"{shipped_table_path().name} ({t.isa}, {t.machine}, measured {t.measured})"
 
 
 def _analytic_error() -> dict:
@@ -148,7 +185,8 @@ def markdown(result: dict) -> str:
              f"{result['clock']} ({result['runs']} x {result['rounds']}); load average before/after "
              f"{result['load_before']:.2f}/{result['load_after']:.2f}. Sensitivity: 64 STS-B train sentences "
              "(zero-shot, embedding cosine), blocks 16x1 and 32x32, ratios 0.3-0.9; cost model: the shipped "
-             "x86-64 calibrate table + the MiniLM remainder constant.", "",
+             f"calibrate table for this host's vector unit ({result.get('cost_table', 'x86-64')}) + the MiniLM "
+             "remainder constant.", "",
              "| goal | blocks used | overall ratio | predicted cost | predicted ms | measured ms | time error | "
              "ORT dense ms (plan / side by side) | predicted speed-up (plan baseline / side-by-side ORT) | "
              "measured speed-up | speed-up error (side by side) |",
@@ -164,7 +202,7 @@ def markdown(result: dict) -> str:
               "baseline); on this shared machine onnxruntime itself moved between that measurement and the side-by-side "
               "run, so the speed-up error is also given against the side-by-side onnxruntime time "
               "(= predicted ms vs measured ms). Time error = measured / predicted - 1.", "",
-              *result.get("findings", []), "",
+              *_uniform_lines(result), *result.get("findings", []), "",
               "## The same cost model on the uniform rows of `default_flow.json` (MiniLM, 1 thread)", "",
               "| row | predicted ms | measured ms | error |", "|---|---:|---:|---:|"]
     for r in result["default_flow_check"]:
@@ -183,6 +221,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _uniform_lines(result: dict) -> list[str]:
+    if not result.get("uniform"):
+        return []
+    lines = ["", "Uniform 16x1 (one ratio for every layer, `compress --block 16x1 --sparsity R`, default flow), "
+             "timed in the same process:", "", "| uniform ratio | measured ms | measured speed-up |", "|---:|---:|---:|"]
+    for u in result["uniform"]:
+        lines.append(f"| {u['uniform_ratio']:g} | {u['tvm_ms']:.2f} | {u['measured_speedup']:.2f}x |")
+    lines += ["", "Uniform ratio of the same measured speed as each plan (linear between those rows): " + ", ".join(
+        f"{r['speedup_goal']:g}x plan -> {r['uniform_ratio']}" for r in result["rows"]), ""]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", required=True, type=Path)
@@ -190,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="report: re-render plan.md from plan.json (adds --findings)")
     ap.add_argument("--findings", type=Path, help="Markdown lines to store as the findings (phase report)")
     ap.add_argument("--speedups", default="1.5,2,2.5")
+    ap.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7",
+                    help="uniform 16x1 rows timed beside the plans (the same-speed comparison for training)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
@@ -198,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase == "baseline":
         phase_baseline(args.work, args.threads)
     elif args.phase == "build":
-        phase_build(args.work, [float(s) for s in args.speedups.split(",")])
+        phase_build(args.work, [float(s) for s in args.speedups.split(",")],
+                    [float(r) for r in args.uniform_ratios.split(",") if r])
     elif args.phase == "report":
         from blockprune.io import atomic_path
 

@@ -61,7 +61,7 @@ def compress_model(model: onnx.ModelProto, prune: PruneConfig | None = None, mas
     """Prune or apply masks, then reorder -> compact -> policy -> block-sparse rewrite, verified.
 
     ``break_even``: a density, a measured table (``BreakEvenTable``), or None for the table
-    shipped with blockprune (measured on x86-64 AVX2; :func:`default_break_even_table`).
+    shipped with blockprune for this host's vector unit (AVX2 or AVX-512; :func:`default_break_even_table`).
     ``quantize="int8"`` ends with :class:`QuantizeInt8` (dense, compacted and block-sparse layers);
     ``quantize_heads`` (default: the pruning config's ``include_heads``) also quantizes the heads.
     """

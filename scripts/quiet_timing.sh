@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Run one timing command on a quiet machine: one timing run at a time (a lock), the background
-# accuracy grid paused (SIGSTOP) while it runs and resumed after, whatever the exit.
+# training benchmarks (accuracy grid, plan training) paused (SIGSTOP) while it runs and resumed
+# after, whatever the exit.
 # Usage: scripts/quiet_timing.sh CMD [ARGS...]
 set -u
 LOCK=${BLOCKPRUNE_TIMING_LOCK:-/tmp/blockprune-timing.lock}
 exec 9>"$LOCK"
 echo "quiet_timing: waiting for the timing lock ($LOCK)" >&2
 flock 9
-resume() { pkill -CONT -f 'benchmarks/accuracy.py' 2>/dev/null || true; }
+PATTERN='benchmarks/(accuracy|plan_training)\.py'
+resume() { pkill -CONT -f "$PATTERN" 2>/dev/null || true; }
 trap resume EXIT INT TERM
-pkill -STOP -f 'benchmarks/accuracy.py' 2>/dev/null || true
+pkill -STOP -f "$PATTERN" 2>/dev/null || true
 sleep 5   # let the paused grid's threads leave the cores before the load check
 echo "quiet_timing: grid paused; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 "$@"

@@ -39,6 +39,9 @@ def test_calibrate_command_and_compress_uses_it(capsys, exports, tmp_path):
     assert main(["calibrate", "-o", str(be), "--shapes", "64x64,128x64", "--blocks", "16x1",
                  "--densities", "1.0,0.5,0.1", "--m", "16", "--runs", "3"]) == 0
     table = BreakEvenTable.load(be)
+    from blockprune.backends.tvm.cost.calibrate import host_isa
+
+    assert table.isa == host_isa()  # which vector unit the kernels ran on is part of the table
     assert {(e.n, e.k, e.block) for e in table.entries} == {(64, 64, "16x1"), (128, 64, "16x1")}
     for e in table.entries:
         assert e.dense_ms > 0 and set(e.sweep_ms) == {"1", "0.5", "0.1"}
@@ -80,3 +83,21 @@ def test_compress_defaults_to_the_shipped_measured_table(exports):
     forced = compress_model(dense, prune=PruneConfig(block="16x1", sparsity=0.5), break_even=0.3, verify=False)
     layers = json.loads({p.key: p.value for p in forced.model.metadata_props}["blockprune.layers"])
     assert all(v["form"].endswith("dense") for v in layers.values() if v.get("form")), layers
+
+
+def test_shipped_tables_per_vector_unit():
+    """AVX2 (Zen 3) and AVX-512 (Xeon) hosts each get their own measured table; an unmeasured
+    vector unit falls back to AVX2's; the host's pick follows /proc/cpuinfo."""
+    from blockprune.backends.tvm.cost.calibrate import default_break_even_table, host_isa, shipped_table_path
+
+    avx2, avx512 = default_break_even_table("avx2"), default_break_even_table("avx512")
+    assert (avx2.isa, avx512.isa) == ("avx2", "avx512")
+    assert "Xeon" in avx512.machine
+    assert shipped_table_path("neon") == shipped_table_path("avx2")
+    assert default_break_even_table().isa == (host_isa() if host_isa() in ("avx2", "avx512") else "avx2")
+    same = {(e.n, e.k, e.block) for e in avx2.entries} & {(e.n, e.k, e.block) for e in avx512.entries}
+    assert len(same) >= 30
+    # the two hosts really differ: the AVX-512 dense matmul is ~2x faster on MiniLM's shapes
+    d2 = {(e.n, e.k): e.dense_ms for e in avx2.entries}
+    minilm = [e for e in avx512.entries if 384 in (e.n, e.k)]
+    assert minilm and all(e.dense_ms < 0.7 * d2[(e.n, e.k)] for e in minilm)

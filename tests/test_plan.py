@@ -96,6 +96,25 @@ def test_measured_cost_model_is_monotone_and_matches_the_table():
     assert cost.layer(3072, 768, "16x1", 1.0, 128).form == "dense"
 
 
+def test_cost_model_follows_the_tables_vector_unit():
+    """Remainder and mixed-build factor come from the host class the table was measured on: the
+    Zen 3 (AVX2) builds ran dense kernels 1.6x slower beside BSR ones, the AVX-512 Xeon's did not."""
+    from blockprune.backends.tvm.cost.calibrate import default_break_even_table
+    from blockprune.backends.tvm.cost.model import AnalyticCost, MeasuredCost, ModelShape
+
+    zen3, xeon = MeasuredCost(default_break_even_table("avx2")), MeasuredCost(default_break_even_table("avx512"))
+    assert (zen3.isa, xeon.isa) == ("avx2", "avx512")
+    assert zen3.mixed_dense_factor() == pytest.approx(1.6) and xeon.mixed_dense_factor() == pytest.approx(1.0)
+    minilm = ModelShape(6, 384, 128)
+    assert xeon.remainder_ms(minilm) < zen3.remainder_ms(minilm)
+    assert xeon.dense_ms(1536, 384, 128) < zen3.dense_ms(1536, 384, 128)
+    # the analytic model fits its efficiencies against the host core the table came from
+    a_zen3 = AnalyticCost("cortex-a72", host_table=default_break_even_table("avx2"))
+    a_xeon = AnalyticCost("cortex-a72", host_table=default_break_even_table("avx512"))
+    assert a_xeon.isa == "avx512" and a_zen3.isa == "avx2"
+    assert 0 < a_xeon.eff.dense < 1 and 0 < a_zen3.eff.dense < 1
+
+
 def test_analytic_model_states_its_assumptions_and_error():
     from blockprune.backends.tvm.cost.model import AnalyticCost, analytic_error, cost_model_for
 
@@ -237,3 +256,43 @@ def test_train_reads_the_plan(tiny_plan, glue_dir):
             assert str(block) == planned[hf]["block"]
     assert alloc["plan"]["predicted_ms"] == res.info["predicted_ms"]
     assert isinstance(args, argparse.Namespace)
+
+
+def _bench(name: str):
+    """A script under benchmarks/ imported as a module (they are not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_same_speed_uniform_ratio_interpolates_measured_rows():
+    """The uniform model a plan is trained against is the one of the same *measured* speed."""
+    fig = _bench("plan_figure")
+    uniform = [{"uniform_ratio": r, "measured_speedup": su} for r, su in ((0.3, 1.3), (0.5, 1.8), (0.7, 2.6))]
+    rows = fig.same_speed_uniform([{"measured_speedup": 1.55}, {"measured_speedup": 2.2},
+                                   {"measured_speedup": 3.0}], uniform)
+    assert [r["uniform_ratio"] for r in rows] == [pytest.approx(0.4), pytest.approx(0.6), None]
+
+
+def test_plan_training_report_pairs_planned_and_uniform(tmp_path):
+    """Resumable results: cells added under the lock, the table pairs each plan with its uniform
+    model and states the difference; a missing partner shows as running, not as a number."""
+    pt = _bench("plan_training")
+    out = tmp_path / "pt.json"
+    pt._update(out, "MRPC|teacher", {"task": "MRPC", "kind": "teacher", "metric": 0.85}, settings={"epochs_gradual": 2})
+    for kind, goal, metric, ratio in (("plan", 1.5, 0.84, None), ("uniform", 1.5, 0.83, 0.32), ("plan", 2.0, 0.80, None)):
+        pt._update(out, f"MRPC|{kind}|{goal:g}", {"task": "MRPC", "kind": kind, "goal": goal, "metric": metric,
+                                                  "uniform_ratio": ratio, "plan_overall_ratio": 0.2,
+                                                  "measured_speedup": 1.36 if kind == "plan" else None})
+    md = out.with_suffix(".md").read_text()
+    assert "| MRPC | 1.5x | 1.36x | 85.00 | 84.00 (0.20) | 83.00 (0.320) | +1.00 |" in md
+    assert "| MRPC | 2x | 1.36x | 85.00 | 80.00 (0.20) | running | - |" in md
+    assert "1 of 1 pairs" in md
+    assert set(pt._load(out)["cells"]) == {"MRPC|teacher", "MRPC|plan|1.5", "MRPC|uniform|1.5", "MRPC|plan|2"}

@@ -161,12 +161,19 @@ def _print_summary(report: dict[str, Any]) -> None:
     console.print(t)
     console.print(kv_table("result", [
         ("dense -> pruned", f"{report['dense_metric']:.4f} -> {report['pruned_metric']:.4f} ({report['metric']})"),
-        ("sparsity of pruned layers", f"{report['pruned_layers_sparsity']:.3f} ({report['block']} blocks, "
+        ("sparsity of pruned layers", f"{report['pruned_layers_sparsity']:.3f} ({_blocks_used(report)} blocks, "
                                       f"{report['prune_mode']} mode)"),
         ("compression rate (paper's count)", f"{report['compression_rate']:.2f}x"),
         ("masked entries verified 0.0", str(report["masked_entries_verified_zero"])),
         ("outputs", ", ".join(report["outputs"].values())),
     ]))
+
+
+def _blocks_used(report: dict) -> str:
+    """The block shapes the pruned layers really have (a plan mixes them; ``report['block']`` is
+    then only the config's unused default)."""
+    used = sorted({v["block"] for v in (report.get("layers") or {}).values() if v.get("pruned") and v.get("block")})
+    return ", ".join(used) if used else str(report["block"])
 
 
 def _fmt(v: Any) -> str:

@@ -120,6 +120,7 @@ class BreakEvenTable:
     default: float = 0.6
     machine: str = ""
     measured: str = ""
+    isa: str = ""  # vector unit the kernels were compiled for (avx2, avx512, neon); "" in old tables
 
     def lookup(self, out_f: int, in_f: int, block: str) -> tuple[float, str]:
         """(break-even density, where it came from) for a layer ``W[out_f, in_f]`` with ``block``."""
@@ -159,17 +160,56 @@ class BreakEvenTable:
                                   "regenerate it with `blockprune calibrate`") from exc
 
 
-DEFAULT_TABLE = Path(__file__).resolve().parent / "data" / "break_even_x86-64.json"
+DATA_DIR = Path(__file__).resolve().parent / "data"
+# Shipped tables per x86 vector unit. The AVX2 one keeps its first name (older docs point at it).
+SHIPPED_TABLES = {"avx2": DATA_DIR / "break_even_x86-64.json", "avx512": DATA_DIR / "break_even_x86-64-avx512.json"}
+DEFAULT_TABLE = SHIPPED_TABLES["avx2"]
 
 
-def default_break_even_table() -> "BreakEvenTable":
-    """The table shipped with blockprune: measured with ``blockprune calibrate`` on the project's
-    machine class (x86-64 Zen 3, AVX2, 1 thread) for MiniLM and BERT-base layer shapes and the fast
-    blocks. ``compress`` uses it when the user gives neither ``--break-even`` nor a file: a guessed
-    single threshold (0.6) kept layers dense that ran faster block-sparse (16x1 at 0.7 density).
-    Shapes not in it use the nearest measured size for the same block; blocks not in it, 0.6.
+def host_isa() -> str:
+    """The host's vector unit as the BSR kernels pick it (``avx512``, ``avx2``, ``sse``, ``neon``).
+
+    Read from /proc/cpuinfo's flags (the same features LLVM's host CPU implies), so ``compress``
+    does not load TVM just to choose a table."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "neon"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        return "avx2"
+    if "avx512f" in flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return "sse"
+
+
+def shipped_table_path(isa: str | None = None) -> Path:
+    """The shipped table for ``isa`` (default: this host's); AVX2's for anything not measured.
+
+    Why per vector unit: the same kernels run at different rates on AVX2 and AVX-512 hosts (the
+    dense matmul ~1.8x, BSR 1.5-2.5x, and onnxruntime changes too), so a Zen 3 table misplaces
+    every break-even and every plan on an AVX-512 Xeon (a "1.5x" plan ran 3.4x there)."""
+    isa = isa or host_isa()
+    return SHIPPED_TABLES.get(isa, DEFAULT_TABLE)
+
+
+def default_break_even_table(isa: str | None = None) -> "BreakEvenTable":
+    """The table shipped with blockprune for this host's vector unit (or ``isa``), measured with
+    ``blockprune calibrate`` at 1 thread for MiniLM and BERT-base layer shapes and the fast blocks:
+    AVX2 on an AMD EPYC Zen 3, AVX-512 on an Intel Xeon. ``compress`` uses it when the user gives
+    neither ``--break-even`` nor a file: a guessed single threshold (0.6) kept layers dense that ran
+    faster block-sparse (16x1 at 0.7 density). Shapes not in it use the nearest measured size for
+    the same block; blocks not in it, 0.6.
     """
-    return BreakEvenTable.load(DEFAULT_TABLE)
+    table = BreakEvenTable.load(shipped_table_path(isa))
+    if not table.isa:
+        table.isa = "avx2"
+    return table
 
 
 def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT_BLOCKS,
@@ -208,6 +248,19 @@ def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT
             times.append(time_calls(call, runs)[1])
         entries.append(BreakEven(k, n, str(b), break_even_density(list(densities), times, dense_s),
                                  dense_s * 1e3, {f"{d:g}": t * 1e3 for d, t in zip(densities, times)}))
+    from blockprune.backends.tvm.kernels.bsr_kernel import vector_isa
+
     return BreakEvenTable(preset.name, m, threads or int(os.environ.get("TVM_NUM_THREADS", "1")), entries,
-                          machine=f"{platform.machine()} {platform.processor()}".strip(),
-                          measured=str(date.today()))
+                          machine=f"{platform.machine()} {platform.processor()} {_cpu_model()}".strip(),
+                          measured=str(date.today()), isa=vector_isa(preset).name)
+
+
+def _cpu_model() -> str:
+    """'model name' of /proc/cpuinfo (what the table was measured on), '' where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""

@@ -19,13 +19,15 @@ compiling any of them. Two models answer the same questions:
 
 Both add the **non-linear remainder** (attention matmuls, softmax, LayerNorm, embeddings, VM
 allocation), a per-model constant measured from the per-kernel time shares of the compiled
-default flow (``data/remainder_x86-64.json``); for other models it scales with layers x tokens x
-hidden size, and for other targets with the ratio of peak throughput (both stated assumptions).
+default flow (``data/remainder_x86-64[-avx512].json``, per host vector unit like the calibrate
+tables); for other models it scales with layers x tokens x hidden size, and for other targets
+with the ratio of peak throughput (both stated assumptions).
 
-Mixed models: in a compiled model that also holds BSR layers, the dense Linear kernels measured
-1.35-1.8x slower than in the all-dense build (a backend effect, not understood yet); the planner
-charges dense layers ``mixed_dense_factor`` (1.6, ``data/remainder_x86-64.json``) whenever the
-plan holds BSR layers (:meth:`CostModel.mixed_dense_factor`).
+Mixed models: on the Zen 3 (AVX2), dense Linear kernels in a compiled model that also holds BSR
+layers measured 1.35-1.8x slower than in the all-dense build (a backend effect, not understood);
+the planner charges dense layers ``mixed_dense_factor`` (1.6) there whenever the plan holds BSR
+layers (:meth:`CostModel.mixed_dense_factor`). On the AVX-512 Xeon the same kernels ran at the
+same speed in both builds, so its factor is 1.0.
 
 Not modelled: ``compress``'s compaction (FFN neurons or heads whose blocks are all pruned are cut
 out, a smaller dense or BSR layer). It only makes a layer faster, so a plan with large blocks at
@@ -44,11 +46,13 @@ from typing import Iterable
 import numpy as np
 
 from blockprune.backends.tvm.cost.calibrate import BreakEvenTable, default_break_even_table
-from blockprune.backends.tvm.cost.hardware import CoreSpec, core_spec
+from blockprune.backends.tvm.cost.hardware import CoreSpec, core_spec, host_core
 from blockprune.blocks import BlockShape
 from blockprune.errors import BlockpruneError
 
-REMAINDER_TABLE = Path(__file__).resolve().parent / "data" / "remainder_x86-64.json"
+REMAINDER_TABLES = {"avx2": Path(__file__).resolve().parent / "data" / "remainder_x86-64.json",
+                    "avx512": Path(__file__).resolve().parent / "data" / "remainder_x86-64-avx512.json"}
+REMAINDER_TABLE = REMAINDER_TABLES["avx2"]
 BSR_CALL_OVERHEAD_MS = 0.01  # analytic: launch + row-pointer walk of one BSR call
 
 
@@ -87,6 +91,7 @@ class CostModel:
     """Interface of both cost models (times in ms at one thread)."""
 
     target: str = ""
+    isa: str = "avx2"  # the x86 vector unit whose remainder table and mixed factor apply
     measured: bool = False
     source: str = ""
     blocks: tuple[str, ...] = ()
@@ -105,7 +110,7 @@ class CostModel:
 
     def mixed_dense_factor(self) -> float:
         """Slow-down of a dense layer in a model that also holds BSR layers (measured on x86)."""
-        return float(_remainder_data().get("mixed_dense_factor", 1.0))
+        return float(_remainder_data(self.isa).get("mixed_dense_factor", 1.0))
 
     def layer(self, n: int, k: int, block: str, density: float, rows: int) -> LayerTime:
         """The faster of dense and BSR for ``W[n, k]`` at ``density`` (what the Policy will pick)."""
@@ -119,13 +124,14 @@ class CostModel:
         return LayerTime(dense, "dense", dense, bsr)
 
 
-def _remainder_data() -> dict:
-    return json.loads(REMAINDER_TABLE.read_text())
+def _remainder_data(isa: str = "avx2") -> dict:
+    """The remainder table measured on an x86 host with vector unit ``isa`` (AVX2's otherwise)."""
+    return json.loads(REMAINDER_TABLES.get(isa, REMAINDER_TABLE).read_text())
 
 
-def measured_remainder_ms(shape: ModelShape) -> tuple[float, str]:
+def measured_remainder_ms(shape: ModelShape, isa: str = "avx2") -> tuple[float, str]:
     """x86 remainder: the measured constant of a model of the same size, else the per-element rate."""
-    data = _remainder_data()
+    data = _remainder_data(isa)
     scale = shape.rows / data["batch_seq"][1]
     for name, m in data["models"].items():
         if (m["num_layers"], m["hidden_size"]) == (shape.num_layers, shape.hidden_size):
@@ -151,6 +157,7 @@ class MeasuredCost(CostModel):
     def __init__(self, table: BreakEvenTable | None = None, source: str = "") -> None:
         self.table = table or default_break_even_table()
         self.target = self.table.target
+        self.isa = self.table.isa or "avx2"
         self.source = source or f"calibrate table ({self.table.target}, M={self.table.m}, measured {self.table.measured})"
         self.sweeps: dict[str, list[_Sweep]] = {}
         for e in self.table.entries:
@@ -184,7 +191,7 @@ class MeasuredCost(CostModel):
         return t * scale * rows / self.table.m
 
     def remainder_ms(self, shape: ModelShape) -> float:
-        return measured_remainder_ms(shape)[0]
+        return measured_remainder_ms(shape, self.isa)[0]
 
     def assumptions(self) -> list[str]:
         return [f"Linear layers: {self.source}; sweeps made non-decreasing in density, interpolated linearly",
@@ -198,31 +205,64 @@ class MeasuredCost(CostModel):
 
 @dataclass
 class Efficiencies:
-    """Fraction of the core's peak the TVM kernels reach (fitted on the x86 host's table)."""
+    """Fraction of the core's peak the TVM kernels reach (fitted on the x86 host's table), in two
+    regimes: weights that fit the core's L2 and weights streamed from beyond it (``*_spill``).
+
+    Why two: on the AVX-512 Xeon the same kernels ran at half their in-L2 rate once a layer's
+    (kept) weights outgrew the 2 MiB L2 (BERT-base FFN: dense 74 vs 146 GFLOP/s; BSR 3.6x slower
+    at density 0.5 than 0.3), and one efficiency per block was then off by 60% on average."""
 
     dense: float
     bsr: dict[str, float] = field(default_factory=dict)
     fitted_on: str = ""
+    dense_spill: float | None = None
+    bsr_spill: dict[str, float] = field(default_factory=dict)
+
+    def dense_eff(self, spills: bool) -> float:
+        return (self.dense_spill or self.dense) if spills else self.dense
+
+    def bsr_eff(self, block: str, spills: bool) -> float | None:
+        if spills and block in self.bsr_spill:
+            return self.bsr_spill[block]
+        return self.bsr.get(block, self.bsr_spill.get(block))
+
+
+def weight_bytes(n: int, k: int, density: float = 1.0, block: BlockShape | None = None) -> float:
+    """Bytes of weights one call streams: the kept values, plus one int32 column index per block."""
+    idx = 4.0 * density * n * k / (block.rows * block.cols) if block is not None else 0.0
+    return 4.0 * density * n * k + idx
 
 
 def fit_efficiencies(table: BreakEvenTable, core: CoreSpec) -> Efficiencies:
-    """Median over the table's points of useful multiply-adds / (peak x measured time).
+    """Median over the table's points of useful multiply-adds / (peak x measured time), separately
+    for points whose weights fit the host core's L2 and points whose weights do not.
 
     BSR points with density >= 0.2 only (the sweep's own range); the dense path from each shape's
     dense time. Medians, so a noisy point does not move the fit."""
     peak = core.peak_gflops * 1e9
+    l2 = core.l2_kib * 1024.0
     m = table.m
-    dense, per_block = [], {}
+    dense: dict[bool, list[float]] = {False: [], True: []}
+    per_block: dict[bool, dict[str, list[float]]] = {False: {}, True: {}}
     for e in table.entries:
         flops = 2.0 * m * e.n * e.k
-        dense.append(flops / (peak * e.dense_ms * 1e-3))
+        dense[weight_bytes(e.n, e.k) > l2].append(flops / (peak * e.dense_ms * 1e-3))
+        b = BlockShape.parse(e.block)
         for d, t in e.sweep_ms.items():
             d = float(d)
             if d < 0.2 or t <= BSR_CALL_OVERHEAD_MS:
                 continue
-            per_block.setdefault(e.block, []).append(flops * d / (peak * (t - BSR_CALL_OVERHEAD_MS) * 1e-3))
-    return Efficiencies(float(np.median(dense)), {b: float(np.median(v)) for b, v in per_block.items()},
-                        f"{table.target} table measured {table.measured} (M={m})")
+            spills = weight_bytes(e.n, e.k, d, b) > l2
+            per_block[spills].setdefault(e.block, []).append(flops * d / (peak * (t - BSR_CALL_OVERHEAD_MS) * 1e-3))
+
+    def med(v: list[float]) -> float | None:
+        return float(np.median(v)) if v else None
+
+    fit = med(dense[False]) or med(dense[True])
+    return Efficiencies(float(fit), {b: float(np.median(v)) for b, v in per_block[False].items()},
+                        f"{table.target} ({table.isa or 'avx2'}) table measured {table.measured} (M={m})",
+                        dense_spill=med(dense[True]),
+                        bsr_spill={b: float(np.median(v)) for b, v in per_block[True].items()})
 
 
 class AnalyticCost(CostModel):
@@ -231,33 +271,38 @@ class AnalyticCost(CostModel):
     measured = False
 
     def __init__(self, target: str, efficiencies: Efficiencies | None = None,
-                 host_table: BreakEvenTable | None = None) -> None:
-        self.core = core_spec(target)
+                 host_table: BreakEvenTable | None = None, core: CoreSpec | None = None) -> None:
+        self.core = core or core_spec(target)
         self.target = target
         host = host_table or default_break_even_table()
-        self.eff = efficiencies or fit_efficiencies(host, core_spec(host.target))
-        self.blocks = tuple(self.eff.bsr)
+        self.isa = host.isa or "avx2"  # the host whose remainder and mixed factor are scaled over
+        self.eff = efficiencies or fit_efficiencies(host, host_core(self.isa))
+        self.blocks = tuple(dict.fromkeys([*self.eff.bsr, *self.eff.bsr_spill]))
         self.source = f"analytic ({self.core.name}: {self.core.note})"
 
     def _mem_ms(self, nbytes: float) -> float:
         return nbytes / (self.core.dram_gbs * 1e9) * 1e3
 
+    def _spills(self, nbytes: float) -> bool:
+        return nbytes > self.core.l2_kib * 1024.0
+
     def dense_ms(self, n: int, k: int, rows: int) -> float:
-        compute = 2.0 * rows * n * k / (self.core.peak_gflops * 1e9 * self.eff.dense) * 1e3
+        eff = self.eff.dense_eff(self._spills(weight_bytes(n, k)))
+        compute = 2.0 * rows * n * k / (self.core.peak_gflops * 1e9 * eff) * 1e3
         return max(compute, self._mem_ms(4.0 * (n * k + rows * k + rows * n)))
 
     def bsr_ms(self, n: int, k: int, block: str, density: float, rows: int) -> float | None:
-        e = self.eff.bsr.get(str(block))
+        b = BlockShape.parse(block)
+        e = self.eff.bsr_eff(str(b), self._spills(weight_bytes(n, k, density, b)))
         if e is None:
             return None
-        b = BlockShape.parse(block)
         compute = 2.0 * rows * n * k * density / (self.core.peak_gflops * 1e9 * e) * 1e3
         nbytes = 4.0 * (density * n * k + rows * k + rows * n) + 4.0 * density * n * k / (b.rows * b.cols)
         return BSR_CALL_OVERHEAD_MS + max(compute, self._mem_ms(nbytes))
 
     def remainder_ms(self, shape: ModelShape) -> float:
-        host = core_spec("x86-64")
-        return measured_remainder_ms(shape)[0] * host.peak_gflops / self.core.peak_gflops
+        host = host_core(self.isa)
+        return measured_remainder_ms(shape, self.isa)[0] * host.peak_gflops / self.core.peak_gflops
 
     def assumptions(self) -> list[str]:
         c = self.core
@@ -266,9 +311,12 @@ class AnalyticCost(CostModel):
                 f"{c.ghz:g} GHz = {c.peak_gflops:.1f} GFLOP/s peak; L1d {c.l1d_kib} KiB, L2 {c.l2_kib} KiB{l3}; "
                 f"DRAM {c.dram_gbs:g} GB/s (one core)",
                 "layer time = max(multiply-adds / (peak x efficiency), bytes / DRAM bandwidth)"
-                f" (+{BSR_CALL_OVERHEAD_MS} ms per BSR call)",
+                f" (+{BSR_CALL_OVERHEAD_MS} ms per BSR call); the efficiency is the in-L2 one while the layer's "
+                "kept weights fit this core's L2, the streaming one beyond",
                 f"efficiencies fitted on the {self.eff.fitted_on}, assumed the same on this target: dense "
-                f"{self.eff.dense:.2f}, BSR " + ", ".join(f"{b} {v:.2f}" for b, v in self.eff.bsr.items()),
+                f"{self.eff.dense:.2f} in L2 / {self.eff.dense_eff(True):.2f} beyond, BSR in L2 "
+                + ", ".join(f"{b} {v:.2f}" for b, v in self.eff.bsr.items())
+                + "; beyond L2 " + (", ".join(f"{b} {v:.2f}" for b, v in self.eff.bsr_spill.items()) or "as in L2"),
                 "remainder (attention, softmax, LayerNorm, ...): the x86 per-model constant scaled by the ratio "
                 "of peak throughput",
                 f"dense layers of a plan that also has BSR layers: x{self.mixed_dense_factor():g} (as measured on x86)"]
@@ -280,7 +328,7 @@ def analytic_error(table: BreakEvenTable | None = None) -> dict[str, float]:
     Relative error |analytic - measured| / measured over every dense point and every swept BSR
     point (the measured side made monotone first, as :class:`MeasuredCost` uses it)."""
     table = table or default_break_even_table()
-    analytic = AnalyticCost(table.target, host_table=table)
+    analytic = AnalyticCost(table.target, host_table=table, core=host_core(table.isa or "avx2"))
     measured = MeasuredCost(table)
     errs_dense, errs_bsr = [], []
     for e in table.entries:

@@ -1,0 +1,234 @@
+"""Issue #14's accuracy half: train each `blockprune plan` model and the uniform model of the same
+measured speed, with the same recipe and epochs, and compare their dev metrics.
+
+Why: a plan is only worth having if, at the speed it reaches, it is at least as accurate as what a
+user gets without it: one block shape and one ratio for every layer. `plan_figure.py` timed every
+plan next to uniform 16x1 models in one process and interpolated, per plan, the uniform ratio of the
+same measured speed (`uniform_ratio` in its JSON). This script trains, per task:
+
+* the dense teacher (`--epochs-teacher`, resumes);
+* per plan: `train --plan plan-<goal>.yaml` from the teacher (gradual pruning to the plan's
+  per-layer blocks and ratios, then masked retraining, distilled: logits 0.5, hidden states 1.0);
+* per plan: the uniform model, 16x1 at that plan's same-speed ratio (`--allocation uniform`),
+  with the very same settings.
+
+Cells resume: a finished cell is read back from the results JSON (written after every cell).
+
+Usage:
+  python benchmarks/plan_training.py --plan-json benchmarks/results/plan.json --plans-dir /tmp/planfig \\
+      --tasks MRPC --threads 1 [--epochs-teacher 3 --epochs-gradual 2 --epochs-retrain 1]
+  python benchmarks/plan_training.py --report-only
+Writes benchmarks/results/plan_training.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+GLUE = ROOT.parent / "shared" / "data" / "glue"
+
+
+@dataclass
+class Settings:
+    """What every cell of one task is trained with (planned and uniform alike)."""
+
+    epochs_teacher: int = 3
+    epochs_gradual: int = 2
+    epochs_retrain: int = 1
+    lr: float = 2e-5
+    batch_size: int = 32
+    max_length: int = 128
+    distill: float = 0.5
+    distill_hidden: float = 1.0
+    freeze_embeddings: bool = True
+    exporter: str = "legacy"
+    seed: int = 0
+
+
+def _config(s: Settings, task: str, data_dir: Path, out: Path, threads: int | None, **kw):
+    from blockprune.frontends.recipe import RecipeConfig
+
+    base = dict(model="minilm", task=task, data_dir=str(data_dir), out=str(out), epochs_dense=s.epochs_teacher,
+                epochs_rew=s.epochs_gradual, epochs_retrain=s.epochs_retrain, lr_dense=s.lr, lr_rew=s.lr,
+                lr_retrain=s.lr, batch_size=s.batch_size, max_length=s.max_length, seed=s.seed,
+                exporter=s.exporter, freeze_embeddings=s.freeze_embeddings, threads=threads, progress=False)
+    base.update(kw)
+    return RecipeConfig(**base)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """One writer at a time: the tasks may run in separate processes on the same results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _update(path: Path, key: str, cell: dict, **top) -> None:
+    """Add one finished cell (and top-level fields) to the results file under the lock."""
+    with _locked(path):
+        data = _load(path)
+        data["cells"][key] = cell
+        data.update(top)
+        _save(path, data)
+
+
+def _load(path: Path) -> dict:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"format": "blockprune.plan-training/1", "cells": {}}
+
+
+def _save(path: Path, data: dict) -> None:
+    from blockprune.io import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+    with atomic_path(path.with_suffix(".md"), suffix=".md") as tmp:
+        tmp.write_text(markdown(data))
+
+
+def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Path, out: Path,
+             threads: int | None, data_root: Path) -> None:
+    """Teacher, then per plan row its planned cell and its same-speed uniform cell (resumable)."""
+    from blockprune.frontends.recipe import checkpoint_dir, run_recipe
+
+    data_dir = data_root / task
+    tdir = runs / task
+    teacher = checkpoint_dir(tdir / "dense", "dense")
+    data = _load(out)
+    key = f"{task}|teacher"
+    if key not in data["cells"]:
+        t0 = time.perf_counter()
+        print(f"[{time.strftime('%H:%M')}] {task}: dense teacher -> {tdir / 'dense'}", flush=True)
+        res = run_recipe(_config(s, task, data_dir, tdir / "dense", threads, stop_after="dense", distill=0.0,
+                                 method="rgl", rgl_form="penalty", score="weight"))
+        _update(out, key, {"task": task, "kind": "teacher", "metric_name": res.metric_name,
+                           "metric": res.metrics["dense"], "seconds": time.perf_counter() - t0}, settings=asdict(s))
+    for row in plan_json["rows"]:
+        goal = row["speedup_goal"]
+        cells = [("plan", None), ("uniform", row["uniform_ratio"])]
+        for kind, ratio in cells:
+            key = f"{task}|{kind}|{goal:g}"
+            if key in _load(out)["cells"]:
+                continue
+            if kind == "uniform" and ratio is None:
+                print(f"{task} {goal:g}x: no uniform ratio of the same speed (outside the timed rows); skipped")
+                continue
+            cdir = tdir / f"{kind}-{goal:g}x"
+            t0 = time.perf_counter()
+            print(f"[{time.strftime('%H:%M')}] {task} {kind} ({goal:g}x plan speed) -> {cdir}", flush=True)
+            if kind == "plan":
+                plan_file = plans_dir / row["plan"]
+                kept = tdir / f"plan-{goal:g}x.yaml"
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(plan_file, kept)
+                cfg = _config(s, task, data_dir, cdir, threads, model=str(teacher), epochs_dense=0, method="gradual",
+                              allocation="plan", plan_file=str(kept), distill=s.distill,
+                              distill_hidden=s.distill_hidden)
+            else:
+                cfg = _config(s, task, data_dir, cdir, threads, model=str(teacher), epochs_dense=0, method="gradual",
+                              block="16x1", ratio=float(ratio), allocation="uniform", distill=s.distill,
+                              distill_hidden=s.distill_hidden)
+            res = run_recipe(cfg)
+            source = {"date": plan_json["date"], "machine": plan_json["machine"],
+                      "uniform": [{k: u[k] for k in ("uniform_ratio", "tvm_ms", "measured_speedup")}
+                                  for u in plan_json.get("uniform", [])]}
+            _update(out, key, {"task": task, "kind": kind, "goal": goal, "metric_name": res.metric_name,
+                               "metric": res.report["pruned_metric"], "compression_rate": res.compression_rate,
+                               "uniform_ratio": ratio, "plan_overall_ratio": row["overall_ratio"],
+                               "measured_speedup": row["measured_speedup"] if kind == "plan" else None,
+                               "seconds": time.perf_counter() - t0, "run_dir": str(cdir)},
+                    settings=asdict(s), plan_source=source)
+            print(f"[{time.strftime('%H:%M')}] {task} {kind} {goal:g}x: {res.metric_name} "
+                  f"{res.report['pruned_metric']:.4f}", flush=True)
+
+
+def markdown(data: dict) -> str:
+    """Planned vs same-speed uniform, per task and budget, with the difference in points."""
+    cells = data["cells"]
+    s = data.get("settings", {})
+    lines = ["## `blockprune plan` models vs uniform 16x1 of the same measured speed (MiniLM-L6, GLUE dev)", "",
+             "Same recipe and epochs for both: from the task's dense teacher "
+             f"({s.get('epochs_teacher')} epochs), gradual pruning {s.get('epochs_gradual')} epoch(s) + masked "
+             f"retraining {s.get('epochs_retrain')} epoch(s), distilled (logits {s.get('distill')}, hidden states "
+             f"{s.get('distill_hidden')}), lr {s.get('lr')}, batch {s.get('batch_size')}, word embeddings frozen, "
+             "activation-aware scores. Planned: `train --plan plan-<goal>.yaml` (per-layer blocks 16x1/32x32 and "
+             "ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the uniform ratio whose "
+             "measured speed-up (default compile flow, 1 thread, timed beside the plan in one process, "
+             "`plan.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman (STS-B).", "",
+             "| task | plan goal | measured speed-up | teacher | planned (overall ratio) | uniform 16x1 (ratio) | "
+             "planned - uniform (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    tasks = sorted({c["task"] for c in cells.values()})
+    diffs = []
+    for task in tasks:
+        teacher = cells.get(f"{task}|teacher")
+        goals = sorted({c["goal"] for c in cells.values() if c["task"] == task and "goal" in c})
+        for g in goals:
+            p, u = cells.get(f"{task}|plan|{g:g}"), cells.get(f"{task}|uniform|{g:g}")
+            tm = f"{100 * teacher['metric']:.2f}" if teacher else "-"
+            ps = f"{100 * p['metric']:.2f} ({p['plan_overall_ratio']:.2f})" if p else "running"
+            us = f"{100 * u['metric']:.2f} ({u['uniform_ratio']:.3f})" if u else "running"
+            d = f"{100 * (p['metric'] - u['metric']):+.2f}" if p and u else "-"
+            if p and u:
+                diffs.append(100 * (p["metric"] - u["metric"]))
+            su = f"{p['measured_speedup']:.2f}x" if p else "-"
+            lines.append(f"| {task} | {g:g}x | {su} | {tm} | {ps} | {us} | {d} |")
+    if diffs:
+        wins = sum(d >= 0 for d in diffs)
+        lines += ["", f"Planned at least as accurate as uniform in {wins} of {len(diffs)} pairs; mean difference "
+                      f"{sum(diffs) / len(diffs):+.2f} points."]
+    lines += ["", "Command: `python benchmarks/plan_training.py --plan-json benchmarks/results/plan.json "
+                  "--plans-dir WORK --tasks MRPC,STS-B` (WORK: `plan_figure.py --work`; resumes)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plan-json", type=Path, default=RESULTS / "plan.json")
+    ap.add_argument("--plans-dir", type=Path, default=None, help="plan_figure.py --work (holds plan-<goal>.yaml)")
+    ap.add_argument("--tasks", default="MRPC,STS-B")
+    ap.add_argument("--data-dir", type=Path, default=GLUE)
+    ap.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "plan-training")
+    ap.add_argument("--out", type=Path, default=RESULTS / "plan_training.json")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--epochs-teacher", type=int, default=3)
+    ap.add_argument("--epochs-gradual", type=int, default=2)
+    ap.add_argument("--epochs-retrain", type=int, default=1)
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        with _locked(args.out):
+            _save(args.out, _load(args.out))
+        print(markdown(_load(args.out)))
+        return 0
+    if args.plans_dir is None or not args.plans_dir.is_dir():
+        raise SystemExit("--plans-dir: the plan_figure.py work directory with plan-<goal>.yaml is needed")
+    if args.threads:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    s = Settings(epochs_teacher=args.epochs_teacher, epochs_gradual=args.epochs_gradual,
+                 epochs_retrain=args.epochs_retrain)
+    plan_json = json.loads(args.plan_json.read_text())
+    for task in args.tasks.split(","):
+        run_task(task, s, plan_json, args.plans_dir, args.runs_dir, args.out, args.threads, args.data_dir)
+    print(markdown(_load(args.out)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
