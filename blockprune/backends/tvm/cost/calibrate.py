@@ -249,18 +249,9 @@ def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT
         entries.append(BreakEven(k, n, str(b), break_even_density(list(densities), times, dense_s),
                                  dense_s * 1e3, {f"{d:g}": t * 1e3 for d, t in zip(densities, times)}))
     from blockprune.backends.tvm.kernels.bsr_kernel import vector_isa
+    from blockprune.bench_timing import cpu_name
 
     return BreakEvenTable(preset.name, m, threads or int(os.environ.get("TVM_NUM_THREADS", "1")), entries,
-                          machine=f"{platform.machine()} {platform.processor()} {_cpu_model()}".strip(),
+                          machine=f"{platform.machine()} {cpu_name()}".strip(),
                           measured=str(date.today()), isa=vector_isa(preset).name)
 
-
-def _cpu_model() -> str:
-    """'model name' of /proc/cpuinfo (what the table was measured on), '' where unreadable."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
