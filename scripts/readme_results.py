@@ -3,7 +3,8 @@
 Why a script: README figures must be the measured ones. Each section between
 ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is rendered from its JSON:
 ``default_flow`` from ``benchmarks/results/default_flow.json`` (date, machine, load, commands,
-table, profile), ``accuracy`` from ``accuracy_gradual.json`` (+ ``accuracy_ablation.json``);
+table, profile), ``accuracy`` from ``accuracy_gradual.json`` (+ ``accuracy_ablation.json``),
+``embedding`` from ``accuracy_embedding.json``, ``plan`` from ``plan.json`` + ``plan_training.json``;
 ``--check`` exits 1 when the README differs from what the JSON gives (a test runs it).
 
 Usage: python scripts/readme_results.py [--check]
@@ -108,6 +109,55 @@ def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION) -> st
 
 
 START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
+RESULTS = ROOT / "benchmarks" / "results"
+EMB = RESULTS / "accuracy_embedding.json"
+PLAN, PLAN_TRAIN = RESULTS / "plan.json", RESULTS / "plan_training.json"
+
+
+def render_embedding(path: Path = EMB) -> str:
+    """Zero-shot STS-B Spearman vs compression of the task-agnostic mode, its settings, the goals."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import embedding_goals, load_cells
+
+    settings, cells = load_cells(path)
+    keys = ("limit_train", "epochs_gradual", "epochs_retrain", "lr", "batch_size", "max_length", "hidden_weight",
+            "allocation", "freeze_embeddings")
+    dense = next(c for c in cells if c.kind == "dense")
+    out = ["<!-- results:embedding -->",
+           f"Settings (`{path.relative_to(ROOT)}`): " + ", ".join(f"{k}={settings.get(k)}" for k in keys) + ".", "",
+           "| block | ratio | CR | STS-B dev Spearman (zero-shot) | vs dense | minutes |", "|---|---:|---:|---:|---:|---:|",
+           f"| dense | - | 1.00x | {100 * dense.metric:.2f} | - | - |"]
+    for c in sorted((c for c in cells if c.kind == "pruned"), key=lambda c: c.ratio):
+        out.append(f"| {c.block} | {c.ratio:g} | {c.compression_rate:.2f}x | {100 * c.metric:.2f} | "
+                   f"{100 * (c.metric - dense.metric):+.2f} | {c.seconds / 60:.0f} |")
+    out += ["", *embedding_goals(cells), "",
+            f"![Spearman vs compression rate](benchmarks/results/{path.with_suffix('.png').name})",
+            "<!-- /results:embedding -->"]
+    return "\n".join(out)
+
+
+def render_plan(plan_path: Path = PLAN, training_path: Path = PLAN_TRAIN) -> str:
+    """Each plan's predicted vs measured speed-up (side by side with onnxruntime), the uniform ratio of
+    the same measured speed, and the trained metrics of both."""
+    plan = json.loads(plan_path.read_text())
+    out = ["<!-- results:plan -->",
+           f"{plan['machine']}, {plan['date']}, {plan['threads']} thread, batch 1 x seq 128, "
+           f"{plan['clock']} ({plan['runs']} x {plan['rounds']}), load before {plan['load_before']:.2f}; cost table "
+           f"{plan.get('cost_table', 'x86-64')}.", "",
+           "| goal | predicted speed-up | measured speed-up | error | uniform 16x1 ratio of the same speed |",
+           "|---:|---:|---:|---:|---:|"]
+    for r in plan["rows"]:
+        same = r["ort_ms"] / r["predicted_ms"]
+        out.append(f"| {r['speedup_goal']:g}x | {same:.2f}x | **{r['measured_speedup']:.2f}x** | "
+                   f"{100 * (r['measured_speedup'] / same - 1):+.1f}% | {r.get('uniform_ratio')} |")
+    if training_path.is_file():
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from plan_training import markdown
+
+        body = markdown(json.loads(training_path.read_text())).splitlines()
+        out += ["", *[line for line in body[2:] if not line.startswith("Command:")]]
+    out.append("<!-- /results:plan -->")
+    return "\n".join(line.rstrip() for line in out)
 
 
 def _replace(text: str, start: str, end: str, block: str) -> str:
@@ -127,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     new = _replace(text, START, END, render(json.loads(JSON.read_text())))
     if START_ACC in new and END_ACC in new:
         new = _replace(new, START_ACC, END_ACC, render_accuracy())
+    for name, fn, path in (("embedding", render_embedding, EMB), ("plan", render_plan, PLAN)):
+        start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+        if start in new and end in new and path.is_file():
+            new = _replace(new, start, end, fn())
     if args.check:
         if new != text:
             print("README result sections differ from benchmarks/results/*.json; "
