@@ -79,11 +79,16 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _update(path: Path, key: str, cell: dict, **top) -> None:
-    """Add one finished cell (and top-level fields) to the results file under the lock."""
+def _update(path: Path, key: str, cell: dict, settings: dict | None = None, **top) -> None:
+    """Add one finished cell (its task's settings, other top-level fields) under the lock.
+
+    Settings are per task: on 2 CPU cores the tasks may be given different epochs (each task's
+    planned and uniform cells always share them)."""
     with _locked(path):
         data = _load(path)
         data["cells"][key] = cell
+        if settings is not None:
+            data.setdefault("settings", {})[cell["task"]] = settings
         data.update(top)
         _save(path, data)
 
@@ -91,7 +96,7 @@ def _update(path: Path, key: str, cell: dict, **top) -> None:
 def _load(path: Path) -> dict:
     if path.is_file():
         return json.loads(path.read_text())
-    return {"format": "blockprune.plan-training/1", "cells": {}}
+    return {"format": "blockprune.plan-training/2", "cells": {}, "settings": {}}
 
 
 def _save(path: Path, data: dict) -> None:
@@ -113,6 +118,10 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
     teacher = checkpoint_dir(tdir / "dense", "dense")
     data = _load(out)
     key = f"{task}|teacher"
+    done = data.get("settings", {}).get(task)
+    if done and any(done[k] != v for k, v in asdict(s).items() if k == "epochs_teacher"):
+        raise SystemExit(f"{task}: its teacher in {out} was trained with other settings ({done}); "
+                         "use the same --epochs-teacher or another --out")
     if key not in data["cells"]:
         t0 = time.perf_counter()
         print(f"[{time.strftime('%H:%M')}] {task}: dense teacher -> {tdir / 'dense'}", flush=True)
@@ -162,18 +171,21 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
 def markdown(data: dict) -> str:
     """Planned vs same-speed uniform, per task and budget, with the difference in points."""
     cells = data["cells"]
-    s = data.get("settings", {})
+    per_task = data.get("settings", {})
     lines = ["## `blockprune plan` models vs uniform 16x1 of the same measured speed (MiniLM-L6, GLUE dev)", "",
-             "Same recipe and epochs for both: from the task's dense teacher "
-             f"({s.get('epochs_teacher')} epochs), gradual pruning {s.get('epochs_gradual')} epoch(s) + masked "
-             f"retraining {s.get('epochs_retrain')} epoch(s), distilled (logits {s.get('distill')}, hidden states "
-             f"{s.get('distill_hidden')}), lr {s.get('lr')}, batch {s.get('batch_size')}, word embeddings frozen, "
-             "activation-aware scores. Planned: `train --plan plan-<goal>.yaml` (per-layer blocks 16x1/32x32 and "
-             "ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the uniform ratio whose "
-             "measured speed-up (default compile flow, 1 thread, timed beside the plan in one process, "
-             "`plan.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman (STS-B).", "",
-             "| task | plan goal | measured speed-up | teacher | planned (overall ratio) | uniform 16x1 (ratio) | "
-             "planned - uniform (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+             "Same recipe and epochs for both models of a pair: from the task's dense teacher, gradual pruning "
+             "then masked retraining, distilled from the teacher (logits and hidden states), word embeddings "
+             "frozen, activation-aware scores. Planned: `train --plan plan-<goal>.yaml` (per-layer blocks "
+             "16x1/32x32 and ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the "
+             "uniform ratio whose measured speed-up (default compile flow, 1 thread, timed beside the plan in one "
+             "process, `plan.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman "
+             "(STS-B). Epochs per task (CPU budget, 1 thread per task):", ""]
+    for task, s in sorted(per_task.items()):
+        lines.append(f"- {task}: teacher {s['epochs_teacher']}, gradual {s['epochs_gradual']} + retrain "
+                     f"{s['epochs_retrain']}; lr {s['lr']}, batch {s['batch_size']}, distill logits {s['distill']} / "
+                     f"hidden {s['distill_hidden']}")
+    lines += ["", "| task | plan goal | measured speed-up | teacher | planned (overall ratio) | uniform 16x1 (ratio) | "
+              "planned - uniform (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
     tasks = sorted({c["task"] for c in cells.values()})
     diffs = []
     for task in tasks:
