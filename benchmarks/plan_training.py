@@ -14,9 +14,16 @@ same measured speed (`uniform_ratio` in its JSON). This script trains, per task:
 
 Cells resume: a finished cell is read back from the results JSON (written after every cell).
 
+Then (``--time WORK``, under ``scripts/quiet_timing.sh``) the *trained* models themselves: each cell's
+exported ``model.onnx`` through ``blockprune compress`` (default flags: its blocks are detected from
+the zeros) and ``blockprune compile``, timed beside onnxruntime on the same graph in one process (1
+thread, wall clock, interleaved medians): the speed a user gets from the trained masks, which may
+differ from the magnitude masks the plans were timed with (compaction follows the pattern).
+
 Usage:
   python benchmarks/plan_training.py --plan-json benchmarks/results/plan.json --plans-dir /tmp/planfig \\
       --tasks MRPC --threads 1 [--epochs-teacher 3 --epochs-gradual 2 --epochs-retrain 1]
+  scripts/quiet_timing.sh python benchmarks/plan_training.py --time /tmp/pt-time
   python benchmarks/plan_training.py --report-only
 Writes benchmarks/results/plan_training.{json,md}.
 """
@@ -168,6 +175,71 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
                   f"{res.report['pruned_metric']:.4f}", flush=True)
 
 
+BP = str(ROOT / ".venv" / "bin" / "blockprune")
+
+
+def build_trained(out: Path, work: Path) -> None:
+    """compress (default flags) + compile every trained cell's model.onnx into ``work`` (kept)."""
+    import subprocess
+
+    work.mkdir(parents=True, exist_ok=True)
+    for key, c in _load(out)["cells"].items():
+        if c["kind"] == "teacher" or not c.get("run_dir"):
+            continue
+        tag = key.replace("|", "-")
+        onnx, art = work / f"{tag}.onnx", work / f"{tag}.art"
+        if (art / "manifest.json").is_file():
+            continue
+        for cmd in ([BP, "compress", str(Path(c["run_dir"]) / "model.onnx"), "-o", str(onnx)],
+                    [BP, "compile", str(onnx), "-o", str(art)]):
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                raise SystemExit(f"failed: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+        print(f"built {art}", flush=True)
+
+
+def time_trained(out: Path, work: Path, runs: int = 10, rounds: int = 5) -> None:
+    """Per task: onnxruntime on a trained cell's own graph (dense kernels ignore the zeros) and every
+    compiled trained cell, interleaved in one process at 1 thread; speed-ups stored in the cells."""
+    os.environ["TVM_NUM_THREADS"] = "1"
+    import onnxruntime as ort
+    import tvm
+
+    from blockprune.backends.tvm.runtime.runner import check_artifact, check_inputs, default_feeds, load_vm
+    from blockprune.bench_timing import interleaved_medians
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = 1, 1
+    cells = _load(out)["cells"]
+    by_task: dict[str, list[str]] = {}
+    for key, c in cells.items():
+        if c["kind"] != "teacher" and (work / f"{key.replace('|', '-')}.art" / "manifest.json").is_file():
+            by_task.setdefault(c["task"], []).append(key)
+    for task, keys in by_task.items():
+        engines, feeds = {}, None
+        for key in keys:
+            art = work / f"{key.replace('|', '-')}.art"
+            man = check_artifact(art)
+            feeds = default_feeds(man, str(work / f"{key.replace('|', '-')}.onnx"))
+            arrays = [tvm.runtime.tensor(a) for a in check_inputs(man, feeds)]
+            fn = load_vm(art, man)["main"]
+            engines[key] = (lambda fn=fn, arrays=arrays: fn(*arrays))
+        sess = ort.InferenceSession(str(Path(cells[keys[0]]["run_dir"]) / "model.onnx"), so,
+                                    providers=["CPUExecutionProvider"])
+        ort_feeds = {i.name: feeds[i.name] for i in sess.get_inputs() if i.name in feeds}
+        load = os.getloadavg()[0]
+        med = interleaved_medians({"onnxruntime": lambda: sess.run(None, ort_feeds), **engines}, runs, rounds)
+        with _locked(out):
+            data = _load(out)
+            for key in keys:
+                data["cells"][key]["trained_timing"] = {
+                    "ort_ms": med["onnxruntime"] * 1e3, "tvm_ms": med[key] * 1e3,
+                    "speedup": med["onnxruntime"] / med[key], "load_before": load,
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            _save(out, data)
+        print(f"{task}: timed {len(keys)} trained models (onnxruntime {med['onnxruntime'] * 1e3:.2f} ms)")
+
+
 def markdown(data: dict) -> str:
     """Planned vs same-speed uniform, per task and budget, with the difference in points."""
     cells = data["cells"]
@@ -184,8 +256,12 @@ def markdown(data: dict) -> str:
         lines.append(f"- {task}: teacher {s['epochs_teacher']}, gradual {s['epochs_gradual']} + retrain "
                      f"{s['epochs_retrain']}; lr {s['lr']}, batch {s['batch_size']}, distill logits {s['distill']} / "
                      f"hidden {s['distill_hidden']}")
-    lines += ["", "| task | plan goal | measured speed-up | teacher | planned (overall ratio) | uniform 16x1 (ratio) | "
-              "planned - uniform (points) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "Speed-ups over onnxruntime dense, 1 thread: *plan* = the plan as timed in `plan.json` "
+              "(magnitude masks); *trained* = the trained planned / uniform models themselves, compressed and "
+              "compiled with default flags and timed side by side (`--time`).", "",
+              "| task | plan goal | speed-up: plan / trained planned / trained uniform | teacher | "
+              "planned (overall ratio) | uniform 16x1 (ratio) | planned - uniform (points) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     tasks = sorted({c["task"] for c in cells.values()})
     diffs = []
     for task in tasks:
@@ -199,7 +275,9 @@ def markdown(data: dict) -> str:
             d = f"{100 * (p['metric'] - u['metric']):+.2f}" if p and u else "-"
             if p and u:
                 diffs.append(100 * (p["metric"] - u["metric"]))
-            su = f"{p['measured_speedup']:.2f}x" if p else "-"
+            tp, tu = ((c or {}).get("trained_timing") for c in (p, u))
+            su = " / ".join([f"{p['measured_speedup']:.2f}x" if p else "-",
+                             f"{tp['speedup']:.2f}x" if tp else "-", f"{tu['speedup']:.2f}x" if tu else "-"])
             lines.append(f"| {task} | {g:g}x | {su} | {tm} | {ps} | {us} | {d} |")
     if diffs:
         wins = sum(d >= 0 for d in diffs)
@@ -223,10 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs-gradual", type=int, default=2)
     ap.add_argument("--epochs-retrain", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--time", type=Path, default=None, metavar="WORK",
+                    help="compress + compile the trained cells into WORK and time them (run under quiet_timing)")
     args = ap.parse_args(argv)
     if args.report_only:
         with _locked(args.out):
             _save(args.out, _load(args.out))
+        print(markdown(_load(args.out)))
+        return 0
+    if args.time is not None:
+        build_trained(args.out, args.time)
+        time_trained(args.out, args.time)
         print(markdown(_load(args.out)))
         return 0
     if args.plans_dir is None or not args.plans_dir.is_dir():

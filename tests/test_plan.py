@@ -286,13 +286,20 @@ def test_plan_training_report_pairs_planned_and_uniform(tmp_path):
     model and states the difference; a missing partner shows as running, not as a number."""
     pt = _bench("plan_training")
     out = tmp_path / "pt.json"
-    pt._update(out, "MRPC|teacher", {"task": "MRPC", "kind": "teacher", "metric": 0.85}, settings={"epochs_gradual": 2})
+    settings = {"epochs_teacher": 3, "epochs_gradual": 2, "epochs_retrain": 1, "lr": 2e-5, "batch_size": 32,
+                "distill": 0.5, "distill_hidden": 1.0}
+    pt._update(out, "MRPC|teacher", {"task": "MRPC", "kind": "teacher", "metric": 0.85}, settings=settings)
     for kind, goal, metric, ratio in (("plan", 1.5, 0.84, None), ("uniform", 1.5, 0.83, 0.32), ("plan", 2.0, 0.80, None)):
         pt._update(out, f"MRPC|{kind}|{goal:g}", {"task": "MRPC", "kind": kind, "goal": goal, "metric": metric,
                                                   "uniform_ratio": ratio, "plan_overall_ratio": 0.2,
                                                   "measured_speedup": 1.36 if kind == "plan" else None})
+    with pt._locked(out):  # what --time adds to a cell
+        data = pt._load(out)
+        data["cells"]["MRPC|plan|1.5"]["trained_timing"] = {"speedup": 1.41}
+        pt._save(out, data)
     md = out.with_suffix(".md").read_text()
-    assert "| MRPC | 1.5x | 1.36x | 85.00 | 84.00 (0.20) | 83.00 (0.320) | +1.00 |" in md
-    assert "| MRPC | 2x | 1.36x | 85.00 | 80.00 (0.20) | running | - |" in md
+    assert "| MRPC | 1.5x | 1.36x / 1.41x / - | 85.00 | 84.00 (0.20) | 83.00 (0.320) | +1.00 |" in md
+    assert "| MRPC | 2x | 1.36x / - / - | 85.00 | 80.00 (0.20) | running | - |" in md
+    assert "- MRPC: teacher 3, gradual 2 + retrain 1" in md
     assert "1 of 1 pairs" in md
     assert set(pt._load(out)["cells"]) == {"MRPC|teacher", "MRPC|plan|1.5", "MRPC|uniform|1.5", "MRPC|plan|2"}
