@@ -210,7 +210,8 @@ class Efficiencies:
 
     Why two: on the AVX-512 Xeon the same kernels ran at half their in-L2 rate once a layer's
     (kept) weights outgrew the 2 MiB L2 (BERT-base FFN: dense 74 vs 146 GFLOP/s; BSR 3.6x slower
-    at density 0.5 than 0.3), and one efficiency per block was then off by 60% on average."""
+    at density 0.5 than 0.3). On that host's table one efficiency per kernel is 19% off on average,
+    two are 17% off; the split matters most on targets with small L2s (Cortex-A72: 1 MiB shared)."""
 
     dense: float
     bsr: dict[str, float] = field(default_factory=dict)
