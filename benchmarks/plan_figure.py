@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 BP = str(ROOT / ".venv" / "bin" / "blockprune")
 STSB = "/work/shared/data/glue/STS-B"
+SENSITIVITY_STSB = "64 STS-B train sentences (zero-shot, embedding cosine of the bare encoder)"
 PLAN_FLAGS = ["--data", STSB, "--examples", "64", "--blocks", "16x1,32x32", "--sensitivity-ratios", "0.5,0.7,0.9",
               "--sensitivity-cache", "sens.json", "--quiet"]
 
@@ -183,8 +184,8 @@ def markdown(result: dict) -> str:
     lines = [f"# `blockprune plan`: predicted vs measured speed-up ({result['date']})", "",
              f"{result['machine']}; bundled MiniLM (dynamo export), batch 1 x seq 128, {result['threads']} thread; "
              f"{result['clock']} ({result['runs']} x {result['rounds']}); load average before/after "
-             f"{result['load_before']:.2f}/{result['load_after']:.2f}. Sensitivity: 64 STS-B train sentences "
-             "(zero-shot, embedding cosine), blocks 16x1 and 32x32, ratios 0.3-0.9; cost model: the shipped "
+             f"{result['load_before']:.2f}/{result['load_after']:.2f}. Sensitivity: "
+             f"{result.get('sensitivity', SENSITIVITY_STSB)}, blocks 16x1 and 32x32, ratios 0.3-0.9; cost model: the shipped "
              f"calibrate table for this host's vector unit ({result.get('cost_table', 'x86-64')}) + the MiniLM "
              "remainder constant.", "",
              "| goal | blocks used | overall ratio | predicted cost | predicted ms | measured ms | time error | "
@@ -246,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=RESULTS / "plan.json")
+    ap.add_argument("--sensitivity", default=SENSITIVITY_STSB,
+                    help="what the plans' sensitivity was measured on (for the report; phase time)")
     args = ap.parse_args(argv)
     if args.phase == "baseline":
         phase_baseline(args.work, args.threads)
@@ -267,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         from blockprune.io import atomic_path
 
         result = phase_time(args.work, args.threads, args.runs, args.rounds)
+        result["sensitivity"] = args.sensitivity
         with atomic_path(args.out, suffix=".json") as tmp:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
         md = args.out.with_suffix(".md")

@@ -21,7 +21,7 @@ thread, wall clock, interleaved medians): the speed a user gets from the trained
 differ from the magnitude masks the plans were timed with (compaction follows the pattern).
 
 Usage:
-  python benchmarks/plan_training.py --plan-json benchmarks/results/plan.json --plans-dir /tmp/planfig \\
+  python benchmarks/plan_training.py --plan-json benchmarks/results/plan_trained.json --plans-dir /tmp/planfig \\
       --tasks MRPC --threads 1 [--epochs-teacher 3 --epochs-gradual 2 --epochs-retrain 1]
   scripts/quiet_timing.sh python benchmarks/plan_training.py --time /tmp/pt-time
   python benchmarks/plan_training.py --report-only
@@ -250,13 +250,13 @@ def markdown(data: dict) -> str:
              "frozen, activation-aware scores. Planned: `train --plan plan-<goal>.yaml` (per-layer blocks "
              "16x1/32x32 and ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the "
              "uniform ratio whose measured speed-up (default compile flow, 1 thread, timed beside the plan in one "
-             "process, `plan.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman "
+             "process, `plan_trained.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman "
              "(STS-B). Epochs per task (CPU budget, 1 thread per task):", ""]
     for task, s in sorted(per_task.items()):
         lines.append(f"- {task}: teacher {s['epochs_teacher']}, gradual {s['epochs_gradual']} + retrain "
                      f"{s['epochs_retrain']}; lr {s['lr']}, batch {s['batch_size']}, distill logits {s['distill']} / "
                      f"hidden {s['distill_hidden']}")
-    lines += ["", "Speed-ups over onnxruntime dense, 1 thread: *plan* = the plan as timed in `plan.json` "
+    lines += ["", "Speed-ups over onnxruntime dense, 1 thread: *plan* = the plan as timed in `plan_trained.json` "
               "(magnitude masks); *trained* = the trained planned / uniform models themselves, compressed and "
               "compiled with default flags and timed side by side (`--time`).", "",
               "| task | plan goal | speed-up: plan / trained planned / trained uniform | teacher | "
@@ -283,14 +283,15 @@ def markdown(data: dict) -> str:
         wins = sum(d >= 0 for d in diffs)
         lines += ["", f"Planned at least as accurate as uniform in {wins} of {len(diffs)} pairs; mean difference "
                       f"{sum(diffs) / len(diffs):+.2f} points."]
-    lines += ["", "Command: `python benchmarks/plan_training.py --plan-json benchmarks/results/plan.json "
+    lines += ["", "Command: `python benchmarks/plan_training.py --plan-json benchmarks/results/plan_trained.json "
                   "--plans-dir WORK --tasks MRPC,STS-B` (WORK: `plan_figure.py --work`; resumes)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--plan-json", type=Path, default=RESULTS / "plan.json")
+    ap.add_argument("--plan-json", type=Path, default=RESULTS / "plan_trained.json",
+                    help="plan_figure.py output of the plans to train (their measured speeds, same-speed uniform ratios)")
     ap.add_argument("--plans-dir", type=Path, default=None, help="plan_figure.py --work (holds plan-<goal>.yaml)")
     ap.add_argument("--tasks", default="MRPC,STS-B")
     ap.add_argument("--data-dir", type=Path, default=GLUE)

@@ -149,11 +149,18 @@ def render_plan(plan_path: Path = PLAN, training_path: Path = PLAN_TRAIN) -> str
     for r in plan["rows"]:
         same = r["ort_ms"] / r["predicted_ms"]
         out.append(f"| {r['speedup_goal']:g}x | {same:.2f}x | **{r['measured_speedup']:.2f}x** | "
-                   f"{100 * (r['measured_speedup'] / same - 1):+.1f}% | {r.get('uniform_ratio')} |")
+                   f"{100 * (r['measured_speedup'] / same - 1):+.1f}% | "
+                   f"{r.get('uniform_ratio') or 'beyond the timed uniform rows'} |")
     if training_path.is_file():
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from plan_training import markdown
 
+        trained = RESULTS / "plan_trained.json"
+        if trained.is_file():
+            t = json.loads(trained.read_text())
+            out += ["", f"Trained: the plans made at {t['date']} (before the in-model factors; measured speed-ups "
+                        + ", ".join(f"{r['speedup_goal']:g}x plan {r['measured_speedup']:.2f}x" for r in t["rows"])
+                        + f"; `{trained.relative_to(ROOT)}`), each against the uniform model of its measured speed."]
         body = markdown(json.loads(training_path.read_text())).splitlines()
         out += ["", *[line for line in body[2:] if not line.startswith("Command:")]]
     out.append("<!-- /results:plan -->")

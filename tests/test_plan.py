@@ -87,7 +87,7 @@ def test_measured_cost_model_is_monotone_and_matches_the_table():
     table = default_break_even_table()
     cost = MeasuredCost(table)
     e = next(x for x in table.entries if (x.n, x.k, x.block) == (3072, 768, "16x1"))
-    assert cost.dense_ms(3072, 768, 128) == pytest.approx(e.dense_ms)
+    assert cost.dense_ms(3072, 768, 128) == pytest.approx(e.dense_ms * cost.in_model_factor(None))
     times = [cost.bsr_ms(3072, 768, "16x1", d, 128) for d in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)]
     assert times == sorted(times)
     assert cost.bsr_ms(3072, 768, "16x1", 0.2, 256) == pytest.approx(2 * cost.bsr_ms(3072, 768, "16x1", 0.2, 128))
@@ -108,6 +108,11 @@ def test_cost_model_follows_the_tables_vector_unit():
     minilm = ModelShape(6, 384, 128)
     assert xeon.remainder_ms(minilm) < zen3.remainder_ms(minilm)
     assert xeon.dense_ms(1536, 384, 128) < zen3.dense_ms(1536, 384, 128)
+    # in-model factors (measured on the Xeon from compiled-model kernel shares; none on the Zen 3)
+    assert zen3.in_model_factor(None) == 1.0 and zen3.in_model_factor("16x1") == 1.0
+    assert xeon.in_model_factor(None) > 1.0 and xeon.in_model_factor("16x1") > xeon.in_model_factor("1x32") > 1.0
+    e = next(x for x in xeon.table.entries if (x.n, x.k, x.block) == (384, 384, "16x1"))
+    assert xeon.bsr_ms(384, 384, "16x1", 0.5, 128) == pytest.approx(e.sweep_ms["0.5"] * xeon.in_model_factor("16x1"))
     # the analytic model fits its efficiencies against the host core the table came from
     a_zen3 = AnalyticCost("cortex-a72", host_table=default_break_even_table("avx2"))
     a_xeon = AnalyticCost("cortex-a72", host_table=default_break_even_table("avx512"))

@@ -179,7 +179,7 @@ def plan_overrides(plan_path: str | None) -> list[tuple[str, str]]:
     """(regex, block) per layer of a ``blockprune plan`` file, for ``LayerSelection.block_overrides``."""
     if not plan_path:
         return []
-    from blockprune.plan.plan_file import read_plan
+    from blockprune.plan.plan_file import check_plan_matches, read_plan
 
     return [(r.pattern.pattern, str(r.block)) for r in read_plan(plan_path).rules if r.block is not None]
 
@@ -187,9 +187,10 @@ def plan_overrides(plan_path: str | None) -> list[tuple[str, str]]:
 def plan_allocation(plan_path: str, names: Sequence[str], sizes: Mapping[str, int]) -> dict:
     """Per-layer ratios of a ``blockprune plan`` file (``--allocation plan``), with its predictions,
     so the run report shows planned next to achieved."""
-    from blockprune.plan.plan_file import read_plan
+    from blockprune.plan.plan_file import check_plan_matches, read_plan
 
     cfg = read_plan(plan_path)
+    check_plan_matches(cfg, list(names), "the model being trained")
     ratios = {n: float(cfg.resolve(n).sparsity) for n in names}
     info = cfg.plan or {}
     keep = ("target", "goal", "predicted_ms", "predicted_speedup", "predicted_cost", "cost_unit", "baseline_ms",

@@ -14,7 +14,7 @@ from blockprune.blocks import block_scores, block_sizes, choose_pruned, expand_b
 from blockprune.masks import LayerMaskInfo, MaskSet
 from blockprune.passes.base import Pass, PassContext, PassReport
 from blockprune.passes.find_weights import LinearWeight, find_weights_in_graph, require_weights
-from blockprune.passes.prune_config import LayerSpec, PruneConfig
+from blockprune.passes.prune_config import LayerSpec, PruneConfig, check_plan_matches
 from blockprune.passes.layers_meta import record_layers
 
 
@@ -29,6 +29,9 @@ class BlockPrune(Pass):
         weights = require_weights(find_weights_in_graph(ctx.graph, {
             "param_map": ctx.meta("param_map", {}), "architecture": ctx.meta("architecture")}))
         consts = ctx.constants()
+        if self.config.plan is not None:  # a plan names its layers: all of them must be here
+            check_plan_matches(self.config, [w.display_name for w in weights if self.config.selects(w.role)],
+                               "this model")
         plan: list[tuple[LinearWeight, LayerSpec, np.ndarray]] = []
         for w in weights:
             if not self.config.selects(w.role):

@@ -126,3 +126,20 @@ def selects_role(role: str | None, include_heads: bool) -> bool:
     from blockprune.models.registry import ROLES
 
     return role is None or role in ROLES or include_heads
+
+
+def unmatched_rules(cfg: PruneConfig, names: list[str]) -> list[str]:
+    """Patterns of the plan's pruning rules (ratio > 0) that match none of ``names``."""
+    return [r.pattern.pattern for r in cfg.rules
+            if (r.sparsity or 0) > 0 and not any(r.pattern.search(n) for n in names)]
+
+
+def check_plan_matches(cfg: PruneConfig, names: list[str], what: str) -> None:
+    """One clear error when a plan's layers are not this model's (else it would silently prune
+    nothing: every layer falls through to the plan's default ratio 0)."""
+    missing = unmatched_rules(cfg, names)
+    if missing:
+        raise BlockpruneError(
+            f"{len(missing)} of the plan's pruned layers match no layer of {what} (first: {missing[0]!r}; "
+            f"its layers are named like {names[0]!r})" if names else f"{what} has no prunable layers",
+            "plan this model (`blockprune plan MODEL ...`), or make the plan's match patterns fit its names")

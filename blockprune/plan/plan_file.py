@@ -26,14 +26,31 @@ from typing import Any
 
 from blockprune.errors import BlockpruneError
 from blockprune.io import atomic_path
-from blockprune.passes.prune_config import PruneConfig
+from blockprune.passes.prune_config import PruneConfig, check_plan_matches, unmatched_rules  # noqa: F401
 
 PLAN_FORMAT = "blockprune.plan/1"
 
 
+# Where a transformer's own parameter names start, under whatever a task model puts in front
+# ("bert.", "roberta.", "distilbert.", or nothing in a bare encoder's export).
+_STACKS = ("encoder.", "transformer.")
+
+
+def portable_name(name: str) -> str:
+    """``name`` from its layer stack on (``bert.encoder.layer.0...`` -> ``encoder.layer.0...``).
+
+    Why: a plan made on a fine-tuned classifier's graph (names under ``bert.``) must apply to the
+    bare encoder's export and the other way round; the stack-relative part is what both share."""
+    for stack in _STACKS:
+        i = ("." + name).find("." + stack)
+        if i >= 0:
+            return name[i:]
+    return name
+
+
 def layer_pattern(name: str) -> str:
-    """A regex matching exactly this HF parameter, with or without a task model's prefix."""
-    return r"(^|\.)" + re.escape(name) + "$"
+    """A regex matching exactly this layer, with or without a task model's prefix."""
+    return r"(^|\.)" + re.escape(portable_name(name)) + "$"
 
 
 def write_plan(path: str | Path, layers: list[dict[str, Any]], info: dict[str, Any]) -> Path:

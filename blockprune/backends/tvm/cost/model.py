@@ -29,6 +29,13 @@ the planner charges dense layers ``mixed_dense_factor`` (1.6) there whenever the
 layers (:meth:`CostModel.mixed_dense_factor`). On the AVX-512 Xeon the same kernels ran at the
 same speed in both builds, so its factor is 1.0.
 
+In-model factors: ``calibrate`` times each kernel alone, with its weights hot in L2 and no
+epilogue; inside the compiled model the weights come from L3 and bias/residual/GELU epilogues run.
+On the AVX-512 Xeon the dense Linear kernels took 1.18x their table time in the all-dense build and
+16x1 BSR 1.32x (1x32 1.11x), measured from the default flow's kernel shares; without them the
+plans ran 10-13% slower than predicted. ``in_model_factors`` in the remainder table; 1.0 on the
+Zen 3, where the mixed-build factor was measured instead.
+
 Not modelled: ``compress``'s compaction (FFN neurons or heads whose blocks are all pruned are cut
 out, a smaller dense or BSR layer). It only makes a layer faster, so a plan with large blocks at
 high ratios can run faster than predicted (MiniLM 32x32 at 0.8: predicted 14.6 ms, forced BSR
@@ -112,6 +119,15 @@ class CostModel:
         """Slow-down of a dense layer in a model that also holds BSR layers (measured on x86)."""
         return float(_remainder_data(self.isa).get("mixed_dense_factor", 1.0))
 
+    def in_model_factor(self, block: str | None) -> float:
+        """In-model time of a Linear kernel over its calibrate time (``None``: dense), measured per
+        host class from the compiled default flow's kernel shares; 1.0 where not measured."""
+        f = _remainder_data(self.isa).get("in_model_factors") or {}
+        if block is None:
+            return float(f.get("dense", 1.0))
+        bsr = f.get("bsr") or {}
+        return float(bsr.get(str(block), bsr.get("default", 1.0)))
+
     def layer(self, n: int, k: int, block: str, density: float, rows: int) -> LayerTime:
         """The faster of dense and BSR for ``W[n, k]`` at ``density`` (what the Policy will pick)."""
         dense = self.dense_ms(n, k, rows)
@@ -172,11 +188,13 @@ class MeasuredCost(CostModel):
         return s, (n * k) / (s.n * s.k)
 
     def dense_ms(self, n: int, k: int, rows: int) -> float:
+        """In-model ms of a dense ``W[n, k]``: the table's time x the host's in-model factor."""
+        f = self.in_model_factor(None)
         if (n, k) in self._dense:
-            return self._dense[(n, k)] * rows / self.table.m
+            return f * self._dense[(n, k)] * rows / self.table.m
         shapes = [_Sweep(a, b, np.zeros(0), np.zeros(0), t) for (a, b), t in self._dense.items()]
         s, scale = self._nearest(shapes, n, k)
-        return s.dense_ms * scale * rows / self.table.m
+        return f * s.dense_ms * scale * rows / self.table.m
 
     def bsr_ms(self, n: int, k: int, block: str, density: float, rows: int) -> float | None:
         sweeps = self.sweeps.get(str(block))
@@ -188,7 +206,7 @@ class MeasuredCost(CostModel):
             t = float(s.ms[0]) * density / lo
         else:
             t = float(np.interp(density, s.densities, s.ms))
-        return t * scale * rows / self.table.m
+        return self.in_model_factor(block) * t * scale * rows / self.table.m
 
     def remainder_ms(self, shape: ModelShape) -> float:
         return measured_remainder_ms(shape, self.isa)[0]
@@ -199,6 +217,9 @@ class MeasuredCost(CostModel):
                 "shape scaled by multiply-adds; other batch x seq: linear in rows",
                 "remainder (attention, softmax, LayerNorm, ...): per-model constant from "
                 "benchmarks/results/default_flow.json kernel shares",
+                f"in-model factors over the table (weights from L3, epilogues): dense x{self.in_model_factor(None):g}, "
+                f"BSR 16x1 x{self.in_model_factor('16x1'):g}, 1x32 x{self.in_model_factor('1x32'):g}, others "
+                f"x{self.in_model_factor('4x4'):g}",
                 f"dense layers of a plan that also has BSR layers: x{self.mixed_dense_factor():g} (measured: dense kernels "
                 "run slower in mixed builds)"]
 
