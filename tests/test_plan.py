@@ -308,3 +308,38 @@ def test_plan_training_report_pairs_planned_and_uniform(tmp_path):
     assert "- MRPC: teacher 3, gradual 2 + retrain 1" in md
     assert "1 of 1 pairs" in md
     assert set(pt._load(out)["cells"]) == {"MRPC|teacher", "MRPC|plan|1.5", "MRPC|uniform|1.5", "MRPC|plan|2"}
+
+
+def test_plan_patterns_are_stack_relative():
+    """A plan made on a task model's graph (``bert.encoder...``) applies to the bare encoder's and back."""
+    import re
+
+    from blockprune.plan.plan_file import layer_pattern, portable_name
+
+    assert portable_name("bert.encoder.layer.0.attention.self.query.weight") == \
+        "encoder.layer.0.attention.self.query.weight"
+    assert portable_name("distilbert.transformer.layer.1.ffn.lin1.weight") == "transformer.layer.1.ffn.lin1.weight"
+    assert portable_name("encoder.layer.3.output.dense.weight") == "encoder.layer.3.output.dense.weight"
+    pat = re.compile(layer_pattern("bert.encoder.layer.0.attention.self.query.weight"))
+    assert pat.search("encoder.layer.0.attention.self.query.weight")
+    assert pat.search("roberta.encoder.layer.0.attention.self.query.weight")
+    assert not pat.search("encoder.layer.10.attention.self.query.weight")
+
+
+def test_plan_of_another_model_is_refused_and_nothing_written(exports, tmp_path, capsys):
+    """Without the check every layer fell through to the plan's default ratio 0: a silently dense
+    'compressed' model."""
+    from blockprune.cli import main
+    from blockprune.passes.prune_config import check_plan_matches
+    from blockprune.plan.plan_file import read_plan, write_plan
+
+    plan = write_plan(tmp_path / "other.yaml",
+                      [{"name": "other.blocks.0.mlp.fc1.weight", "block": "16x1", "ratio": 0.5, "form": "bsr"}],
+                      {"target": "x86-64", "predicted_ms": 1.0})
+    with pytest.raises(BlockpruneError) as e:
+        check_plan_matches(read_plan(plan), ["encoder.layer.0.attention.self.query.weight"], "this model")
+    assert "match no layer" in e.value.problem and "plan this model" in e.value.fix
+    out = tmp_path / "c.onnx"
+    assert main(["compress", str(exports.path("bert-tiny", "legacy")), "-o", str(out), "--plan", str(plan)]) == 2
+    assert "match no layer" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("c.onnx*"))
