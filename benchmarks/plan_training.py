@@ -116,8 +116,11 @@ def _save(path: Path, data: dict) -> None:
 
 
 def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Path, out: Path,
-             threads: int | None, data_root: Path) -> None:
-    """Teacher, then per plan row its planned cell and its same-speed uniform cell (resumable)."""
+             threads: int | None, data_root: Path, goals: set[float] | None = None,
+             kinds: set[str] | None = None) -> None:
+    """Teacher, then per plan row its planned cell and its same-speed uniform cell (resumable).
+    ``goals`` / ``kinds`` restrict the cells, so several processes can share one task's cells
+    once its teacher exists."""
     from blockprune.frontends.recipe import checkpoint_dir, run_recipe
 
     data_dir = data_root / task
@@ -132,14 +135,20 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
     if key not in data["cells"]:
         t0 = time.perf_counter()
         print(f"[{time.strftime('%H:%M')}] {task}: dense teacher -> {tdir / 'dense'}", flush=True)
+        # the teacher's run must not depend on the cells' epochs (its fingerprint would, and a later
+        # call with other cell epochs would then refuse to resume it)
         res = run_recipe(_config(s, task, data_dir, tdir / "dense", threads, stop_after="dense", distill=0.0,
-                                 method="rgl", rgl_form="penalty", score="weight"))
+                                 method="rgl", rgl_form="penalty", score="weight", epochs_rew=0, epochs_retrain=0))
         _update(out, key, {"task": task, "kind": "teacher", "metric_name": res.metric_name,
                            "metric": res.metrics["dense"], "seconds": time.perf_counter() - t0}, settings=asdict(s))
     for row in plan_json["rows"]:
         goal = row["speedup_goal"]
+        if goals and goal not in goals:
+            continue
         cells = [("plan", None), ("uniform", row["uniform_ratio"])]
         for kind, ratio in cells:
+            if kinds and kind not in kinds:
+                continue
             key = f"{task}|{kind}|{goal:g}"
             if key in _load(out)["cells"]:
                 continue
@@ -301,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs-teacher", type=int, default=3)
     ap.add_argument("--epochs-gradual", type=int, default=2)
     ap.add_argument("--epochs-retrain", type=int, default=1)
+    ap.add_argument("--goals", default=None, help="only these plan goals, e.g. 1.5,2 (default: every row)")
+    ap.add_argument("--kinds", default=None, help="only these cells: plan, uniform (default: both)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--time", type=Path, default=None, metavar="WORK",
                     help="compress + compile the trained cells into WORK and time them (run under quiet_timing)")
@@ -323,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                  epochs_retrain=args.epochs_retrain)
     plan_json = json.loads(args.plan_json.read_text())
     for task in args.tasks.split(","):
-        run_task(task, s, plan_json, args.plans_dir, args.runs_dir, args.out, args.threads, args.data_dir)
+        run_task(task, s, plan_json, args.plans_dir, args.runs_dir, args.out, args.threads, args.data_dir,
+                 goals={float(g) for g in args.goals.split(",")} if args.goals else None,
+                 kinds=set(args.kinds.split(",")) if args.kinds else None)
     print(markdown(_load(args.out)))
     return 0
 
