@@ -179,7 +179,7 @@ def plan_overrides(plan_path: str | None) -> list[tuple[str, str]]:
     """(regex, block) per layer of a ``blockprune plan`` file, for ``LayerSelection.block_overrides``."""
     if not plan_path:
         return []
-    from blockprune.plan.plan_file import check_plan_matches, read_plan
+    from blockprune.plan.plan_file import read_plan
 
     return [(r.pattern.pattern, str(r.block)) for r in read_plan(plan_path).rules if r.block is not None]
 
@@ -187,7 +187,8 @@ def plan_overrides(plan_path: str | None) -> list[tuple[str, str]]:
 def plan_allocation(plan_path: str, names: Sequence[str], sizes: Mapping[str, int]) -> dict:
     """Per-layer ratios of a ``blockprune plan`` file (``--allocation plan``), with its predictions,
     so the run report shows planned next to achieved."""
-    from blockprune.plan.plan_file import check_plan_matches, read_plan
+    from blockprune.passes.prune_config import check_plan_matches
+    from blockprune.plan.plan_file import read_plan
 
     cfg = read_plan(plan_path)
     check_plan_matches(cfg, list(names), "the model being trained")

@@ -26,7 +26,7 @@ from typing import Any
 
 from blockprune.errors import BlockpruneError
 from blockprune.io import atomic_path
-from blockprune.passes.prune_config import PruneConfig, check_plan_matches, unmatched_rules  # noqa: F401
+from blockprune.passes.prune_config import PruneConfig
 
 PLAN_FORMAT = "blockprune.plan/1"
 

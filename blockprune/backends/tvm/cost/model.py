@@ -44,6 +44,7 @@ measured 14.9 ms, the compacting default flow 9.0 ms; ``benchmarks/results/plan.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -140,8 +141,10 @@ class CostModel:
         return LayerTime(dense, "dense", dense, bsr)
 
 
+@functools.lru_cache(maxsize=None)
 def _remainder_data(isa: str = "avx2") -> dict:
-    """The remainder table measured on an x86 host with vector unit ``isa`` (AVX2's otherwise)."""
+    """The remainder table measured on an x86 host with vector unit ``isa`` (AVX2's otherwise).
+    Read once: the planner asks for its factors on every layer option (read-only to callers)."""
     return json.loads(REMAINDER_TABLES.get(isa, REMAINDER_TABLE).read_text())
 
 
