@@ -30,8 +30,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 BP = str(ROOT / ".venv" / "bin" / "blockprune")
 STSB = "/work/shared/data/glue/STS-B"
 SENSITIVITY_STSB = "64 STS-B train sentences (zero-shot, embedding cosine of the bare encoder)"
-PLAN_FLAGS = ["--data", STSB, "--examples", "64", "--blocks", "16x1,32x32", "--sensitivity-ratios", "0.5,0.7,0.9",
-              "--sensitivity-cache", "sens.json", "--quiet"]
+PLAN_FLAGS = ["--sensitivity-ratios", "0.5,0.7,0.9", "--sensitivity-cache", "sens.json", "--quiet"]
 
 
 def _run(cmd: list[str], work: Path, log: list[str]) -> str:
@@ -51,7 +50,8 @@ def phase_baseline(work: Path, threads: int) -> None:
     print(f"onnxruntime dense: {ms:.2f} ms")
 
 
-def phase_build(work: Path, speedups: list[float], uniform: list[float]) -> None:
+def phase_build(work: Path, speedups: list[float], uniform: list[float], plan_model: str = "minilm.onnx",
+                data: str = STSB, examples: int = 64, blocks: str = "16x1,32x32") -> None:
     """Each plan (plan -> compress --plan -> compile), then the uniform 16x1 rows (compress --block 16x1
     --sparsity R -> compile, default flags): timed beside the plans, they give the uniform ratio of the
     same measured speed as each plan (the model its training is compared with)."""
@@ -61,8 +61,8 @@ def phase_build(work: Path, speedups: list[float], uniform: list[float]) -> None
         log: list[str] = []
         tag = f"{s:g}x"
         t0 = time.perf_counter()
-        _run([BP, "plan", "minilm.onnx", "-o", f"plan-{tag}.yaml", "--speedup", str(s), "--baseline-ms",
-              f"{base:.3f}", *PLAN_FLAGS], work, log)
+        _run([BP, "plan", plan_model, "-o", f"plan-{tag}.yaml", "--speedup", str(s), "--baseline-ms",
+              f"{base:.3f}", "--data", data, "--examples", str(examples), "--blocks", blocks, *PLAN_FLAGS], work, log)
         _run([BP, "compress", "minilm.onnx", "-o", f"plan-{tag}.onnx", "--plan", f"plan-{tag}.yaml"], work, log)
         _run([BP, "compile", f"plan-{tag}.onnx", "-o", f"plan-{tag}.art"], work, log)
         builds.append({"speedup_goal": s, "plan": f"plan-{tag}.yaml", "onnx": f"plan-{tag}.onnx",
@@ -116,6 +116,8 @@ def phase_time(work: Path, threads: int, runs: int, rounds: int) -> dict:
         rows.append({**b, "predicted_ms": plan["predicted_ms"], "plan_baseline_ms": plan["baseline_ms"],
                      "predicted_speedup": plan["predicted_speedup"], "predicted_cost": plan["predicted_cost"],
                      "overall_ratio": plan["overall_ratio"], "ort_ms": ort_ms, "tvm_ms": ms,
+                     "selection": plan.get("selection", "additive"), "candidates": plan.get("candidates", []),
+                     "joint_unit": plan.get("joint_unit"), "plan_data": plan.get("data"), "plan_source": plan.get("source"),
                      "measured_speedup": ort_ms / ms,
                      "speedup_error": (ort_ms / ms) / plan["predicted_speedup"] - 1.0,
                      "time_error": plan["predicted_ms"] / ms - 1.0,
@@ -203,7 +205,7 @@ def markdown(result: dict) -> str:
               "baseline); on this shared machine onnxruntime itself moved between that measurement and the side-by-side "
               "run, so the speed-up error is also given against the side-by-side onnxruntime time "
               "(= predicted ms vs measured ms). Time error = measured / predicted - 1.", "",
-              *_uniform_lines(result), *result.get("findings", []), "",
+              *_uniform_lines(result), *_candidate_lines(result), *result.get("findings", []), "",
               "## The same cost model on the uniform rows of `default_flow.json` (MiniLM, 1 thread)", "",
               "| row | predicted ms | measured ms | error |", "|---|---:|---:|---:|"]
     for r in result["default_flow_check"]:
@@ -220,6 +222,26 @@ def markdown(result: dict) -> str:
     lines.append("scripts/quiet_timing.sh python benchmarks/plan_figure.py --work WORK --phase time")
     lines.append("```")
     return "\n".join(lines) + "\n"
+
+
+def _candidate_lines(result: dict) -> list[str]:
+    """Per plan, the whole candidate plans the joint selection scored (all within the budget)."""
+    rows = [r for r in result["rows"] if r.get("candidates")]
+    if not rows:
+        return []
+    lines = ["", f"Joint selection (`plan --selection joint`, the default): per budget, candidate plans all within it, "
+             f"scored with every layer pruned at once ({rows[0].get('joint_unit')}); of those within one paired "
+             f"standard error (bootstrap) of the least loss, the one with the lowest largest per-layer ratio is "
+             f"written. Sensitivity on {rows[0].get('plan_source')} with {rows[0].get('plan_data')}:", "",
+             "| goal | candidate | summed per-layer cost | joint loss | paired SE | max ratio | overall ratio |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for c in r["candidates"]:
+            name = (f"**{c['name']}** (selected)" if c["selected"] else
+                    c["name"] + (" (within 1 SE)" if c.get("within_1se") else ""))
+            lines.append(f"| {r['speedup_goal']:g}x | {name} | {c['additive_cost']:.2f} | {c['joint_loss']:.2f} | "
+                         f"{c.get('se_vs_least', 0.0):.2f} | {c['max_ratio']:.2f} | {c['overall_ratio']:.3f} |")
+    return lines + [""]
 
 
 def _uniform_lines(result: dict) -> list[str]:
@@ -243,6 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--speedups", default="1.5,2,2.5")
     ap.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7",
                     help="uniform 16x1 rows timed beside the plans (the same-speed comparison for training)")
+    ap.add_argument("--plan-model", default="minilm.onnx",
+                    help="what `plan` measures sensitivity on (phase build): the bare encoder's ONNX, or a task's "
+                         "fine-tuned teacher checkpoint; the plans are always applied to minilm.onnx for timing")
+    ap.add_argument("--data", default=STSB, help="plan --data (phase build)")
+    ap.add_argument("--examples", type=int, default=64, help="plan --examples (phase build)")
+    ap.add_argument("--blocks", default="16x1,32x32", help="plan --blocks (phase build)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=5)
@@ -254,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         phase_baseline(args.work, args.threads)
     elif args.phase == "build":
         phase_build(args.work, [float(s) for s in args.speedups.split(",")],
-                    [float(r) for r in args.uniform_ratios.split(",") if r])
+                    [float(r) for r in args.uniform_ratios.split(",") if r], args.plan_model, args.data,
+                    args.examples, args.blocks)
     elif args.phase == "report":
         from blockprune.io import atomic_path
 

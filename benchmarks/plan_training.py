@@ -115,9 +115,57 @@ def _save(path: Path, data: dict) -> None:
         tmp.write_text(markdown(data))
 
 
+def uniform_at_goal(plan_json: dict, goal: float) -> float | None:
+    """The uniform 16x1 ratio whose measured speed-up (the JSON's timed uniform rows) is ``goal``.
+
+    Why: the uniform partner can then start training before its plan is built and timed. A plan
+    that measures faster than its goal (the planner's plans over-deliver by a few percent) is then
+    compared with a slower uniform model: the comparison leans towards uniform, not the plan."""
+    import numpy as np
+
+    pts = sorted((u["measured_speedup"], u["uniform_ratio"]) for u in plan_json.get("uniform", []))
+    if len(pts) < 2 or not pts[0][0] <= goal <= pts[-1][0]:
+        return None
+    return round(float(np.interp(goal, [p[0] for p in pts], [p[1] for p in pts])), 3)
+
+
+def plan_rows_from_yaml(plans_dir: Path, goals: list[float]) -> dict:
+    """Plan rows read from ``plan-<goal>.yaml`` before they are timed (``measured_speedup`` None until
+    ``--sync-speeds``): the planned cells can train while the plans are compiled and timed."""
+    import yaml
+
+    rows = []
+    for g in goals:
+        name = f"plan-{g:g}x.yaml"
+        info = yaml.safe_load((plans_dir / name).read_text())["plan"]
+        rows.append({"speedup_goal": g, "plan": name, "overall_ratio": info["overall_ratio"],
+                     "measured_speedup": None, "uniform_ratio": None})
+    return {"rows": rows, "date": None, "machine": None, "uniform": []}
+
+
+def sync_speeds(out: Path, task: str, plan_json: dict) -> None:
+    """Fill the plan cells of ``task`` with the measured speed-ups of a timed plan_figure JSON, and
+    its provenance (the plans must be the ones trained: same overall ratio)."""
+    rows = {r["speedup_goal"]: r for r in plan_json["rows"]}
+    with _locked(out):
+        data = _load(out)
+        for key, c in data["cells"].items():
+            if c["task"] != task or c["kind"] != "plan" or c["goal"] not in rows:
+                continue
+            r = rows[c["goal"]]
+            if abs(r["overall_ratio"] - c["plan_overall_ratio"]) > 1e-3:
+                raise SystemExit(f"{key}: the timed plan (overall ratio {r['overall_ratio']}) is not the trained one "
+                                 f"({c['plan_overall_ratio']})")
+            c["measured_speedup"] = r["measured_speedup"]
+            c["plan_timing"] = {"date": plan_json["date"], "machine": plan_json["machine"],
+                                "same_speed_uniform_ratio": r.get("uniform_ratio")}
+            c["plan_selected"] = next((x["name"] for x in r.get("candidates", []) if x["selected"]), None)
+        _save(out, data)
+
+
 def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Path, out: Path,
              threads: int | None, data_root: Path, goals: set[float] | None = None,
-             kinds: set[str] | None = None) -> None:
+             kinds: set[str] | None = None, uniform_goal_json: dict | None = None) -> None:
     """Teacher, then per plan row its planned cell and its same-speed uniform cell (resumable).
     ``goals`` / ``kinds`` restrict the cells, so several processes can share one task's cells
     once its teacher exists."""
@@ -141,11 +189,15 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
                                  method="rgl", rgl_form="penalty", score="weight", epochs_rew=0, epochs_retrain=0))
         _update(out, key, {"task": task, "kind": "teacher", "metric_name": res.metric_name,
                            "metric": res.metrics["dense"], "seconds": time.perf_counter() - t0}, settings=asdict(s))
-    for row in plan_json["rows"]:
+    rows = plan_json["rows"]
+    if uniform_goal_json is not None and kinds == {"uniform"}:  # partners at the goal speeds, no plan needed
+        rows = [{"speedup_goal": g, "overall_ratio": None, "measured_speedup": None} for g in sorted(goals or ())]
+    for row in rows:
         goal = row["speedup_goal"]
         if goals and goal not in goals:
             continue
-        cells = [("plan", None), ("uniform", row["uniform_ratio"])]
+        ratio_u = uniform_at_goal(uniform_goal_json, goal) if uniform_goal_json is not None else row["uniform_ratio"]
+        cells = [("plan", None), ("uniform", ratio_u)]
         for kind, ratio in cells:
             if kinds and kind not in kinds:
                 continue
@@ -177,9 +229,12 @@ def run_task(task: str, s: Settings, plan_json: dict, plans_dir: Path, runs: Pat
             _update(out, key, {"task": task, "kind": kind, "goal": goal, "metric_name": res.metric_name,
                                "metric": res.report["pruned_metric"], "compression_rate": res.compression_rate,
                                "uniform_ratio": ratio, "plan_overall_ratio": row["overall_ratio"],
+                               "uniform_rule": None if kind == "plan" else (
+                                   "measured speed-up = plan goal" if uniform_goal_json is not None
+                                   else "measured speed-up = plan's measured speed-up"),
                                "measured_speedup": row["measured_speedup"] if kind == "plan" else None,
                                "seconds": time.perf_counter() - t0, "run_dir": str(cdir)},
-                    settings=asdict(s), plan_source=source)
+                    settings=asdict(s), **({"plan_source": source} if plan_json.get("date") else {}))
             print(f"[{time.strftime('%H:%M')}] {task} {kind} {goal:g}x: {res.metric_name} "
                   f"{res.report['pruned_metric']:.4f}", flush=True)
 
@@ -257,20 +312,27 @@ def markdown(data: dict) -> str:
              "Same recipe and epochs for both models of a pair: from the task's dense teacher, gradual pruning "
              "then masked retraining, distilled from the teacher (logits and hidden states), word embeddings "
              "frozen, activation-aware scores. Planned: `train --plan plan-<goal>.yaml` (per-layer blocks "
-             "16x1/32x32 and ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the "
-             "uniform ratio whose measured speed-up (default compile flow, 1 thread, timed beside the plan in one "
-             "process, `plan_trained.json`) equals the plan's. Metrics x100: F1 (MRPC), mean of Pearson and Spearman "
-             "(STS-B). Epochs per task (CPU budget, 1 thread per task):", ""]
+             "as the plan gives, 16x1 in the current plans, and ratios); uniform: `train --block 16x1 --ratio R --allocation uniform` with R the "
+             + ("uniform ratio whose measured speed-up (default compile flow, 1 thread, the timed uniform rows of "
+                "`plan.json`) equals the plan's *goal*; a plan that measures faster than its goal is then compared "
+                "with a slower uniform model (the pair leans towards uniform)"
+                if any(c.get("uniform_rule") == "measured speed-up = plan goal" for c in cells.values()) else
+                "uniform ratio whose measured speed-up (default compile flow, 1 thread, timed beside the plan in one "
+                "process, `plan_trained.json`) equals the plan's")
+             + ". Metrics x100: F1 (MRPC), mean of Pearson and Spearman (STS-B). Epochs per task (CPU budget, 1 "
+             "thread per task):", ""]
     for task, s in sorted(per_task.items()):
         lines.append(f"- {task}: teacher {s['epochs_teacher']}, gradual {s['epochs_gradual']} + retrain "
                      f"{s['epochs_retrain']}; lr {s['lr']}, batch {s['batch_size']}, distill logits {s['distill']} / "
                      f"hidden {s['distill_hidden']}")
-    lines += ["", "Speed-ups over onnxruntime dense, 1 thread: *plan* = the plan as timed in `plan_trained.json` "
-              "(magnitude masks); *trained* = the trained planned / uniform models themselves, compressed and "
-              "compiled with default flags and timed side by side (`--time`).", "",
+    lines += ["", "Speed-ups over onnxruntime dense, 1 thread: *plan* = the plan as timed by `plan_figure.py` "
+              "(magnitude masks, beside onnxruntime in one process); *trained* = the trained planned / uniform models "
+              "themselves, compressed and compiled with default flags and timed side by side (`--time`). *Same-speed "
+              "ratio*: the uniform 16x1 ratio whose measured speed-up equals the plan's (interpolated in the same "
+              "timing run; \"the plan\" where the planner chose the uniform 16x1 plan itself).", "",
               "| task | plan goal | speed-up: plan / trained planned / trained uniform | teacher | "
-              "planned (overall ratio) | uniform 16x1 (ratio) | planned - uniform (points) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "planned (overall ratio; candidate) | uniform 16x1 (ratio) | same-speed ratio | planned - uniform (points) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     tasks = sorted({c["task"] for c in cells.values()})
     diffs = []
     for task in tasks:
@@ -279,15 +341,20 @@ def markdown(data: dict) -> str:
         for g in goals:
             p, u = cells.get(f"{task}|plan|{g:g}"), cells.get(f"{task}|uniform|{g:g}")
             tm = f"{100 * teacher['metric']:.2f}" if teacher else "-"
-            ps = f"{100 * p['metric']:.2f} ({p['plan_overall_ratio']:.2f})" if p else "running"
+            sel = (p or {}).get("plan_selected")
+            ps = (f"{100 * p['metric']:.2f} ({p['plan_overall_ratio']:.2f}" + (f"; {sel})" if sel else ")")
+                  if p else "running")
+            same = ((p or {}).get("plan_timing") or {}).get("same_speed_uniform_ratio")
+            ss = "the plan" if sel and sel.startswith("uniform 16x1") else (
+                f"{same:.3f}" if same is not None else ("beyond the timed rows" if (p or {}).get("plan_timing") else "-"))
             us = f"{100 * u['metric']:.2f} ({u['uniform_ratio']:.3f})" if u else "running"
             d = f"{100 * (p['metric'] - u['metric']):+.2f}" if p and u else "-"
             if p and u:
                 diffs.append(100 * (p["metric"] - u["metric"]))
             tp, tu = ((c or {}).get("trained_timing") for c in (p, u))
-            su = " / ".join([f"{p['measured_speedup']:.2f}x" if p else "-",
+            su = " / ".join([f"{p['measured_speedup']:.2f}x" if p and p.get("measured_speedup") else "-",
                              f"{tp['speedup']:.2f}x" if tp else "-", f"{tu['speedup']:.2f}x" if tu else "-"])
-            lines.append(f"| {task} | {g:g}x | {su} | {tm} | {ps} | {us} | {d} |")
+            lines.append(f"| {task} | {g:g}x | {su} | {tm} | {ps} | {us} | {ss} | {d} |")
     if diffs:
         wins = sum(d >= 0 for d in diffs)
         lines += ["", f"Planned at least as accurate as uniform in {wins} of {len(diffs)} pairs; mean difference "
@@ -312,10 +379,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs-retrain", type=int, default=1)
     ap.add_argument("--goals", default=None, help="only these plan goals, e.g. 1.5,2 (default: every row)")
     ap.add_argument("--kinds", default=None, help="only these cells: plan, uniform (default: both)")
+    ap.add_argument("--uniform-at-goal", type=Path, default=None, metavar="JSON",
+                    help="uniform partners at the ratio whose measured speed-up (this plan_figure JSON's uniform "
+                         "rows) equals the plan's goal, not the plan's measured speed-up (with --kinds uniform, no "
+                         "plan is needed yet)")
+    ap.add_argument("--plans-untimed", action="store_true",
+                    help="read the plan rows from --plans-dir/plan-<goal>.yaml (--goals) instead of --plan-json, so "
+                         "planned cells train before the plans are timed (then --sync-speeds)")
+    ap.add_argument("--sync-speeds", type=Path, default=None, metavar="JSON",
+                    help="fill --tasks' plan cells with the measured speed-ups of this timed plan_figure JSON")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--time", type=Path, default=None, metavar="WORK",
                     help="compress + compile the trained cells into WORK and time them (run under quiet_timing)")
     args = ap.parse_args(argv)
+    if args.sync_speeds is not None:
+        for task in args.tasks.split(","):
+            sync_speeds(args.out, task, json.loads(args.sync_speeds.read_text()))
+        print(markdown(_load(args.out)))
+        return 0
     if args.report_only:
         with _locked(args.out):
             _save(args.out, _load(args.out))
@@ -332,11 +413,17 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     s = Settings(epochs_teacher=args.epochs_teacher, epochs_gradual=args.epochs_gradual,
                  epochs_retrain=args.epochs_retrain)
-    plan_json = json.loads(args.plan_json.read_text())
+    if args.plans_untimed:
+        if not args.goals:
+            raise SystemExit("--plans-untimed needs --goals (which plan-<goal>.yaml to train)")
+        plan_json = plan_rows_from_yaml(args.plans_dir, [float(g) for g in args.goals.split(",")])
+    else:
+        plan_json = json.loads(args.plan_json.read_text())
     for task in args.tasks.split(","):
         run_task(task, s, plan_json, args.plans_dir, args.runs_dir, args.out, args.threads, args.data_dir,
                  goals={float(g) for g in args.goals.split(",")} if args.goals else None,
-                 kinds=set(args.kinds.split(",")) if args.kinds else None)
+                 kinds=set(args.kinds.split(",")) if args.kinds else None,
+                 uniform_goal_json=json.loads(args.uniform_at_goal.read_text()) if args.uniform_at_goal else None)
     print(markdown(_load(args.out)))
     return 0
 

@@ -9,9 +9,17 @@ exec 9>"$LOCK"
 echo "quiet_timing: waiting for the timing lock ($LOCK)" >&2
 flock 9
 PATTERN='benchmarks/(accuracy|plan_training)\.py'
-resume() { pkill -CONT -f "$PATTERN" 2>/dev/null || true; }
+# the training runs to pause: matching command lines outside this script's own process group (the
+# timed command may itself be e.g. `plan_training.py --time`; stopping it would stop this script too)
+MYPGID=$(ps -o pgid= -p $$ | tr -d ' ')
+PAUSED=""
+for pid in $(pgrep -f "$PATTERN"); do
+  [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$MYPGID" ] && continue
+  PAUSED="$PAUSED $pid"
+done
+resume() { [ -n "$PAUSED" ] && kill -CONT $PAUSED 2>/dev/null; true; }
 trap resume EXIT INT TERM
-pkill -STOP -f "$PATTERN" 2>/dev/null || true
+[ -n "$PAUSED" ] && kill -STOP $PAUSED 2>/dev/null
 sleep 5   # let the paused grid's threads leave the cores before the load check
 echo "quiet_timing: grid paused; load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 "$@"

@@ -136,31 +136,33 @@ def render_embedding(path: Path = EMB) -> str:
     return "\n".join(out)
 
 
+PLAN_TASKS = {"STS-B": RESULTS / "plan_STS-B.json", "MRPC": RESULTS / "plan_MRPC.json"}
+
+
 def render_plan(plan_path: Path = PLAN, training_path: Path = PLAN_TRAIN) -> str:
-    """Each plan's predicted vs measured speed-up (side by side with onnxruntime), the uniform ratio of
-    the same measured speed, and the trained metrics of both."""
-    plan = json.loads(plan_path.read_text())
+    """Each plan's predicted vs measured speed-up (side by side with onnxruntime), and the trained
+    metrics of each plan and its uniform partner. Per-task plans (made on the task's teacher) when
+    their JSONs exist, else the encoder plans of ``plan.json``."""
+    timed = {t: json.loads(p.read_text()) for t, p in PLAN_TASKS.items() if p.is_file()} or {
+        "encoder": json.loads(plan_path.read_text())}
+    first = next(iter(timed.values()))
     out = ["<!-- results:plan -->",
-           f"{plan['machine']}, {plan['date']}, {plan['threads']} thread, batch 1 x seq 128, "
-           f"{plan['clock']} ({plan['runs']} x {plan['rounds']}), load before {plan['load_before']:.2f}; cost table "
-           f"{plan.get('cost_table', 'x86-64')}.", "",
-           "| goal | predicted speed-up | measured speed-up | error | uniform 16x1 ratio of the same speed |",
-           "|---:|---:|---:|---:|---:|"]
-    for r in plan["rows"]:
-        same = r["ort_ms"] / r["predicted_ms"]
-        out.append(f"| {r['speedup_goal']:g}x | {same:.2f}x | **{r['measured_speedup']:.2f}x** | "
-                   f"{100 * (r['measured_speedup'] / same - 1):+.1f}% | "
-                   f"{r.get('uniform_ratio') or 'beyond the timed uniform rows'} |")
+           f"{first['machine']}, {first['date']}, {first['threads']} thread, batch 1 x seq 128, "
+           f"{first['clock']} ({first['runs']} x {first['rounds']}), load before "
+           + ", ".join(f"{d['load_before']:.2f}" for d in timed.values()) + f"; cost table "
+           f"{first.get('cost_table', 'x86-64')}.", "",
+           "| plan made on | goal | selected candidate | predicted speed-up | measured speed-up | error |",
+           "|---|---:|---|---:|---:|---:|"]
+    for task, d in timed.items():
+        for r in d["rows"]:
+            same = r["ort_ms"] / r["predicted_ms"]
+            sel = next((c["name"] for c in r.get("candidates", []) if c["selected"]), "additive")
+            out.append(f"| {task} | {r['speedup_goal']:g}x | {sel} | {same:.2f}x | **{r['measured_speedup']:.2f}x** | "
+                       f"{100 * (r['measured_speedup'] / same - 1):+.1f}% |")
     if training_path.is_file():
         sys.path.insert(0, str(ROOT / "benchmarks"))
         from plan_training import markdown
 
-        trained = RESULTS / "plan_trained.json"
-        if trained.is_file():
-            t = json.loads(trained.read_text())
-            out += ["", f"Trained: the plans made at {t['date']} (before the in-model factors; measured speed-ups "
-                        + ", ".join(f"{r['speedup_goal']:g}x plan {r['measured_speedup']:.2f}x" for r in t["rows"])
-                        + f"; `{trained.relative_to(ROOT)}`), each against the uniform model of its measured speed."]
         body = markdown(json.loads(training_path.read_text())).splitlines()
         out += ["", *[line for line in body[2:] if not line.startswith("Command:")]]
     out.append("<!-- /results:plan -->")

@@ -61,7 +61,7 @@ def test_calibrate_command_and_compress_uses_it(capsys, exports, tmp_path):
 
 def test_calibrate_refuses_cross_targets(capsys, tmp_path):
     assert main(["calibrate", "-o", str(tmp_path / "x.json"), "--target", "cortex-a72"]) == 2
-    assert "run `blockprune calibrate` on the board" in capsys.readouterr().err
+    assert "--rpc HOST:PORT" in capsys.readouterr().err  # the fix: time it on the board over RPC
     assert not (tmp_path / "x.json").exists()
 
 

@@ -138,9 +138,17 @@ def test_rpc_and_unknown_target_name_the_fix(tmp_path):
     from blockprune.backends.tvm.cost.model import cost_model_for
     from blockprune.plan.plan_api import PlanRequest, make_plan
 
-    with pytest.raises(BlockpruneError) as e:
+    with pytest.raises(BlockpruneError) as e:  # a board table is measured by plan itself, not here
         cost_model_for("cortex-a72", rpc="10.0.0.2:9090")
-    assert "calibrate" in e.value.problem and "--cost-table" in e.value.fix
+    assert "board" in e.value.problem and "--cost-table" in e.value.fix and "calibrate" in e.value.fix
+    with pytest.raises(BlockpruneError) as e:  # nobody listens there: one clear error, nothing written
+        make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-a72", rpc="127.0.0.1:1",
+                              latency_ms=5.0))
+    assert "127.0.0.1:1" in e.value.problem and not list(tmp_path.iterdir())
+    with pytest.raises(BlockpruneError) as e:
+        make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-a72", rpc="board-no-port",
+                              latency_ms=5.0))
+    assert "HOST:PORT" in e.value.problem
     with pytest.raises(BlockpruneError) as e:
         make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-x9", speedup=2.0))
     assert "cortex-x9" in e.value.problem and "cortex-a72" in e.value.fix
@@ -178,6 +186,56 @@ def test_plan_on_a_tiny_model_meets_its_budget_and_caches_the_curves(tiny_plan):
     again = make_plan(req, log=None)
     assert again.info["sensitivity_cached"] and time.perf_counter() - t < 30
     assert again.layers == res.layers
+
+
+def test_joint_selection_scores_whole_plans_within_the_budget(tiny_plan, tmp_path):
+    """The written plan is the candidate of least joint loss; every candidate meets the budget; the
+    uniform plan is always among them (so a plan is never predicted worse than the paper's rule)."""
+    from dataclasses import replace
+
+    from blockprune.plan.plan_api import make_plan
+
+    req, first = tiny_plan
+    tight = first.info["dense_predicted_ms"] * 0.75  # a budget that needs real pruning
+    res = make_plan(replace(req, output=str(tmp_path / "tight.yaml"), latency_ms=tight,
+                            sensitivity_cache=str(first.path.parent / "plan.sensitivity.json")), log=None)
+    info = res.info
+    assert info["sensitivity_cached"] and info["predicted_ms"] <= tight + 1e-6
+    cands = info["candidates"]
+    assert info["selection"] == "joint" and len(cands) >= 2
+    assert any(c["name"].startswith("uniform ") for c in cands)
+    linear_budget = info["budget_ms"] - info["remainder_ms"]
+    assert all(c["predicted_linear_ms"] <= linear_budget + 1e-6 for c in cands)
+    chosen = [c for c in cands if c["selected"]]
+    least = min(c["joint_loss"] for c in cands)
+    near = [c for c in cands if c["within_1se"]]
+    # the rule: the most even plan among those within one paired standard error of the least loss
+    assert len(chosen) == 1 and chosen[0]["within_1se"]
+    assert all(c["joint_loss"] - least <= c["se_vs_least"] + 1e-3 for c in near)
+    assert chosen[0]["max_ratio"] == min(c["max_ratio"] for c in near)
+    assert info["predicted_joint_loss"] == chosen[0]["joint_loss"]
+    assert max(x["ratio"] for x in res.layers) == pytest.approx(chosen[0]["max_ratio"])
+    assert info["overall_ratio"] == pytest.approx(chosen[0]["overall_ratio"], abs=1e-3)
+
+
+def test_joint_score_grows_with_pruning_and_restores_the_weights():
+    """score_plans prunes every layer of a candidate at once and puts the weights back."""
+    import torch
+
+    from blockprune.frontends.plan_sensitivity import load_plan_model, make_batches, score_plans
+
+    pm = load_plan_model("bert-tiny")
+    before = {n: p.detach().clone() for n, p in pm.loaded.model.named_parameters()}
+    batches = make_batches(pm, None, 32, 16)
+    plans = {f"r{r}": {n: ("4x4", r) for n in pm.layers} for r in (0.0, 0.3, 0.9)}
+    scores = score_plans(pm, plans, batches)
+    assert scores["r0.0"].loss == pytest.approx(0.0, abs=1e-6)
+    assert scores["r0.9"].loss > scores["r0.3"].loss > 0.0
+    # paired resamples: a plan against itself has no spread; the two plans' difference has some
+    assert scores["r0.3"].paired_se(scores["r0.3"]) == 0.0 and scores["r0.9"].paired_se(scores["r0.3"]) > 0.0
+    assert len(scores["r0.9"].replicates) == 200
+    for n, p in pm.loaded.model.named_parameters():
+        assert torch.equal(p, before[n]), n
 
 
 def test_impossible_latency_on_a_real_model(tiny_plan, tmp_path):
@@ -286,6 +344,15 @@ def test_same_speed_uniform_ratio_interpolates_measured_rows():
     assert [r["uniform_ratio"] for r in rows] == [pytest.approx(0.4), pytest.approx(0.6), None]
 
 
+def test_uniform_partner_at_the_goal_speed():
+    """--uniform-at-goal: the partner's ratio comes from the timed uniform rows at the plan's goal."""
+    pt = _bench("plan_training")
+    ref = {"uniform": [{"uniform_ratio": r, "measured_speedup": su} for r, su in ((0.4, 1.4), (0.6, 2.0), (0.7, 2.5))]}
+    assert pt.uniform_at_goal(ref, 1.7) == pytest.approx(0.5)
+    assert pt.uniform_at_goal(ref, 2.5) == pytest.approx(0.7)
+    assert pt.uniform_at_goal(ref, 3.0) is None
+
+
 def test_plan_training_report_pairs_planned_and_uniform(tmp_path):
     """Resumable results: cells added under the lock, the table pairs each plan with its uniform
     model and states the difference; a missing partner shows as running, not as a number."""
@@ -303,8 +370,8 @@ def test_plan_training_report_pairs_planned_and_uniform(tmp_path):
         data["cells"]["MRPC|plan|1.5"]["trained_timing"] = {"speedup": 1.41}
         pt._save(out, data)
     md = out.with_suffix(".md").read_text()
-    assert "| MRPC | 1.5x | 1.36x / 1.41x / - | 85.00 | 84.00 (0.20) | 83.00 (0.320) | +1.00 |" in md
-    assert "| MRPC | 2x | 1.36x / - / - | 85.00 | 80.00 (0.20) | running | - |" in md
+    assert "| MRPC | 1.5x | 1.36x / 1.41x / - | 85.00 | 84.00 (0.20) | 83.00 (0.320) | - | +1.00 |" in md
+    assert "| MRPC | 2x | 1.36x / - / - | 85.00 | 80.00 (0.20) | running | - | - |" in md
     assert "- MRPC: teacher 3, gradual 2 + retrain 1" in md
     assert "1 of 1 pairs" in md
     assert set(pt._load(out)["cells"]) == {"MRPC|teacher", "MRPC|plan|1.5", "MRPC|uniform|1.5", "MRPC|plan|2"}
@@ -343,3 +410,28 @@ def test_plan_of_another_model_is_refused_and_nothing_written(exports, tmp_path,
     assert main(["compress", str(exports.path("bert-tiny", "legacy")), "-o", str(out), "--plan", str(plan)]) == 2
     assert "match no layer" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("c.onnx*"))
+
+
+def test_sync_speeds_fills_the_trained_plans_timing(tmp_path):
+    """--sync-speeds: a plan cell trained before its plan was timed gets the measured speed-up, the
+    same-speed uniform ratio and the selected candidate; a plan that is not the trained one is refused."""
+    pt = _bench("plan_training")
+    out = tmp_path / "pt.json"
+    for goal, ratio in ((1.5, 0.41), (2.0, 0.66)):
+        pt._update(out, f"STS-B|plan|{goal:g}", {"task": "STS-B", "kind": "plan", "goal": goal, "metric": 0.8,
+                                                 "plan_overall_ratio": ratio, "measured_speedup": None})
+    timed = {"date": "d", "machine": "m", "rows": [
+        {"speedup_goal": 1.5, "overall_ratio": 0.41, "measured_speedup": 1.57, "uniform_ratio": 0.458,
+         "candidates": [{"name": "additive, ratios <= 0.8", "selected": True}]},
+        {"speedup_goal": 2.0, "overall_ratio": 0.66, "measured_speedup": 2.23, "uniform_ratio": 0.656,
+         "candidates": [{"name": "additive", "selected": False}, {"name": "uniform 16x1", "selected": True}]}]}
+    pt.sync_speeds(out, "STS-B", timed)
+    cells = pt._load(out)["cells"]
+    assert cells["STS-B|plan|1.5"]["measured_speedup"] == 1.57
+    assert cells["STS-B|plan|2"]["plan_selected"] == "uniform 16x1"
+    md = out.with_suffix(".md").read_text()
+    assert "| STS-B | 1.5x | 1.57x / - / - | - | 80.00 (0.41; additive, ratios <= 0.8) | running | 0.458 | - |" in md
+    assert "| the plan |" in md
+    timed["rows"][0]["overall_ratio"] = 0.5
+    with pytest.raises(SystemExit):
+        pt.sync_speeds(out, "STS-B", timed)

@@ -133,3 +133,38 @@ def test_start_failure_is_reported_and_cleaned_up():
         port = s.getsockname()[1]
         with pytest.raises(BlockpruneError, match="exited with status 1"):
             rpc_server.start_server("x86_64", port=port, timeout=30)
+
+
+@pytest.mark.parametrize("arch,target", [("x86_64", "x86-64"), ("aarch64", "cortex-a72")])
+def test_calibrate_and_plan_over_rpc(arch, target, exports, tmp_path):
+    """`calibrate --rpc` / `plan --rpc`: kernels compiled here for the target, checked and timed on
+    the server (aarch64 under qemu: the mechanics, not the speed), one session for the sweep; the
+    plan then says its Linear times are measured on the board, and re-planning reads the cache."""
+    from blockprune.backends.tvm.cost.calibrate import calibrate
+    from blockprune.plan.plan_api import PlanRequest, make_plan
+
+    if arch == "aarch64":
+        why = _aarch64_missing()
+        if why:
+            pytest.skip(why)
+    with rpc_server.start_server(arch, max_sessions=2, timeout=300) as srv:
+        address = f"{srv.host}:{srv.port}"
+        table = calibrate([(64, 128)], blocks=["16x1"], densities=[1.0, 0.5], target=target, m=16, runs=2,
+                          progress=False, rpc=address)
+        assert table.target == target and table.machine.startswith(f"rpc://{address}")
+        assert table.isa == ("neon" if arch == "aarch64" else table.isa)
+        (e,) = table.entries
+        assert e.dense_ms > 0 and set(e.sweep_ms) == {"1", "0.5"} and all(t > 0 for t in e.sweep_ms.values())
+        model = exports.path("bert-tiny")
+        req = PlanRequest(str(model), str(tmp_path / "plan.yaml"), target=target, rpc=address,
+                          latency_ms=100.0, blocks=("16x1",), examples=8, sensitivity_ratios=(0.5, 0.9),
+                          ratios=(0.0, 0.5, 0.9), seq=16)
+        res = make_plan(req, log=None)
+        assert srv.wait(timeout=60) == 0, srv.log()  # both sessions used, the server ended cleanly
+    info = res.info
+    assert info["measured"] is True and f"RPC at {address}" in info["cost_model"]
+    assert (tmp_path / "plan.board.json").is_file()
+    again = make_plan(req, log=None)  # the server is gone: the board table comes from the cache
+    assert again.info["cost_model"] == info["cost_model"] and again.layers == res.layers
+    if arch == "aarch64":
+        assert any("analytic" in a for a in info["assumptions"])

@@ -25,10 +25,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                       ratios=_floats(args.ratios), sensitivity_ratios=_floats(args.sensitivity_ratios),
                       examples=args.examples, max_length=args.max_length, batch=args.batch, seq=args.seq,
                       threads=args.threads, baseline_ms=args.baseline_ms, cost_table=args.cost_table, rpc=args.rpc,
-                      share_qkv=not args.no_share_qkv, sensitivity_cache=args.sensitivity_cache)
+                      share_qkv=not args.no_share_qkv, sensitivity_cache=args.sensitivity_cache,
+                      selection=args.selection, caps=_floats(args.caps))
     res = make_plan(req, log=None if args.quiet else console.print)
     console.print(plan_table(res.layers, res.info))
     info = res.info
+    if info.get("candidates"):
+        console.print(candidates_table(info))
     rows = [("plan", str(res.path)), ("target", info["target"]),
             ("cost model", info["cost_model"] + ("" if info["measured"] else "  [UNMEASURED: analytic predictions]")),
             ("goal", ", ".join(f"{k} {v:g}" for k, v in info["goal"].items()))]
@@ -73,6 +76,21 @@ def plan_table(layers: list[dict[str, Any]], info: dict[str, Any]):
     t.add_row("remainder", "", "", "", "", f"{info['remainder_ms']:.3f}", f"{info['remainder_ms']:.3f}", "")
     t.add_row("[bold]total", "", "", f"{info['overall_ratio']:.2f}", "", f"{info['dense_predicted_ms']:.2f}",
               f"[bold]{info['predicted_ms']:.2f}", f"[bold]{info['predicted_cost']:.3f}")
+    return t
+
+
+def candidates_table(info: dict[str, Any]):
+    """The whole plans the joint selection compared, all within the budget."""
+    from rich.table import Table
+
+    t = Table(title=f"candidate plans (joint loss: {info['joint_unit']})")
+    for col in ("candidate", "predicted Linear ms", "summed per-layer cost", "joint loss", "paired SE",
+                "max ratio", "overall ratio", ""):
+        t.add_column(col, justify="left" if col in ("candidate", "") else "right")
+    for c in info["candidates"]:
+        mark = "[bold]selected" if c["selected"] else ("within 1 SE" if c.get("within_1se") else "")
+        t.add_row(c["name"], f"{c['predicted_linear_ms']:.2f}", f"{c['additive_cost']:.2f}", f"{c['joint_loss']:.3f}",
+                  f"{c.get('se_vs_least', 0.0):.3f}", f"{c['max_ratio']:.2f}", f"{c['overall_ratio']:.3f}", mark)
     return t
 
 
@@ -127,9 +145,15 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="threads of the timed baseline (the tables are 1-thread)")
     p.add_argument("--baseline-ms", type=float, help="the speed-up baseline in ms (default: measured / predicted)")
     p.add_argument("--cost-table", help="a `blockprune calibrate` JSON measured on the target")
-    p.add_argument("--rpc", metavar="HOST:PORT", help="measure on a board (needs calibrate over RPC; not available yet)")
+    p.add_argument("--rpc", metavar="HOST:PORT", help="time the model's Linear shapes on a board through its TVM RPC "
+                                                      "server (cached in PLAN.board.json) and plan on those times")
     p.add_argument("--sensitivity-cache", help="JSON of measured curves (default: PLAN.sensitivity.json beside the "
                                                "plan); reused when model, data and grid match")
+    p.add_argument("--selection", choices=("joint", "additive"), default="joint",
+                   help="joint (default): the additive optimum, its capped variants and the uniform plans, each "
+                        "scored with all its layers pruned at once (the most even plan within one standard error of "
+                        "the least joint loss wins); additive: the summed per-layer costs alone")
+    p.add_argument("--caps", default="0.5,0.6,0.7,0.8", help="per-layer ratio caps of the joint candidates")
     p.add_argument("--no-share-qkv", action="store_true", help="let Q, K, V of a layer take different blocks")
     p.add_argument("--quiet", action="store_true", help="no per-layer sensitivity log")
     p.set_defaults(func=cmd_plan)

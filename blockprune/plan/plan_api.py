@@ -1,10 +1,15 @@
 """``blockprune plan``: the most accurate per-layer pruning that meets a latency budget on a target.
 
 Steps: (1) the target's cost model (measured calibrate table on x86-64, a given ``--cost-table``,
-else the analytic model; ``--rpc`` is refused with the fix, see ``cost.model.cost_model_for``);
+``--rpc HOST:PORT``: the model's shapes timed on the board, ``cost.model.board_table``; else the
+analytic model);
 (2) per-layer sensitivity curves for each block of the fast set (forward passes only, cached next
 to the plan); (3) per layer the options (block, ratio from the grid, the faster form) with their
-predicted time and cost; (4) the knapsack search (``plan.search``); (5) ``plan.yaml``.
+predicted time and cost; (4) the knapsack search (``plan.search``) on the summed per-layer costs;
+(5) the joint selection: that optimum, the same search under per-layer ratio caps and the uniform
+plan of each block, all within the budget, each scored with all its layers pruned at once; of those
+within one paired standard error of the least joint loss, the one with the lowest largest per-layer
+ratio wins (``--selection additive`` skips it); (6) ``plan.yaml``.
 
 Goals: ``speedup`` over onnxruntime dense on x86-64 (timed here on the model's ONNX at the
 plan's thread count, or ``baseline_ms``) or over the predicted dense TVM build on cross targets;
@@ -25,6 +30,8 @@ from blockprune.errors import BlockpruneError
 DEFAULT_BLOCKS = ("16x1", "4x4", "32x32")
 DEFAULT_RATIOS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_SENS_RATIOS = (0.3, 0.5, 0.7, 0.9)
+DEFAULT_CAPS = (0.5, 0.6, 0.7, 0.8)
+SELECTIONS = ("joint", "additive")
 QKV_RULE = ("Q, K and V of one encoder layer share a block shape (their rows move together in the head "
             "reorder, and a fused QKV kernel needs one block); their ratios may differ")
 
@@ -51,6 +58,8 @@ class PlanRequest:
     rpc: str | None = None
     share_qkv: bool = True
     sensitivity_cache: str | None = None  # default: <plan stem>.sensitivity.json beside the plan
+    selection: str = "joint"  # joint: candidates scored with all their layers pruned at once
+    caps: tuple[float, ...] = DEFAULT_CAPS  # per-layer ratio caps of the joint candidates
 
     def goal(self) -> tuple[str, float]:
         given = [(k, v) for k, v in (("speedup", self.speedup), ("latency_ms", self.latency_ms),
@@ -144,7 +153,12 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
     for b in req.blocks:
         BlockShape.parse(b)
     ratios = sorted({0.0, *(check_sparsity(r, "plan ratio") for r in req.ratios)})
-    cost = cost_model_for(req.target, req.cost_table, req.rpc)
+    from blockprune.frontends.plan_sensitivity import (JOINT_LOSSES, LOSSES, load_plan_model, make_batches,
+                                                       measure_plan_curves, read_plan_texts)
+
+    pm = load_plan_model(req.model)
+    board = _board_table(req, pm, log) if req.rpc else None
+    cost = cost_model_for(req.target, req.cost_table, req.rpc, board)
     unknown = [b for b in req.blocks if b not in cost.blocks]
     if len(unknown) == len(req.blocks):
         raise BlockpruneError(f"the {req.target} cost model has no times for blocks {', '.join(req.blocks)}",
@@ -152,15 +166,11 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
     blocks = tuple(b for b in req.blocks if b in cost.blocks)
     rows = req.batch * req.seq
 
-    from blockprune.frontends.plan_sensitivity import (LOSSES, load_plan_model, make_batches,
-                                                       measure_plan_curves, read_plan_texts)
-
-    pm = load_plan_model(req.model)
     cfg = pm.loaded.config
     shape = ModelShape(int(cfg.num_hidden_layers if hasattr(cfg, "num_hidden_layers") else cfg.n_layers),
                        int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "dim")), rows)
-    texts, _, data_desc = read_plan_texts(req.data, req.examples)
-    batches = make_batches(pm, texts, req.max_length, req.examples)
+    texts, examples, data_desc = read_plan_texts(req.data, req.examples)
+    batches = make_batches(pm, texts, req.max_length, req.examples, pairs=examples)
     out = Path(req.output)
     cache = Path(req.sensitivity_cache) if req.sensitivity_cache else out.with_name(out.stem + ".sensitivity.json")
     key = {"model": pm.source, "onnx": str(pm.onnx_path) if pm.onnx_path else None, "data": data_desc,
@@ -195,8 +205,15 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
                 f"a budget of {budget:.2f} ms is below the non-linear remainder alone ({remainder:.2f} ms: attention, "
                 "softmax, LayerNorm)", "ask for less (a lower --speedup or a higher --latency-ms)")
         res = least_cost_within(options, linear_budget)
+        candidates: list[dict[str, Any]] = []
+        if req.selection == "joint":
+            res, candidates = _select_jointly(pm, options, res, curves, cost, blocks, rows, linear_budget, batches,
+                                              req.caps, mixed, log)
+        elif req.selection != "additive":
+            raise BlockpruneError(f"unknown plan selection {req.selection!r}", f"use one of: {', '.join(SELECTIONS)}")
     else:
         res = least_time_within(options, value)
+        candidates = []
     predicted = res.ms + remainder
     layers = []
     for lo in options:
@@ -221,6 +238,10 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
         "predicted_speedup_over_dense_tvm": round(dense_total / predicted, 4),
         "predicted_cost": round(res.cost, 4), "cost_unit": LOSSES.get(pm.loaded.head, "proxy"),
         "cost_rule": "sum of per-layer costs, each measured with that layer alone pruned",
+        "selection": (req.selection if budget is not None else "additive (a --max-drop goal is in per-layer cost "
+                      "points)"),
+        "candidates": candidates, "joint_unit": JOINT_LOSSES.get(pm.loaded.head, "proxy"),
+        "predicted_joint_loss": next((c["joint_loss"] for c in candidates if c["selected"]), None),
         "model": req.model, "source": pm.source, "data": data_desc, "sensitivity_cache": str(cache),
         "sensitivity_cached": cached, "blocks": list(blocks), "ratios": ratios, "qkv_rule": QKV_RULE if req.share_qkv
         else "none", "overall_ratio": round(sum(x["ratio"] * x["shape"][0] * x["shape"][1] for x in layers)
@@ -232,6 +253,110 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
         info["analytic_error_on_x86"] = {k: round(v, 4) if isinstance(v, float) else v for k, v in err.items()}
     write_plan(out, layers, info)
     return PlanResult(out, layers, info, cost.assumptions())
+
+
+def uniform_candidate(pm, curves: dict, cost, block: str, rows: int, linear_budget: float, mixed: float = 1.0,
+                      step: float = 0.01):
+    """The paper's rule inside the planner: one block and the least uniform ratio (on a ``step`` grid,
+    up to the block's largest measured ratio) whose predicted time meets ``linear_budget``; each layer
+    in its faster form. None when even the largest ratio is too slow or the block divides no layer."""
+    from blockprune.frontends.allocation import _curve
+    from blockprune.plan.search import Choice, SearchResult
+
+    c = curves.get(block)
+    if c is None or any(name not in c.loss for name in pm.layers):
+        return None
+    top = max(c.ratios)
+    for i in range(int(round(top / step)) + 1):
+        r = round(i * step, 6)
+        choices, total = {}, 0.0
+        for name, (n, k) in pm.layers.items():
+            dense = cost.dense_ms(n, k, rows) * mixed
+            t = cost.layer(n, k, block, 1.0 - r, rows) if r > 0 else None
+            ms, form = (t.ms, t.form) if t is not None and t.form == "bsr" and t.ms <= dense else (dense, "dense")
+            x, y = _curve(c.ratios, c.loss[name])
+            choices[name] = Choice(block, r, form, ms, float(np.interp(r, x, y)))
+            total += ms
+        if total <= linear_budget + 1e-9:
+            return SearchResult(choices, total, sum(ch.cost for ch in choices.values()))
+    return None
+
+
+def _select_jointly(pm, options, additive, curves, cost, blocks, rows, linear_budget, batches, caps, mixed, log):
+    """Candidates that all meet the budget — the additive optimum, the same search with each per-layer
+    ratio cap, and the uniform plan of each block — scored with every layer pruned at once
+    (``score_plans``). Of the candidates within one standard error of the least joint loss (paired
+    bootstrap over the examples: on 128 examples a difference of a few points is noise), the one
+    with the lowest largest per-layer ratio wins, then the lower loss.
+
+    Why: the search adds per-layer costs, each measured with one layer pruned alone. On MiniLM that
+    sum is blind to the joint damage of putting Q/K and whole FFNs at 0.9 (trained, such plans lost
+    up to 35 STS-B points to the uniform model of the same speed). Re-measuring a handful of whole
+    plans costs a few forward passes; the uniform plan is always a candidate, so the chosen plan is
+    never predicted worse than the paper's rule at the same predicted time beyond that noise. Why
+    the most even plan among the indistinguishable ones (Breiman's one-standard-error rule, with
+    evenness as the simplicity): the joint loss is measured before any retraining, and a layer
+    left with a tenth of its weights is what retraining recovered worst (plan_training_additive.md)."""
+    from blockprune.frontends.plan_sensitivity import score_plans
+    from blockprune.plan.plan_file import portable_name
+    from blockprune.plan.search import LayerOptions, least_cost_within
+
+    found: dict[str, Any] = {"additive": additive}
+    for cap in sorted(caps):
+        capped = [LayerOptions(lo.name, lo.group, [c for c in lo.choices if c.ratio <= cap + 1e-9], lo.size)
+                  for lo in options]
+        try:
+            r = least_cost_within(capped, linear_budget)
+        except BlockpruneError:
+            continue  # the cap cannot meet the budget
+        if r.ms <= linear_budget + 1e-9:
+            found[f"additive, ratios <= {cap:g}"] = r
+    for b in blocks:
+        u = uniform_candidate(pm, curves, cost, b, rows, linear_budget, mixed)
+        if u is not None:
+            found[f"uniform {b}"] = u
+    unique: dict[str, Any] = {}
+    seen = set()
+    for tag, r in found.items():
+        sig = tuple(sorted((n, c.block if c.ratio > 0 else "-", round(c.ratio, 4)) for n, c in r.choices.items()))
+        if sig not in seen:
+            seen.add(sig)
+            unique[tag] = r
+    scores = score_plans(pm, {t: {n: (c.block, c.ratio) for n, c in r.choices.items()} for t, r in unique.items()},
+                         batches, log=log)
+    least = min(unique, key=lambda t: (scores[t].loss, unique[t].cost))
+    se = {t: scores[t].paired_se(scores[least]) for t in unique}
+    near = [t for t in unique if scores[t].loss - scores[least].loss <= se[t] + 1e-12]
+    top = {t: max(c.ratio for c in unique[t].choices.values()) for t in unique}
+    best = min(near, key=lambda t: (top[t], scores[t].loss))
+    sizes = {n: n_out * n_in for n, (n_out, n_in) in pm.layers.items()}
+    table = [{"name": t, "predicted_linear_ms": round(r.ms, 4), "additive_cost": round(r.cost, 4),
+              "joint_loss": round(scores[t].loss, 4), "se_vs_least": round(se[t], 4), "within_1se": t in near,
+              "max_ratio": top[t],
+              "overall_ratio": round(sum(c.ratio * sizes[n] for n, c in r.choices.items()) / sum(sizes.values()), 4),
+              "selected": t == best,
+              # portable like the plan's own rules, so a check can re-apply every candidate
+              "layers": {portable_name(n): [c.block, round(c.ratio, 4)] for n, c in r.choices.items()}}
+             for t, r in unique.items()]
+    return unique[best], table
+
+
+def _board_table(req: PlanRequest, pm, log):
+    """``--rpc``: the model's Linear shapes x ``--blocks`` timed on the board (cached beside the plan)."""
+    from blockprune.backends.tvm.cost.model import board_table
+
+    if req.cost_table:
+        raise BlockpruneError("--rpc and --cost-table both given", "give one: --rpc times the board now, "
+                                                                    "--cost-table reads a table timed there before")
+    shapes = sorted(set(pm.layers.values()))
+    out = Path(req.output)
+    cache = out.with_name(out.stem + ".board.json")
+    table, cached = board_table(req.target, req.rpc, shapes, req.blocks, req.batch * req.seq, cache,
+                                progress=log is not None)
+    if log:
+        log(f"board table for {req.target} over rpc://{req.rpc}: {len(table.entries)} sweeps "
+            f"({'cached in ' + str(cache) if cached else 'measured, cached in ' + str(cache)})")
+    return table
 
 
 def _ort_baseline(pm, req: PlanRequest) -> float:
@@ -250,4 +375,4 @@ def plan_dict(result: PlanResult) -> dict[str, Any]:
 
 
 __all__ = ["PlanRequest", "PlanResult", "make_plan", "layer_options", "ort_dense_ms", "plan_dict",
-           "DEFAULT_BLOCKS", "DEFAULT_RATIOS", "QKV_RULE"]
+           "DEFAULT_BLOCKS", "DEFAULT_RATIOS", "DEFAULT_CAPS", "SELECTIONS", "QKV_RULE", "uniform_candidate"]

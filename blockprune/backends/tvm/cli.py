@@ -148,7 +148,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         shapes = _shape_list(args.shapes)
     table = calibrate(shapes, blocks=args.blocks.split(","), densities=[float(d) for d in args.densities.split(",")],
-                      target=args.target, m=args.m, runs=args.runs)
+                      target=args.target, m=args.m, runs=args.runs, rpc=args.rpc)
     table.save(args.output)
     rows = [(f"{e.n}x{e.k} {e.block}", "never faster than dense" if e.density is None else
              f"break-even density {e.density:.2f} (dense {e.dense_ms:.3f} ms)") for e in table.entries]
@@ -180,13 +180,15 @@ def add_backend_parsers(sub) -> None:
     """Add ``compile``, ``run``, ``bench`` and ``calibrate`` to the main CLI's subparsers."""
     k = sub.add_parser("calibrate", help="measure per-shape break-even densities (BSR vs dense) on this machine")
     k.add_argument("-o", "--output", required=True, help="JSON for `blockprune compress --break-even-file`")
-    k.add_argument("--target", default="host", help="a target this machine runs natively (default host)")
+    k.add_argument("--target", default="host", help="a target this machine runs natively (default host), or any preset with --rpc")
     k.add_argument("--model", help="take the layer shapes from this ONNX model")
     k.add_argument("--shapes", default="3072x768,768x3072,768x768", help="OUTxIN list (default BERT-base)")
     k.add_argument("--blocks", default="1x32,16x1,4x4,32x32")
     k.add_argument("--densities", default="1.0,0.8,0.6,0.5,0.4,0.3,0.2,0.1")
     k.add_argument("--m", type=int, default=128, help="rows of the activation (batch x sequence)")
     k.add_argument("--runs", type=int, default=10, help="timed runs per point (median of process CPU time)")
+    k.add_argument("--rpc", metavar="HOST:PORT", help="time on a board through its TVM RPC server (kernels compiled "
+                                                      "here for --target, e.g. cortex-a72)")
     k.set_defaults(func=cmd_calibrate)
 
     b = sub.add_parser("bundle", help="artifact + C++ runner + RPC server + runtime libs, ready to copy to a board")

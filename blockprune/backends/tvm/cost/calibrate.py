@@ -8,7 +8,8 @@ leaves speed on the table or makes layers slower. ``calibrate`` sweeps densities
 pipeline, and interpolates the crossing. The resulting ``BreakEvenTable`` (JSON) is what the
 passes' ``Policy`` reads (`blockprune compress --break-even-file`).
 
-Calibration runs on this machine only (targets this host can execute); for a board, run it there.
+Calibration runs on this machine (targets this host can execute) or, with ``rpc``, on a board
+through TVM RPC (``calibrate_rpc``): compiled here, timed there.
 """
 
 from __future__ import annotations
@@ -62,22 +63,30 @@ def block_sparse_weight(rng: np.random.Generator, n: int, k: int, block: str, de
     return rng.standard_normal((n, k)).astype(np.float32) * mask
 
 
-def tvm_dense_call(wt: np.ndarray, x: np.ndarray, target: str = "host") -> Callable[[], object]:
-    """The TVM dense path for one Linear (``x @ wt``, ``wt`` = W^T constant), compiled with our pipeline."""
-    import tvm
+def dense_matmul_executable(wt: np.ndarray, x_shape, preset):
+    """The dense path for one Linear (``x @ wt``, ``wt`` = W^T constant) compiled with our pipeline."""
     from tvm import relax
 
     from blockprune.backends.tvm.pipeline.compile import compile_relax
-    from blockprune.backends.tvm.targets.presets import resolve_target
 
     bb = relax.BlockBuilder()
-    xv = relax.Var(name="x", ty=relax.TensorType(shape=list(x.shape), dtype="float32"))
+    xv = relax.Var(name="x", ty=relax.TensorType(shape=list(x_shape), dtype="float32"))
     with bb.function("main", [xv]):
         with bb.dataflow():
             y = bb.emit(relax.op.matmul(xv, relax.const(np.ascontiguousarray(wt))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    ex = compile_relax(bb.get(), resolve_target(target))
+    return compile_relax(bb.get(), preset)
+
+
+def tvm_dense_call(wt: np.ndarray, x: np.ndarray, target: str = "host") -> Callable[[], object]:
+    """The TVM dense path for one Linear (``x @ wt``, ``wt`` = W^T constant), compiled with our pipeline."""
+    import tvm
+    from tvm import relax
+
+    from blockprune.backends.tvm.targets.presets import resolve_target
+
+    ex = dense_matmul_executable(wt, x.shape, resolve_target(target))
     vm = relax.VirtualMachine(ex, tvm.cpu())
     xt = tvm.runtime.tensor(x)
     got = vm["main"](xt).numpy()
@@ -136,8 +145,19 @@ class BreakEvenTable:
             return self.default, f"default (no {block} measurement)"
         return (0.0 if e.density is None else e.density), f"{how} on {self.target}"
 
+    def to_dict(self) -> dict:
+        return {"format": TABLE_FORMAT, **asdict(self)}
+
+    @classmethod
+    def load_dict(cls, data: dict) -> "BreakEvenTable":
+        data = dict(data)
+        if data.pop("format", None) != TABLE_FORMAT:
+            raise ValueError(f"format is not {TABLE_FORMAT}")
+        entries = [BreakEven(**e) for e in data.pop("entries")]
+        return cls(entries=entries, **data)
+
     def save(self, path: str | Path) -> Path:
-        data = {"format": TABLE_FORMAT, **asdict(self)}
+        data = self.to_dict()
         path = Path(path)
         with atomic_path(path, suffix=".json") as tmp:
             tmp.write_text(json.dumps(data, indent=2))
@@ -150,11 +170,7 @@ class BreakEvenTable:
             raise BlockpruneError(f"break-even file {str(path)!r} does not exist",
                                   "create it with `blockprune calibrate --target ... -o FILE`")
         try:
-            data = json.loads(path.read_text())
-            if data.pop("format", None) != TABLE_FORMAT:
-                raise ValueError(f"format is not {TABLE_FORMAT}")
-            entries = [BreakEven(**e) for e in data.pop("entries")]
-            return cls(entries=entries, **data)
+            return cls.load_dict(json.loads(path.read_text()))
         except (ValueError, TypeError, KeyError) as exc:
             raise BlockpruneError(f"break-even file {str(path)!r} is not a blockprune calibration ({exc})",
                                   "regenerate it with `blockprune calibrate`") from exc
@@ -212,46 +228,83 @@ def default_break_even_table(isa: str | None = None) -> "BreakEvenTable":
     return table
 
 
+class LocalTimer:
+    """Times kernels on this machine (median process-CPU seconds of ``runs`` calls)."""
+
+    def __init__(self, target: str, runs: int) -> None:
+        self.target, self.runs = target, runs
+
+    def dense_seconds(self, wt: np.ndarray, x: np.ndarray) -> float:
+        from blockprune.bench_timing import time_calls
+
+        return time_calls(tvm_dense_call(wt, x, self.target), self.runs)[1]
+
+    def bsr_seconds(self, w: np.ndarray, x: np.ndarray, block: str) -> float:
+        from blockprune.bench_timing import time_calls
+
+        call, _ = bsr_call(w, x, block, self.target)
+        return time_calls(call, self.runs)[1]
+
+    def machine(self) -> str:
+        from blockprune.bench_timing import cpu_name
+
+        return f"{platform.machine()} {cpu_name()}".strip()
+
+    def close(self) -> None:
+        pass
+
+
 def calibrate(shapes: Sequence[tuple[int, int]], blocks: Sequence[str] = DEFAULT_BLOCKS,
               densities: Sequence[float] = DEFAULT_DENSITIES, target: str = "host", m: int = 128,
-              runs: int = 10, threads: int | None = None, progress: bool = True) -> BreakEvenTable:
-    """Sweep every (out, in) shape and block on this machine; shapes a block does not divide are skipped."""
+              runs: int = 10, threads: int | None = None, progress: bool = True,
+              rpc: str | None = None) -> BreakEvenTable:
+    """Sweep every (out, in) shape and block; shapes a block does not divide are skipped.
+
+    Without ``rpc`` the kernels run on this machine (a cross target is refused: emulated timings
+    mean nothing). With ``rpc`` (``HOST:PORT`` of a TVM RPC server on the board) they are compiled
+    here for ``target`` and timed there (``calibrate_rpc.RemoteTimer``)."""
     import os
 
     from tqdm.auto import tqdm
 
     from blockprune.backends.tvm.targets.presets import resolve_target
-    from blockprune.bench_timing import time_calls
 
     preset = resolve_target(target)
-    if preset.is_cross:
+    if rpc:
+        from blockprune.backends.tvm.cost.calibrate_rpc import RemoteTimer, parse_address
+
+        parse_address(rpc)  # a malformed address fails before anything is compiled
+        timer: "LocalTimer | RemoteTimer" = RemoteTimer(rpc, preset, number=max(1, runs // 2), repeat=5)
+    elif preset.is_cross:
         raise BlockpruneError(
             f"cannot calibrate {preset.name!r} here: its code does not run natively on this machine",
-            "run `blockprune calibrate` on the board itself (timings under emulation mean nothing)",
+            "time it on the board: `blockprune calibrate --target ... --rpc HOST:PORT` with a TVM RPC server "
+            "running there (timings under emulation mean nothing)",
         )
+    else:
+        timer = LocalTimer(target, runs)
     rng = np.random.default_rng(0)
     jobs = [(n, k, BlockShape.parse(b)) for (n, k) in shapes for b in blocks]
     jobs = [(n, k, b) for n, k, b in jobs if n % b.rows == 0 and k % b.cols == 0]
     entries = []
-    bar = tqdm(jobs, desc="calibrate", unit="shape x block", disable=not progress)
+    bar = tqdm(jobs, desc="calibrate" + (f" over rpc://{rpc}" if rpc else ""), unit="shape x block",
+               disable=not progress)
     dense_cache: dict[tuple[int, int], float] = {}
-    for n, k, b in bar:
-        bar.set_postfix_str(f"{n}x{k} {b}")
-        x = rng.standard_normal((m, k)).astype(np.float32)
-        if (n, k) not in dense_cache:
-            w = rng.standard_normal((n, k)).astype(np.float32)
-            dense_cache[(n, k)] = time_calls(tvm_dense_call(np.ascontiguousarray(w.T), x, target), runs)[1]
-        dense_s = dense_cache[(n, k)]
-        times = []
-        for d in densities:
-            call, _ = bsr_call(block_sparse_weight(rng, n, k, str(b), d), x, str(b), target)
-            times.append(time_calls(call, runs)[1])
-        entries.append(BreakEven(k, n, str(b), break_even_density(list(densities), times, dense_s),
-                                 dense_s * 1e3, {f"{d:g}": t * 1e3 for d, t in zip(densities, times)}))
+    try:
+        for n, k, b in bar:
+            bar.set_postfix_str(f"{n}x{k} {b}")
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            if (n, k) not in dense_cache:
+                w = rng.standard_normal((n, k)).astype(np.float32)
+                dense_cache[(n, k)] = timer.dense_seconds(np.ascontiguousarray(w.T), x)
+            dense_s = dense_cache[(n, k)]
+            times = [timer.bsr_seconds(block_sparse_weight(rng, n, k, str(b), d), x, str(b)) for d in densities]
+            entries.append(BreakEven(k, n, str(b), break_even_density(list(densities), times, dense_s),
+                                     dense_s * 1e3, {f"{d:g}": t * 1e3 for d, t in zip(densities, times)}))
+        machine = timer.machine()
+    finally:
+        timer.close()
     from blockprune.backends.tvm.kernels.bsr_kernel import vector_isa
-    from blockprune.bench_timing import cpu_name
 
     return BreakEvenTable(preset.name, m, threads or int(os.environ.get("TVM_NUM_THREADS", "1")), entries,
-                          machine=f"{platform.machine()} {cpu_name()}".strip(),
-                          measured=str(date.today()), isa=vector_isa(preset).name)
-
+                          machine=machine, measured=str(date.today()), isa=vector_isa(preset).name)

@@ -372,19 +372,90 @@ def analytic_error(table: BreakEvenTable | None = None) -> dict[str, float]:
             "points": len(both)}
 
 
-def cost_model_for(target: str, table_path: str | None = None, rpc: str | None = None) -> CostModel:
+class BoardMeasuredCost(MeasuredCost):
+    """Linear layers timed on the board itself (``calibrate --rpc``).
+
+    What the board's table cannot say is stated, not hidden: on a non-x86 board the in-model
+    factors and the mixed-build factor (measured on x86 hosts) are taken as 1, and the remainder
+    (attention, softmax, LayerNorm) comes from the target's analytic model."""
+
+    def __init__(self, table: BreakEvenTable, address: str) -> None:
+        super().__init__(table, source=f"calibrate over RPC at {address} ({table.target}, M={table.m}, "
+                                       f"measured {table.measured})")
+        self.x86 = table.isa in REMAINDER_TABLES
+        self.analytic = None
+        if not self.x86:
+            from blockprune.backends.tvm.cost.hardware import CORES
+
+            self.analytic = AnalyticCost(table.target) if table.target in CORES else None
+
+    def in_model_factor(self, block: str | None) -> float:
+        return super().in_model_factor(block) if self.x86 else 1.0
+
+    def mixed_dense_factor(self) -> float:
+        return super().mixed_dense_factor() if self.x86 else 1.0
+
+    def remainder_ms(self, shape: ModelShape) -> float:
+        if self.analytic is not None:
+            return self.analytic.remainder_ms(shape)
+        return super().remainder_ms(shape)
+
+    def assumptions(self) -> list[str]:
+        if self.x86:
+            return super().assumptions()
+        return [f"Linear layers: {self.source}; sweeps made non-decreasing in density, interpolated linearly; other "
+                "shapes: nearest measured shape scaled by multiply-adds",
+                "in-model and mixed-build factors: 1 (measured on x86 hosts only)",
+                "remainder (attention, softmax, LayerNorm, ...): " + (
+                    "analytic, the x86 remainder scaled by peak FLOP/s (unmeasured on the board)"
+                    if self.analytic is not None else "the x86 host's measured constant (no preset for this target)")]
+
+
+def board_table(target: str, address: str, shapes, blocks, m: int, cache: Path | None = None,
+                progress: bool = True) -> tuple[BreakEvenTable, bool]:
+    """The calibrate table of ``target`` timed over RPC at ``address`` for ``shapes`` x ``blocks``
+    (cached in ``cache``, keyed by all of them); (table, True) when read from the cache."""
+    from blockprune.backends.tvm.cost.calibrate import calibrate
+
+    key = {"target": target, "rpc": address, "shapes": sorted([int(n), int(k)] for n, k in shapes),
+           "blocks": sorted(blocks), "m": int(m)}
+    if cache is not None and cache.is_file():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return BreakEvenTable.load_dict(data["table"]), True
+        except (OSError, ValueError, KeyError, TypeError, BlockpruneError):
+            pass
+    table = calibrate([tuple(s) for s in key["shapes"]], blocks=key["blocks"], target=target, m=m, rpc=address,
+                      progress=progress)
+    if cache is not None:
+        from blockprune.io import atomic_path
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache, suffix=".json") as tmp:
+            tmp.write_text(json.dumps({"key": key, "table": table.to_dict()}, indent=1) + "\n")
+    return table, False
+
+
+def cost_model_for(target: str, table_path: str | None = None, rpc: str | None = None,
+                   board: BreakEvenTable | None = None) -> CostModel:
     """The cost model ``plan`` uses for ``target``.
 
-    ``rpc``: refused — ``calibrate`` has no ``--rpc`` yet, so there are no board-measured tables
-    to fetch; the error names the way to get one. ``table_path``: a calibrate JSON (measured on the
-    target itself). x86-64 without a table: the shipped table of this machine class. Other targets
-    without a table: the analytic model (predictions flagged unmeasured)."""
+    ``rpc`` with ``board``: the table timed on the board over RPC (``board_table``); ``rpc`` alone
+    is an error naming the fix (the shapes to time come from the model: ``plan`` measures them).
+    ``table_path``: a calibrate JSON (measured on the target itself). x86-64 without a table: the
+    shipped table of this machine class. Other targets without a table: the analytic model
+    (predictions flagged unmeasured)."""
     if rpc:
-        raise BlockpruneError(
-            f"--rpc {rpc}: `blockprune calibrate` cannot time kernels over RPC yet, so there is no measured "
-            "table to fetch from the board",
-            "run `blockprune calibrate --model MODEL.onnx -o board.json` on the board itself (or add --rpc to "
-            "calibrate: backends/tvm/cost/calibrate.py), then `blockprune plan ... --cost-table board.json`")
+        if board is None:
+            raise BlockpruneError(
+                f"--rpc {rpc}: no table was timed on the board",
+                "let `blockprune plan --rpc HOST:PORT` time the model's shapes there, or run `blockprune calibrate "
+                "--target T --rpc HOST:PORT -o board.json` and give `plan --cost-table board.json`")
+        if board.target != target:
+            raise BlockpruneError(f"the table timed over RPC is for {board.target!r}, not {target!r}",
+                                  f"plan with --target {board.target}")
+        return BoardMeasuredCost(board, rpc)
     if table_path:
         table = BreakEvenTable.load(table_path)
         if table.target != target:
