@@ -157,6 +157,12 @@ def make_batches(pm: PlanModel, texts: list[str] | None, max_length: int, exampl
     return out
 
 
+def _kl_per_example(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each example's class distribution."""
+    return torch.nn.functional.kl_div(torch.log_softmax(student_logits, -1), torch.log_softmax(teacher_logits, -1),
+                                      reduction="none", log_target=True).sum(-1)
+
+
 def _loss_fn(pm: PlanModel, batches: list[dict[str, torch.Tensor]]):
     from blockprune.frontends.embedding import mean_pool
 
@@ -179,8 +185,7 @@ def _loss_fn(pm: PlanModel, batches: list[dict[str, torch.Tensor]]):
             if head == "regression":
                 tot += float(((s - t) ** 2).sum())
             else:
-                tot += float(torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
-                                                        reduction="sum", log_target=True))
+                tot += float(_kl_per_example(s, t).sum())
             n += s.shape[0]
         return 100.0 * tot / max(n, 1)
     return loss
@@ -235,12 +240,10 @@ def _joint_loss_fn(pm: PlanModel, batches: list[dict[str, torch.Tensor]], seed: 
             sims = e @ e.T
             full = 100.0 * (1.0 - float(_pearson_rows(sims[iu][None], ref_sims[iu][None])[0]))
             reps = np.empty(BOOTSTRAP)
-            for r in range(BOOTSTRAP):
-                j = idx[r]
-                a, b = np.triu_indices(n, 1)
-                keep = j[a] != j[b]
-                reps[r] = 100.0 * (1.0 - float(_pearson_rows(sims[j[a[keep]], j[b[keep]]][None],
-                                                             ref_sims[j[a[keep]], j[b[keep]]][None])[0]))
+            for r, j in enumerate(idx):
+                keep = j[iu[0]] != j[iu[1]]
+                ja, jb = j[iu[0][keep]], j[iu[1][keep]]
+                reps[r] = 100.0 * (1.0 - float(_pearson_rows(sims[ja, jb][None], ref_sims[ja, jb][None])[0]))
             return full, reps
         return loss
     if head == "regression":
@@ -259,9 +262,7 @@ def _joint_loss_fn(pm: PlanModel, batches: list[dict[str, torch.Tensor]], seed: 
     idx = rng.integers(0, n, size=(BOOTSTRAP, n))
 
     def loss() -> tuple[float, np.ndarray]:
-        per = torch.cat([torch.nn.functional.kl_div(torch.log_softmax(model(**b).logits.float(), -1),
-                                                    torch.log_softmax(t, -1), reduction="none",
-                                                    log_target=True).sum(-1)
+        per = torch.cat([_kl_per_example(model(**b).logits.float(), t)
                          for b, t in zip(batches, ref_logits)]).double().numpy()
         return 100.0 * float(per.mean()), 100.0 * per[idx].mean(-1)
     return loss
@@ -325,11 +326,9 @@ def measure_plan_curves(pm: PlanModel, blocks: Sequence[str], ratios: Sequence[f
             data = {}
         # curves measured for more blocks serve a plan over fewer of them (each block's curves are
         # measured on their own)
-        want = json.loads(json.dumps(key))
-        have = data.get("key") or {}
-        if ({k: v for k, v in have.items() if k != "blocks"} == {k: v for k, v in want.items() if k != "blocks"}
-                and set(want["blocks"]) <= set(have.get("blocks", [])) and all(b in data["curves"] for b in blocks
-                                                                                 if b in have.get("blocks", []))):
+        want, have = json.loads(json.dumps(key)), dict(data.get("key") or {})
+        have_blocks = set(have.pop("blocks", []))
+        if have == {k: v for k, v in want.items() if k != "blocks"} and set(want["blocks"]) <= have_blocks:
             return {b: SensitivityCurves(c["ratios"], c["loss"], c["sizes"], c.get("baseline", 0.0),
                                          c.get("seconds", 0.0)) for b, c in data["curves"].items() if b in want["blocks"]}, True
     loss = _loss_fn(pm, batches)

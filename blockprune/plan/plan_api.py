@@ -109,6 +109,12 @@ def _check_target(target: str) -> None:
                               f"use one of the presets: {', '.join(CORES)}")
 
 
+def _faster_form(cost, n: int, k: int, block: str, ratio: float, rows: int, dense_ms: float) -> tuple[float, str]:
+    """(ms, form) of ``W[n, k]`` pruned at ``ratio``: BSR where the cost model says it beats ``dense_ms``."""
+    t = cost.layer(n, k, block, 1.0 - ratio, rows)
+    return (t.ms, t.form) if t.form == "bsr" and t.ms <= dense_ms else (dense_ms, "dense")
+
+
 def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: bool, mixed: float = 1.0):
     """Per layer the options (block, ratio, faster form) with predicted ms and cost; ``mixed``
     multiplies every dense time (dense kernels are slower in builds that also hold BSR layers)."""
@@ -132,8 +138,7 @@ def layer_options(pm, curves: dict, cost, blocks, ratios, rows: int, share_qkv: 
                 if r == 0.0:
                     choices.append(Choice(b, 0.0, "dense", dense, 0.0))
                     continue
-                t = cost.layer(n, k, b, 1.0 - r, rows)
-                ms, form = (t.ms, t.form) if t.form == "bsr" and t.ms <= dense else (dense, "dense")
+                ms, form = _faster_form(cost, n, k, b, r, rows, dense)
                 choices.append(Choice(b, float(r), form, ms, float(np.interp(r, x, y))))
         if not choices:
             choices.append(Choice(blocks[0], 0.0, "dense", dense, 0.0))
@@ -149,6 +154,8 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
     from blockprune.plan.search import least_cost_within, least_time_within
 
     goal, value = req.goal()
+    if req.selection not in SELECTIONS:
+        raise BlockpruneError(f"unknown plan selection {req.selection!r}", f"use one of: {', '.join(SELECTIONS)}")
     _check_target(req.target)
     for b in req.blocks:
         BlockShape.parse(b)
@@ -209,8 +216,6 @@ def make_plan(req: PlanRequest, log=print) -> PlanResult:
         if req.selection == "joint":
             res, candidates = _select_jointly(pm, options, res, curves, cost, blocks, rows, linear_budget, batches,
                                               req.caps, mixed, log)
-        elif req.selection != "additive":
-            raise BlockpruneError(f"unknown plan selection {req.selection!r}", f"use one of: {', '.join(SELECTIONS)}")
     else:
         res = least_time_within(options, value)
         candidates = []
@@ -272,8 +277,7 @@ def uniform_candidate(pm, curves: dict, cost, block: str, rows: int, linear_budg
         choices, total = {}, 0.0
         for name, (n, k) in pm.layers.items():
             dense = cost.dense_ms(n, k, rows) * mixed
-            t = cost.layer(n, k, block, 1.0 - r, rows) if r > 0 else None
-            ms, form = (t.ms, t.form) if t is not None and t.form == "bsr" and t.ms <= dense else (dense, "dense")
+            ms, form = _faster_form(cost, n, k, block, r, rows, dense) if r > 0 else (dense, "dense")
             x, y = _curve(c.ratios, c.loss[name])
             choices[name] = Choice(block, r, form, ms, float(np.interp(r, x, y)))
             total += ms
