@@ -149,6 +149,9 @@ def test_rpc_and_unknown_target_name_the_fix(tmp_path):
         make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-a72", rpc="board-no-port",
                               latency_ms=5.0))
     assert "HOST:PORT" in e.value.problem
+    with pytest.raises(BlockpruneError) as e:  # refused before anything is loaded or measured
+        make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), latency_ms=5.0, selection="best"))
+    assert "best" in e.value.problem and "joint" in e.value.fix and not list(tmp_path.iterdir())
     with pytest.raises(BlockpruneError) as e:
         make_plan(PlanRequest("bert-tiny", str(tmp_path / "p.yaml"), target="cortex-x9", speedup=2.0))
     assert "cortex-x9" in e.value.problem and "cortex-a72" in e.value.fix
