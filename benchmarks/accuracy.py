@@ -331,7 +331,8 @@ def markdown(settings: dict[str, Any], cells: list[Cell], tolerance: float, png:
                                                    x[0].ratio or 0)):
         delta = "-" if c.kind == "dense" else f"{100 * (c.metric - c.dense_metric):+.2f}"
         spread = f" ± {100 * std:.2f} ({n} seeds)" if n > 1 else ""
-        out.append(f"| {c.task} | {c.block or 'dense'} | {'-' if c.ratio is None else f'{c.ratio:g}'} | "
+        shape = (c.block or "dense") + (f" ({c.method})" if c.method == "transfer" else "")
+        out.append(f"| {c.task} | {shape} | {'-' if c.ratio is None else f'{c.ratio:g}'} | "
                    f"{c.compression_rate:.2f}x | {_pts(c.metric)}{spread} | {delta} | {_pts(c.reweighted_metric)} | "
                    f"{c.seconds / 60:.1f} |")
     if png:
@@ -404,6 +405,7 @@ class Grid:
     stage: str = "all"  # gradual grid: all, teacher, baseline or cells (see run_gradual_grid)
     seeds: list[int] | None = None  # gradual grid / ablation: the pruning runs' seeds
     baseline: "ResultsFile | None" = None  # ablation: the gradual grid's results (its dense rows)
+    transfer_from: Path | None = None  # gradual grid: embedding-grid runs dir; adds a transfer cell per cell
 
 
 def _limit_train(s: GridSettings, task: str) -> int | None:
@@ -500,6 +502,8 @@ def run_gradual_grid(grid: Grid, results: ResultsFile, log=print) -> None:
     for block, ratio in grid.cells or [(b, r) for b in grid.blocks for r in grid.ratios]:
         for seed in grid.seeds or [grid.settings.seed]:
             for task in grid.tasks:
+                if grid.transfer_from is not None:
+                    _transfer_cell(grid, results, task, block, ratio, seed, log)
                 _gradual_cell(grid, results, task, block, ratio, seed, log)
 
 
@@ -583,6 +587,39 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: {res.metric_name} "
         f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), "
         f"CR {res.compression_rate:.2f}x")
+
+
+def _transfer_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio: float, seed: int, log) -> None:
+    """"Prune once, fine-tune per task": the encoder and masks of the task-agnostic embedding run
+    at (``block``, ``ratio``) under ``grid.transfer_from`` replace the teacher's encoder, then
+    ``epochs_rew + epochs_retrain`` epochs of masked retraining distilled from the teacher: the
+    same total epochs, teacher and distillation as the gradual cell next to it."""
+    from blockprune.frontends import recipe
+
+    s = grid.settings
+    seed_tag = seed if seed != s.seed else 0
+    key = cell_key(task, block, ratio, "transfer", seed_tag)
+    if results.refresh(key) is not None:
+        return
+    source = grid.transfer_from / f"{block}-r{ratio:g}"
+    teacher = _teacher_ckpt(grid, task)
+    if grid.stage == "cells" and not (teacher / "config.json").is_file():
+        raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
+    out = grid.runs_dir / task / f"transfer-{block}" / f"r{ratio:g}{f'-s{seed}' if seed_tag else ''}"
+    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: transfer from {source} + retraining -> {out}")
+    t0 = time.perf_counter()
+    res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="transfer",
+                                    sparse_init=str(source), block=block, ratio=ratio, seed=seed, epochs_rew=0,
+                                    epochs_retrain=s.epochs_rew + s.epochs_retrain, distill=s.distill,
+                                    distill_hidden=s.distill_hidden, allocation="uniform"))
+    dense = _wait_dense(grid, results, task)
+    alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
+    results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
+                     block=block, ratio=ratio, compression_rate=res.compression_rate,
+                     seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=_stamp(),
+                     method="transfer", teacher_metric=dense.teacher_metric, allocation=alloc, seed=seed_tag))
+    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed} (transfer): {res.metric_name} "
+        f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}), CR {res.compression_rate:.2f}x")
 
 
 #: the issue's comparison at one cell: mask selection by each method, the same retraining after it
@@ -808,6 +845,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="magnitude / activation-aware / penalty RGL / proximal RGL at one cell (default MRPC and "
                          "STS-B at 16x1 0.7) from the gradual grid's teachers")
     ap.add_argument("--ablation-methods", default=",".join(ABLATION_METHODS))
+    ap.add_argument("--transfer-from", type=Path, default=None, metavar="EMBEDDING_RUNS_DIR",
+                    help="gradual grid: before each gradual cell, a 'transfer' cell that starts from the embedding "
+                         "grid's run at the same block and ratio (its encoder and masks) and retrains as many epochs")
     ap.add_argument("--background", action="store_true", help="detach; output to RUNS_DIR/log.txt")
     ap.add_argument("--report-only", action="store_true", help="only rebuild md/png from the results JSON")
     ap.add_argument("--no-progress", action="store_true")
@@ -921,7 +961,8 @@ def main(argv: list[str] | None = None) -> int:
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
                         cells=_cells_arg(args.cells) if args.method == "gradual" else None,
-                        stage="cells" if args.ablation else args.stage, seeds=seeds)
+                        stage="cells" if args.ablation else args.stage, seeds=seeds,
+                        transfer_from=args.transfer_from.resolve() if args.transfer_from else None)
             results = ResultsFile(args.results, settings)
             try:
                 if args.ablation:

@@ -111,27 +111,31 @@ def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION) -> st
 START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
 RESULTS = ROOT / "benchmarks" / "results"
 EMB = RESULTS / "accuracy_embedding.json"
+EMB_FULL = RESULTS / "accuracy_embedding_full.json"  # the issue's budget: 20,000 sentences, 3 + 2 epochs
 PLAN, PLAN_TRAIN = RESULTS / "plan.json", RESULTS / "plan_training.json"
 
 
-def render_embedding(path: Path = EMB) -> str:
-    """Zero-shot STS-B Spearman vs compression of the task-agnostic mode, its settings, the goals."""
+def render_embedding(paths: tuple[Path, ...] = (EMB_FULL, EMB)) -> str:
+    """Zero-shot STS-B Spearman vs compression of the task-agnostic mode: one table (settings,
+    cells, goals) per results file present, the first one's plot."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import embedding_goals, load_cells
 
-    settings, cells = load_cells(path)
     keys = ("limit_train", "epochs_gradual", "epochs_retrain", "lr", "batch_size", "max_length", "hidden_weight",
             "allocation", "freeze_embeddings")
-    dense = next(c for c in cells if c.kind == "dense")
-    out = ["<!-- results:embedding -->",
-           f"Settings (`{path.relative_to(ROOT)}`): " + ", ".join(f"{k}={settings.get(k)}" for k in keys) + ".", "",
-           "| block | ratio | CR | STS-B dev Spearman (zero-shot) | vs dense | minutes |", "|---|---:|---:|---:|---:|---:|",
-           f"| dense | - | 1.00x | {100 * dense.metric:.2f} | - | - |"]
-    for c in sorted((c for c in cells if c.kind == "pruned"), key=lambda c: c.ratio):
-        out.append(f"| {c.block} | {c.ratio:g} | {c.compression_rate:.2f}x | {100 * c.metric:.2f} | "
-                   f"{100 * (c.metric - dense.metric):+.2f} | {c.seconds / 60:.0f} |")
-    out += ["", *embedding_goals(cells), "",
-            f"![Spearman vs compression rate](benchmarks/results/{path.with_suffix('.png').name})",
+    present = [p for p in paths if p.is_file()]
+    out = ["<!-- results:embedding -->"]
+    for path in present:
+        settings, cells = load_cells(path)
+        dense = next(c for c in cells if c.kind == "dense")
+        out += [f"Settings (`{path.relative_to(ROOT)}`): " + ", ".join(f"{k}={settings.get(k)}" for k in keys) + ".",
+                "", "| block | ratio | CR | STS-B dev Spearman (zero-shot) | vs dense | minutes |",
+                "|---|---:|---:|---:|---:|---:|", f"| dense | - | 1.00x | {100 * dense.metric:.2f} | - | - |"]
+        for c in sorted((c for c in cells if c.kind == "pruned"), key=lambda c: c.ratio):
+            out.append(f"| {c.block} | {c.ratio:g} | {c.compression_rate:.2f}x | {100 * c.metric:.2f} | "
+                       f"{100 * (c.metric - dense.metric):+.2f} | {c.seconds / 60:.0f} |")
+        out += ["", *embedding_goals(cells), ""]
+    out += [f"![Spearman vs compression rate](benchmarks/results/{present[0].with_suffix('.png').name})",
             "<!-- /results:embedding -->"]
     return "\n".join(out)
 

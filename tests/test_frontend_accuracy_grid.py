@@ -76,6 +76,30 @@ def test_gradual_grid_runs_teacher_baseline_and_cells(tmp_path, monkeypatch):
     assert "| RTE | accuracy | 16x1 | 81.00 |" in md
 
 
+def test_transfer_cells_start_from_the_embedding_run_with_the_same_budget(tmp_path, monkeypatch):
+    acc = _acc()
+    import blockprune.frontends.recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    args = acc.parse_args(["--runs-dir", str(tmp_path / "runs"), "--transfer-from", str(tmp_path / "emb")])
+    settings = acc.GridSettings(method="gradual", epochs_dense=3, epochs_rew=3, epochs_retrain=2, distill=0.5,
+                                distill_hidden=1.0, allocation="sensitivity", score="activation", rgl_form="proximal")
+    grid = acc.Grid(settings, ["MRPC"], [], [], tmp_path / "d", tmp_path / "runs",
+                    cells=acc._cells_arg("16x1:0.5"), transfer_from=args.transfer_from.resolve())
+    acc.run_grid(grid, acc.ResultsFile(tmp_path / "t.json", settings), log=lambda s: None)
+    pruned = [c for c in calls if c.stop_after is None]
+    assert [c.method for c in pruned] == ["transfer", "gradual"]
+    t, g = pruned
+    assert t.sparse_init == str((tmp_path / "emb" / "16x1-r0.5").resolve()) and t.model == g.model
+    assert (t.epochs_dense, t.epochs_rew, t.epochs_retrain) == (0, 0, 5)  # as many epochs as gradual's 3 + 2
+    assert (t.distill, t.distill_hidden, t.block, t.ratio) == (g.distill, g.distill_hidden, "16x1", 0.5)
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["cells"]["MRPC/transfer/16x1/0.5"]["method"] == "transfer"
+    md = acc.markdown(*acc.load_cells(tmp_path / "t.json"), tolerance=0.01, png=None)
+    assert "| MRPC | 16x1 (transfer) | 0.5 |" in md and "| MRPC | 16x1 | 0.5 |" in md
+
+
 def test_embedding_grid_records_dense_and_cells(tmp_path, monkeypatch):
     acc = _acc()
     from blockprune.frontends import embedding

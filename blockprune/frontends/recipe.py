@@ -26,6 +26,8 @@ re-exported here.
 (activation-aware by default) and the same masked-retraining budget follows.
 ``method="gradual"`` raises sparsity on a cubic schedule during the sparse stage, then retrains
 with the masks fixed; with ``distill``/``distill_hidden`` both stages learn from the dense model.
+``method="transfer"`` retrains, masks fixed, from the encoder of an already pruned run
+(``sparse_init.py``), distilled from the dense fine-tuned model.
 
 Every check on user input (task, data files and their rows, block vs layer shapes, ratio, mode,
 an out dir holding a different run) happens before the out dir is created or a step is taken.
@@ -89,6 +91,7 @@ from blockprune.frontends.run_state import (  # noqa: F401  (re-exported)
     _write_json,
     checkpoint_dir,
 )
+from blockprune.frontends.sparse_init import load_sparse_init
 from blockprune.frontends.stages import (  # noqa: F401  (re-exported; tests patch train_stage here)
     StagePlan,
     StageStats,
@@ -307,7 +310,11 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                 pruner_box.append(GradualPruner(inner, layers, targets, schedule, fn))
                 return pruner_box[-1]
         elif stage.name == "retrain":
-            if cfg.method == "gradual":
+            if cfg.method == "transfer":
+                if distilled:
+                    teacher = frozen_teacher(loaded.model)  # the dense model, before its encoder is replaced
+                masks, allocation = load_sparse_init(loaded.model, cfg.sparse_init, layers)
+            elif cfg.method == "gradual":
                 if distilled and stage.epochs > 0:
                     teacher = _dense_teacher(cfg, spec, loaded, out, state)
                 masks = gradual_masks or _masks_from_file(checkpoint_dir(out, "gradual") / "block_masks.safetensors",

@@ -11,7 +11,10 @@ Methods (``method``):
 * ``magnitude``: dense -> one-shot hard prune (``score`` activation-aware by default) -> retraining;
 * ``gradual``: dense -> sparse training whose masks tighten on a cubic schedule to the target
   (``epochs_rew`` epochs; distilled from the dense model when ``distill``/``distill_hidden``)
-  -> retraining with the masks fixed (``epochs_retrain``, distilled from the dense model too).
+  -> retraining with the masks fixed (``epochs_retrain``, distilled from the dense model too);
+* ``transfer``: dense -> the encoder and masks of an already pruned run (``sparse_init``, e.g. a
+  task-agnostic ``--mode embedding`` run) replace the dense encoder -> masked retraining
+  (``epochs_retrain``), distilled from the dense model (``sparse_init.py`` says why).
 """
 
 from __future__ import annotations
@@ -31,9 +34,10 @@ from blockprune.frontends.hard_prune import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MO
 from blockprune.frontends.importance import SCORES
 from blockprune.frontends.regularizer import FORMS, GroupLassoConfig, RefreshSchedule
 
-METHODS = ("rgl", "magnitude", "gradual")
+METHODS = ("rgl", "magnitude", "gradual", "transfer")
 STAGES = ("dense", "reweighted", "gradual", "retrain")
-MASK_SOURCES = {"rgl": "reweighted-group-lasso", "magnitude": "magnitude", "gradual": "gradual-magnitude"}
+MASK_SOURCES = {"rgl": "reweighted-group-lasso", "magnitude": "magnitude", "gradual": "gradual-magnitude",
+                "transfer": "transferred"}
 #: Pooler and classifier heads; pruned only with ``include_heads`` (always counted in the CR).
 HEAD_PATTERN = r"(^|\.)(pooler|pre_classifier|classifier)\."
 #: Config fields that do not change what a run computes, so a resume may differ in them.
@@ -110,6 +114,7 @@ class RecipeConfig:
     attention: str = "sdpa"  # attention kernel while training/evaluating; export always uses eager
     optimizer: str = "fused"  # AdamW implementation (fused/foreach: one kernel over all tensors)
     plan_file: str | None = None  # plan.yaml from `blockprune plan`: per-layer blocks and ratios (allocation "plan")
+    sparse_init: str | None = None  # method "transfer": the pruned run (or checkpoint) whose encoder and masks start retraining
     seed: int = 0
     limit_train: int | None = None
     limit_eval: int | None = None
@@ -159,7 +164,18 @@ class RecipeConfig:
         """Refuse bad settings with one clear error each (nothing touches disk before this)."""
         if self.method not in METHODS:
             raise BlockpruneError(f"unknown method {self.method!r}",
-                                  "use rgl (reweighted group Lasso), magnitude (one-shot) or gradual (cubic schedule)")
+                                  "use rgl (reweighted group Lasso), magnitude (one-shot), gradual (cubic schedule) "
+                                  "or transfer (masks of a pruned run)")
+        if (self.method == "transfer") != bool(self.sparse_init):
+            raise BlockpruneError("method 'transfer' and a pruned source (sparse_init) go together",
+                                  "use `blockprune train --method transfer --sparse-init RUN_DIR`")
+        if self.method == "transfer":
+            from blockprune.frontends.sparse_init import resolve_source
+
+            resolve_source(self.sparse_init)  # a missing source fails here, before the out dir exists
+        if self.method == "transfer" and self.epochs_retrain < 1:
+            raise BlockpruneError("the transfer method trains only in masked retraining, and epochs_retrain is 0",
+                                  "use --epochs-retrain 1 or more")
         for what, allowed in (("rgl_form", FORMS), ("score", SCORES), ("allocation", ALLOCATIONS),
                               ("attention", ATTENTIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, what) not in allowed:
@@ -215,7 +231,7 @@ class RecipeConfig:
         if self.stop_after is not None and self.stop_after not in STAGES:
             raise BlockpruneError(f"stop_after={self.stop_after!r} is not a stage", f"use one of: {', '.join(STAGES)}")
         if self.stop_after == "reweighted" and self.method != "rgl":
-            raise BlockpruneError("stop_after=reweighted, but the magnitude method has no reweighted stage",
+            raise BlockpruneError(f"stop_after=reweighted, but the {self.method} method has no reweighted stage",
                                   "use stop_after=dense or retrain")
         if self.stop_after == "gradual" and self.method != "gradual":
             raise BlockpruneError(f"stop_after=gradual, but the {self.method} method has no gradual stage",
@@ -231,8 +247,9 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
-        if d.get("plan_file") is None:  # runs from before `--plan` existed resume unchanged
-            d.pop("plan_file", None)
+        for opt in ("plan_file", "sparse_init"):  # runs from before these options existed resume unchanged
+            if d.get(opt) is None:
+                d.pop(opt, None)
         if not self.distill and not self.distill_hidden:  # off: the temperature does not matter
             d.pop("distill", None)
             d.pop("distill_temperature", None)

@@ -48,9 +48,13 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--task", default=None, help="GLUE task: rte, mrpc, sst2, cola, stsb, qnli, wnli, ... (glue mode)")
     g.add_argument("--data-dir", default=None, help="the task folder (holding train.tsv, dev.tsv) or the GLUE root")
     g.add_argument("--out", required=True, help="run directory; an interrupted run resumes from it")
-    g.add_argument("--method", choices=["rgl", "magnitude", "gradual"], default="rgl",
+    g.add_argument("--method", choices=["rgl", "magnitude", "gradual", "transfer"], default="rgl",
                    help="rgl: reweighted group Lasso; magnitude: one-shot prune of the dense model (baseline); "
-                        "gradual: cubic sparsity schedule during --epochs-rew, then retraining with masks fixed")
+                        "gradual: cubic sparsity schedule during --epochs-rew, then retraining with masks fixed; "
+                        "transfer: start retraining from the pruned encoder of --sparse-init")
+    g.add_argument("--sparse-init", default=None, metavar="RUN_DIR",
+                   help="method transfer: a finished pruned run (e.g. --mode embedding) whose encoder weights and "
+                        "masks replace the dense encoder before masked retraining (prune once, fine-tune per task)")
     g.add_argument("--mode", choices=["glue", "embedding"], default="glue",
                    help="glue: a labelled GLUE task; embedding: task-agnostic sentence-embedding distillation on "
                         "--text (see `blockprune train --mode embedding --help`)")
@@ -163,7 +167,7 @@ def config_from_args(args: argparse.Namespace):
         sensitivity_ratios=_ratios(args.sensitivity_ratios),
         sensitivity_examples=args.sensitivity_examples, max_layer_ratio=args.max_layer_ratio,
         freeze_embeddings=args.freeze_embeddings, attention=args.attention, optimizer=args.optimizer,
-        plan_file=getattr(args, "plan", None),
+        plan_file=getattr(args, "plan", None), sparse_init=getattr(args, "sparse_init", None),
     )
 
 
