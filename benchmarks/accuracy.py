@@ -845,6 +845,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="magnitude / activation-aware / penalty RGL / proximal RGL at one cell (default MRPC and "
                          "STS-B at 16x1 0.7) from the gradual grid's teachers")
     ap.add_argument("--ablation-methods", default=",".join(ABLATION_METHODS))
+    ap.add_argument("--baseline-results", dest="baseline_results_file", type=Path, default=None,
+                    help="ablation: the grid JSON whose dense rows (and, via --runs-dir, teachers) it compares "
+                         "with (default the gradual grid's)")
     ap.add_argument("--transfer-from", type=Path, default=None, metavar="EMBEDDING_RUNS_DIR",
                     help="gradual grid: before each gradual cell, a 'transfer' cell that starts from the embedding "
                          "grid's run at the same block and ratio (its encoder and masks) and retrains as many epochs")
@@ -886,7 +889,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     name = "accuracy_embedding" if args.embedding else ("accuracy_gradual" if args.method == "gradual" else "accuracy")
     args.baseline_results = args.results or RESULTS / f"{name}{suffix}.json"  # ablation: the grid's dense rows
     if args.ablation:
-        args.baseline_results = RESULTS / f"{name}{suffix}.json"
+        args.baseline_results = args.baseline_results_file or RESULTS / f"{name}{suffix}.json"
         args.results = args.results or RESULTS / f"accuracy_ablation{suffix}.json"
     args.results = args.results or RESULTS / f"{name}{suffix}.json"
     args.runs_dir = args.runs_dir or ROOT / "runs" / f"{name}{suffix}".replace("_", "-")

@@ -66,9 +66,32 @@ def _run(cmd: list[str], log: list[str]) -> None:
         raise SystemExit(f"command failed ({res.returncode}): {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A model pruned by training (``--trained LABEL=PATH@BLOCK``): its own ONNX (the recipe's
+    ``model.onnx``, zeros in place) replaces the export, ``compress`` runs without ``--sparsity``
+    (the masks are already in the weights), and onnxruntime runs that same ONNX as the dense
+    baseline (its dense kernels cost the same with the zeros)."""
+
+    label: str
+    onnx: Path
+    block: str
+
+
+def parse_trained(text: str) -> Trained:
+    label, sep, rest = text.partition("=")
+    path, sep2, block = rest.rpartition("@")
+    if not (sep and sep2 and label and path and block):
+        raise SystemExit(f"--trained {text!r}: write LABEL=PATH/model.onnx@BLOCK, e.g. emb-0.5=runs/x/model.onnx@16x1")
+    if not Path(path).is_file():
+        raise SystemExit(f"--trained {text!r}: {path} does not exist")
+    return Trained(label, Path(path).resolve(), block)
+
+
 def build_all(models: list[str], work: Path, forced: bool, quick: bool,
-              previous: list[Build] = ()) -> list[Build]:
-    """Export each model once, then compress + compile every row (and its forced forms).
+              previous: list[Build] = (), trained: list[Trained] = ()) -> list[Build]:
+    """Export each model once, then compress + compile every row (and its forced forms); each
+    ``trained`` model is compressed as it is (no one-shot pruning) and compiled the same way.
 
     ``previous``: builds of an earlier run whose artifact directories still exist are kept (delete
     an artifact to have it rebuilt)."""
@@ -82,7 +105,10 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
         for block, sparsity in rows:
             forms = ["default"] + (list(FORCED) if forced and block else [])
             jobs += [(model, block, sparsity, form) for form in forms]
-    exported: dict[str, tuple[Path, list[str]]] = {}
+    given = {t.label: t for t in trained}
+    for t in trained:
+        jobs += [(t.label, t.block, None, form) for form in ["default"] + (list(FORCED) if forced else [])]
+    exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained}
     for model, block, sparsity, form in tqdm(jobs, desc="build", unit="artifact"):
         t0 = time.perf_counter()
         tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
@@ -101,7 +127,9 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
         src = dense
         if block is not None:
             src = work / f"{tag}.onnx"
-            cmd = [exe, "compress", str(dense), "-o", str(src), "--block", block, "--sparsity", str(sparsity)]
+            cmd = [exe, "compress", str(dense), "-o", str(src), "--block", block]
+            if model not in given:
+                cmd += ["--sparsity", str(sparsity)]
             if form != "default":
                 cmd += ["--form", form]
             _run(cmd, log)
@@ -183,7 +211,9 @@ def _profile(vm, call, reps: int = 5) -> dict[str, float]:
 # report
 # --------------------------------------------------------------------------------------------
 def _label(b: dict) -> str:
-    return "TVM dense" if b["block"] is None else f"{b['block']} at {b['sparsity']:.0%}"
+    if b["block"] is None:
+        return "TVM dense"
+    return f"{b['block']}, trained masks" if b["sparsity"] is None else f"{b['block']} at {b['sparsity']:.0%}"
 
 
 def table(result: dict) -> str:
@@ -234,7 +264,9 @@ def profile_table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="minilm,bert-base")
+    ap.add_argument("--models", default=None, help="default minilm,bert-base (none with --trained)")
+    ap.add_argument("--trained", action="append", default=[], metavar="LABEL=ONNX@BLOCK",
+                    help="also (or, without --models, only) a model pruned by training: its model.onnx and block")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=10, help="calls per engine per round")
     ap.add_argument("--rounds", type=int, default=5)
@@ -255,6 +287,9 @@ def main(argv: list[str] | None = None) -> None:
         res = _worker(Path(args.worker), args.worker_threads, args.runs, args.rounds, profile=True)
         print(json.dumps(res))
         return
+    trained = [parse_trained(t) for t in args.trained]
+    if args.models is None:
+        args.models = "" if trained else "minilm,bert-base"
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in ROWS]
     if unknown:
@@ -264,13 +299,15 @@ def main(argv: list[str] | None = None) -> None:
     plan_path = work / "plan.json"
     if args.reuse and plan_path.is_file():  # built earlier (e.g. while the machine was busy): time only
         plan = json.loads(plan_path.read_text())
-        builds = [Build(**b) for b in plan["builds"] if b["model"] in models]
+        builds = [Build(**b) for b in plan["builds"] if b["model"] in models or b["model"] in {t.label for t in trained}]
         plan["builds"] = [asdict(b) for b in builds]
     else:
         previous = [Build(**b) for b in json.loads(plan_path.read_text())["builds"]] \
             if args.keep_built and plan_path.is_file() else []
-        builds = build_all(models, work, forced=not args.no_forced, quick=args.quick, previous=previous)
-        plan = {"builds": [asdict(b) for b in builds], "dense": {m: str(work / f"{m}.onnx") for m in models}}
+        builds = build_all(models, work, forced=not args.no_forced, quick=args.quick, previous=previous,
+                           trained=trained)
+        plan = {"builds": [asdict(b) for b in builds],
+                "dense": {**{m: str(work / f"{m}.onnx") for m in models}, **{t.label: str(t.onnx) for t in trained}}}
         plan_path.write_text(json.dumps(plan))
     if args.build_only:
         print(f"built {len(builds)} artifacts in {work}; time them with --work {work} --reuse")
@@ -321,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for b in result["builds"]:  # paths in a temp dir mean nothing later; keep the names
         b["onnx"], b["artifact"] = Path(b["onnx"]).name, Path(b["artifact"]).name
-        b["commands"] = [c.replace(str(work) + "/", "") for c in b["commands"]]
+        b["commands"] = [c.replace(str(work) + "/", "").replace(os.getcwd() + "/", "") for c in b["commands"]]
     for tm in result["timings"]:
         for r in tm["rows"]:
             r["artifact"] = Path(r["artifact"]).name

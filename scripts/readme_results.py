@@ -140,6 +140,22 @@ def render_embedding(paths: tuple[Path, ...] = (EMB_FULL, EMB)) -> str:
     return "\n".join(out)
 
 
+SPEED_TRAINED = RESULTS / "speed_trained.json"
+
+
+def render_speed_trained(path: Path = SPEED_TRAINED) -> str:
+    """The default flow's speed on models pruned by training (their own masks and per-layer ratios)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from default_flow import table
+
+    result = json.loads(path.read_text())
+    loads = ", ".join(f"{t['threads']} thread(s): {t['load_before']:.2f}" for t in result["timings"])
+    return "\n".join(["<!-- results:speed_trained -->",
+                      f"Measured {result['date']} on {result['machine']}; {result['clock']}; batch 1 x seq 128; "
+                      f"load average before timing: {loads}. Command: `{result['command']}`.", "",
+                      table(result), "<!-- /results:speed_trained -->"])
+
+
 PLAN_TASKS = {"STS-B": RESULTS / "plan_STS-B.json", "MRPC": RESULTS / "plan_MRPC.json"}
 
 
@@ -190,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     new = _replace(text, START, END, render(json.loads(JSON.read_text())))
     if START_ACC in new and END_ACC in new:
         new = _replace(new, START_ACC, END_ACC, render_accuracy())
-    for name, fn, path in (("embedding", render_embedding, EMB), ("plan", render_plan, PLAN)):
+    for name, fn, path in (("embedding", render_embedding, EMB), ("speed_trained", render_speed_trained, SPEED_TRAINED),
+                           ("plan", render_plan, PLAN)):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in new and end in new and path.is_file():
             new = _replace(new, start, end, fn())

@@ -1,0 +1,45 @@
+"""benchmarks/default_flow.py --trained: a model pruned by training is compressed as it is (no
+one-shot --sparsity), compiled, and timed against onnxruntime on its own ONNX.
+
+What can fail: a trained model pruned again one-shot (its masks overwritten), its label missing from
+the timing plan's dense models, a malformed --trained spec accepted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from test_frontend_accuracy_grid import _bench
+
+
+def test_trained_rows_compress_without_sparsity_and_time_against_their_own_onnx(tmp_path, monkeypatch):
+    flow = _bench("default_flow.py", "bench_default_flow")
+    onnx_path = tmp_path / "model.onnx"
+    onnx_path.write_bytes(b"not read by the recorder")
+    with pytest.raises(SystemExit, match="LABEL=PATH"):
+        flow.parse_trained(f"{onnx_path}@16x1")
+    with pytest.raises(SystemExit, match="does not exist"):
+        flow.parse_trained("emb=/nowhere/model.onnx@16x1")
+    t = flow.parse_trained(f"emb={onnx_path}@16x1")
+    assert (t.label, t.block, t.onnx) == ("emb", "16x1", onnx_path.resolve())
+
+    commands = []
+
+    def record(cmd, log):
+        log.append(" ".join(cmd))
+        commands.append(cmd)
+        if cmd[1] == "compile":
+            Path(cmd[-1]).mkdir(parents=True)
+            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
+
+    monkeypatch.setattr(flow, "_run", record)
+    builds = flow.build_all([], tmp_path / "work", forced=True, quick=False, trained=[t])
+    assert [b.form for b in builds] == ["default", "bsr", "compact"]
+    compress = [c for c in commands if c[1] == "compress"]
+    assert [c[2] for c in compress] == [str(onnx_path.resolve())] * 3  # the trained ONNX, not an export
+    assert not any("--sparsity" in c for c in compress) and all(c[c.index("--block") + 1] == "16x1" for c in compress)
+    assert not any(c[1] == "export" for c in commands)
+    assert flow._label({"block": "16x1", "sparsity": None}) == "16x1, trained masks"
