@@ -578,13 +578,21 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
                                     ratio=ratio, seed=seed, distill=s.distill, distill_hidden=s.distill_hidden,
                                     allocation=s.allocation,
                                     sensitivity_file=str(tdir / f"sensitivity-{block}{suffix}.json")))
+    _record_cell(grid, results, task, (block, ratio, "gradual", seed_tag), res, out, time.perf_counter() - t0, log)
+
+
+def _record_cell(grid: Grid, results: ResultsFile, task: str, cell: tuple[str, float, str, int], res: Any,
+                 out: Path, seconds: float, log) -> None:
+    """One finished pruned run (``cell``: block, ratio, method, seed tag) as a row next to its
+    task's dense baseline (waited for if another process writes it)."""
+    block, ratio, method, seed_tag = cell
     dense = _wait_dense(grid, results, task)
     alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
     results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
                      block=block, ratio=ratio, compression_rate=res.compression_rate,
-                     seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=_stamp(),
-                     method="gradual", teacher_metric=dense.teacher_metric, allocation=alloc, seed=seed_tag))
-    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: {res.metric_name} "
+                     seconds=seconds, run_dir=str(out), finished_at=_stamp(),
+                     method=method, teacher_metric=dense.teacher_metric, allocation=alloc, seed=seed_tag))
+    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed_tag} ({method}): {res.metric_name} "
         f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), "
         f"CR {res.compression_rate:.2f}x")
 
@@ -612,14 +620,7 @@ def _transfer_cell(grid: Grid, results: ResultsFile, task: str, block: str, rati
                                     sparse_init=str(source), block=block, ratio=ratio, seed=seed, epochs_rew=0,
                                     epochs_retrain=s.epochs_rew + s.epochs_retrain, distill=s.distill,
                                     distill_hidden=s.distill_hidden, allocation="uniform"))
-    dense = _wait_dense(grid, results, task)
-    alloc = (res.report.get("allocation") or {}).get("ratios") if isinstance(res.report, dict) else None
-    results.add(Cell(task, "pruned", res.metric_name, res.report["pruned_metric"], dense.metric,
-                     block=block, ratio=ratio, compression_rate=res.compression_rate,
-                     seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=_stamp(),
-                     method="transfer", teacher_metric=dense.teacher_metric, allocation=alloc, seed=seed_tag))
-    log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed} (transfer): {res.metric_name} "
-        f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}), CR {res.compression_rate:.2f}x")
+    _record_cell(grid, results, task, (block, ratio, "transfer", seed_tag), res, out, time.perf_counter() - t0, log)
 
 
 #: the issue's comparison at one cell: mask selection by each method, the same retraining after it

@@ -11,6 +11,12 @@ masks fixed, distilled from the task's dense teacher, spends the pruning budget 
 source's block masks for ``layers``, checked against each layer's block shape. ``source`` is a
 run directory of ``blockprune train`` (either mode; its last checkpoint is used) or a checkpoint
 directory holding ``block_masks.safetensors`` next to the weights.
+
+Measured on the bundled MiniLM (README, ``accuracy_transfer.md``): from the 16x1 0.5 embedding run,
+MRPC and STS-B end below gradual pruning from the task teacher, STS-B far below. The embedding
+encoder is shaped for mean pooling; BERT-style GLUE heads read the CLS token through the pooler, and
+the task fine-tune moves the top hidden states far from the pre-trained ones. Expect this method to
+pay off with a head that pools the way the source was trained, or with a source pruned on the task.
 """
 
 from __future__ import annotations
