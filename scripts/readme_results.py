@@ -55,9 +55,12 @@ def render(result: dict) -> str:
 
 ACC = ROOT / "benchmarks" / "results" / "accuracy_gradual.json"
 ABLATION = ROOT / "benchmarks" / "results" / "accuracy_ablation.json"
+CPU_ABLATION = ROOT / "benchmarks" / "results" / "accuracy_ablation_cpu.json"  # on the CPU teachers of:
+CPU_GRID = ROOT / "benchmarks" / "results" / "accuracy_transfer.json"
 
 
-def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION) -> str:
+def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION,
+                    cpu_ablation_path: Path = CPU_ABLATION) -> str:
     """Best compression within a point per task, every cell as a task x cell matrix, the plot,
     and the ablation's means, all from the grid's results JSON."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -95,17 +98,30 @@ def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION) -> st
             + ", ".join(f"{b} {v:.2f}x" for b, v in avg.items()) + " (goal: 2.0x).", "",
             f"![metric vs compression rate](benchmarks/results/{grid_path.with_suffix('.png').name})"]
     if ablation_path.is_file():
-        _, abl = load_cells(ablation_path)
-        same = [c for c in cells if c.kind == "pruned" and c.method == "gradual"
-                and (c.task, c.block, c.ratio) in {(a.task, a.block, a.ratio) for a in abl}]
-        out += ["", "Mask selection at one cell (same start, epochs, distillation, allocation; "
-                    f"`{ablation_path.relative_to(ROOT)}`):", "",
-                "| task | cell | method | seeds | dev metric | vs dense |", "|---|---|---|---:|---:|---:|"]
-        for c, n, sd in sorted(seed_means(abl + same), key=lambda x: (x[0].task, x[0].method)):
-            out.append(f"| {c.task} | {c.block} r={c.ratio:g} | {c.method} | {n} | {100 * c.metric:.2f}"
-                       + (f" ± {100 * sd:.2f}" if n > 1 else "") + f" | {100 * (c.metric - dense[c.task].metric):+.2f} |")
+        out += ablation_table(ablation_path, cells, "GPU-trained teachers of the grid above")
+    if cpu_ablation_path.is_file() and CPU_GRID.is_file():
+        out += ablation_table(cpu_ablation_path, load_cells(CPU_GRID)[1],
+                              f"CPU-trained teachers and dense baselines of `{CPU_GRID.relative_to(ROOT)}`")
     out.append(END_ACC)
     return "\n".join(out)
+
+
+def ablation_table(ablation_path: Path, grid_cells: list, teachers: str) -> list[str]:
+    """Mask selection at one cell: each method's mean ± std over seeds, the grid's gradual cell at
+    the same point, and the difference to the grid's dense baseline."""
+    from accuracy import load_cells, seed_means
+
+    _, abl = load_cells(ablation_path)
+    dense = {c.task: c for c in grid_cells if c.kind == "dense"}
+    same = [c for c in grid_cells if c.kind == "pruned" and c.method == "gradual"
+            and (c.task, c.block, c.ratio) in {(a.task, a.block, a.ratio) for a in abl}]
+    out = ["", f"Mask selection at one cell (same start, epochs, distillation, allocation; {teachers}; "
+               f"`{ablation_path.relative_to(ROOT)}`):", "",
+           "| task | cell | method | seeds | dev metric | vs dense |", "|---|---|---|---:|---:|---:|"]
+    for c, n, sd in sorted(seed_means(abl + same), key=lambda x: (x[0].task, x[0].method)):
+        out.append(f"| {c.task} | {c.block} r={c.ratio:g} | {c.method} | {n} | {100 * c.metric:.2f}"
+                   + (f" ± {100 * sd:.2f}" if n > 1 else "") + f" | {100 * (c.metric - dense[c.task].metric):+.2f} |")
+    return out
 
 
 START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
