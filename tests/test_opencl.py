@@ -164,3 +164,22 @@ def test_index_arrays_must_be_given():
 def test_missing_opencl_platform_says_how_to_install(without_pyopencl):
     with pytest.raises(BlockpruneError, match="apt-get install pocl-opencl-icd ocl-icd-opencl-dev"):
         ov._opencl_context()
+
+
+@needs_opencl
+def test_a_new_context_does_not_reuse_programs_built_in_the_old_one():
+    """CI failed with INVALID_CONTEXT: a test that hides pyopencl drops the cached context, and a
+    later run of an already-built source got the old context's program on the new queue."""
+    m, n, k = 4, 8, 16
+    w = _pruned(n, k, (4, 4), density=0.5, seed=3)
+    bsr = dense_to_bsr(w, (4, 4))
+    x = np.random.default_rng(2).standard_normal((m, k)).astype(np.float32)
+    gpu, _, _, _ = build_gpu_bsr_module((m, k), n, "4x4", bias=False, target="mali")
+    lowered = ov.lower_for_opencl(gpu, "mali")
+    inputs = gpu_kernel_inputs(x, bsr, None)
+    expect = x @ bsr_to_dense(bsr).T
+    for _ in range(2):  # the second run builds in a fresh context
+        arrays = dict(inputs, Y=np.full((m, n), np.nan, np.float32))
+        out, _ = ov.run_on_opencl(lowered, FUNC, arrays, {"nnzb": bsr.nnzb}, resolve_gpu_target("mali"))
+        np.testing.assert_allclose(out["Y"], expect, rtol=1e-5, atol=1e-5)
+        ov._opencl_context.cache_clear()

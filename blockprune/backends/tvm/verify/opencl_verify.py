@@ -455,9 +455,18 @@ def _bind_inputs(func_name: str, func, given: Mapping[str, np.ndarray], rng: np.
 # --------------------------------------------------------------------------------------------
 # Running
 # --------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=32)
 def _build_program(source: str):
+    """The built program for ``source`` in the current context.
+
+    Keyed by context as well as source: a program belongs to the context it was built in, and the
+    context is re-created whenever its cache is dropped (a test that hides pyopencl does so);
+    launching an old program on the new queue fails with INVALID_CONTEXT."""
     cl, ctx, _ = _opencl_context()
+    return _build_program_in(cl, ctx, source)
+
+
+@functools.lru_cache(maxsize=32)
+def _build_program_in(cl, ctx, source: str):
     try:
         return cl.Program(ctx, source).build()
     except cl.Error as err:
