@@ -624,9 +624,9 @@ def _transfer_cell(grid: Grid, results: ResultsFile, task: str, block: str, rati
 
 
 #: the issue's comparison at one cell: mask selection by each method, the same retraining after it
-ABLATION_METHODS = ("magnitude-weight", "magnitude-activation", "rgl-penalty", "rgl-proximal")
+ABLATION_METHODS = ("magnitude-weight", "magnitude-activation", "rgl-penalty", "rgl-proximal", "rgl-targeted")
 ABLATION_SEEDS = {"magnitude-weight": (0, 1, 2), "magnitude-activation": (0,), "rgl-penalty": (0,),
-                  "rgl-proximal": (0, 1, 2)}
+                  "rgl-proximal": (0, 1, 2), "rgl-targeted": (0, 1, 2)}
 ABLATION_TASKS = ("MRPC", "STS-B")
 ABLATION_CELL = ("16x1", 0.7)
 
@@ -640,7 +640,11 @@ def ablation_config(grid: Grid, task: str, method: str, block: str, ratio: float
       block norms / activation-aware scores, then all the epochs as masked retraining;
     * ``rgl-penalty`` / ``rgl-proximal``: ``epochs_rew`` epochs of reweighted group Lasso (the
       paper's penalty in the loss, lambda 1e-4 / the proximal step, lambda 10: each form's
-      default), hard pruning, then ``epochs_retrain`` of masked retraining."""
+      default), hard pruning, then ``epochs_retrain`` of masked retraining; the RGL stage itself
+      is not distilled (the recipe's default);
+    * ``rgl-targeted``: the proximal form restricted to the groups due for pruning on the gradual
+      ramp (``rgl_scope="target"``, per-layer ratios from the allocation) and distilled like the
+      other stages (``rgl_distill``): the RGL variant that answers the untargeted cascade."""
     s = grid.settings
     family, _, variant = method.partition("-")
     common = dict(model=str(_teacher_ckpt(grid, task)), epochs_dense=0, block=block, ratio=ratio, seed=seed,
@@ -649,6 +653,12 @@ def ablation_config(grid: Grid, task: str, method: str, block: str, ratio: float
         return _config(grid, task, out, method="magnitude", score=variant, epochs_rew=0,
                        epochs_retrain=s.epochs_rew + s.epochs_retrain,
                        sensitivity_file=str(out.parent.parent / f"sensitivity-{block}-{variant}-s{seed}.json"),
+                       **common)
+    if method == "rgl-targeted":
+        return _config(grid, task, out, method="rgl", rgl_form="proximal", rgl_scope="target",
+                       rgl_distill=bool(s.distill or s.distill_hidden), lam=None, score=s.score,
+                       # its own file: measured on the teacher (rgl-proximal's is measured after its RGL stage)
+                       sensitivity_file=str(out.parent.parent / f"sensitivity-{block}-{s.score}-targeted-s{seed}.json"),
                        **common)
     if family == "rgl":
         return _config(grid, task, out, method="rgl", rgl_form=variant, lam=None, score=s.score,

@@ -205,6 +205,9 @@ def test_ablation_configs_differ_only_in_how_masks_are_chosen(tmp_path):
     assert (cfgs["rgl-penalty"].method, cfgs["rgl-penalty"].rgl_form, cfgs["rgl-penalty"].lam_value) == ("rgl", "penalty", 1e-4)
     assert (cfgs["rgl-proximal"].rgl_form, cfgs["rgl-proximal"].lam_value, cfgs["rgl-proximal"].epochs_rew) == \
         ("proximal", 10.0, 3)
+    t = cfgs["rgl-targeted"]
+    assert (t.method, t.rgl_form, t.rgl_scope, t.rgl_distill, t.epochs_rew) == ("rgl", "proximal", "target", True, 3)
+    assert cfgs["rgl-proximal"].rgl_scope == "all" and not cfgs["rgl-proximal"].rgl_distill
     with pytest.raises(SystemExit, match="unknown ablation method"):
         acc.ablation_config(grid, "MRPC", "lottery", "16x1", 0.7, 0, out)
 

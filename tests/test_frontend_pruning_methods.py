@@ -98,6 +98,53 @@ def test_proximal_step_shrinks_by_the_formula_and_reaches_exact_zero():
         GroupLassoConfig(form="loss")
 
 
+def test_targeted_proximal_step_zeroes_the_target_share_and_spares_the_rest():
+    """Untargeted, lambda 0.5 zeroes nearly every group (the cascade that took STS-B to 2.8);
+    targeted, exactly each layer's ratio of groups ends at zero, chosen weakest first as the ramp
+    moves, and the kept groups are not shrunk at all."""
+    def run(targets):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 8, bias=False), nn.Linear(8, 16, bias=False))
+        layers = {"0.weight": "1x4", "1.weight": "4x1"}
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+        ramp = CubicSchedule(ramp_steps=60, every=10) if targets else None
+        reg = ReweightedGroupLasso(model, layers, GroupLassoConfig(lam=0.5, form="proximal"),
+                                   targets=targets, ramp=ramp)
+        sizes = []
+        for step in range(1, 101):
+            reg.proximal_step(0.01)
+            reg.on_step_end(step)
+            if step % 20 == 0:
+                reg.refresh()
+            if targets:
+                sizes.append(int(reg.shrink_set("0.weight").sum()))
+        return model, w0, reg, sizes
+
+    model, _, reg, _ = run(None)
+    assert reg.history[-1]["zero_group_fraction"] > 0.9
+
+    targets = {"0.weight": 0.5, "1.weight": 0.25}
+    model, w0, reg, sizes = run(targets)
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1] == 16  # the set grows with the ramp to 50% of 32
+    for name, block in (("0.weight", BlockShape.parse("1x4")), ("1.weight", BlockShape.parse("4x1"))):
+        w = dict(model.named_parameters())[name].detach()
+        norms = w.reshape(w.shape[0] // block.rows, block.rows, w.shape[1] // block.cols, block.cols)
+        norms = norms.permute(0, 2, 1, 3).reshape(w.shape[0] // block.rows, w.shape[1] // block.cols, -1).norm(dim=2)
+        zero = norms == 0
+        assert int(zero.sum()) == int(targets[name] * zero.numel()), name
+        full = zero.repeat_interleave(block.rows, 0).repeat_interleave(block.cols, 1)
+        torch.testing.assert_close(w[~full], w0[name][~full], rtol=0, atol=0)  # kept groups untouched
+        # the zeroed groups are the weakest at the start
+        n0 = w0[name].reshape(w.shape[0] // block.rows, block.rows, w.shape[1] // block.cols, block.cols)
+        n0 = n0.permute(0, 2, 1, 3).reshape(zero.shape + (-1,)).norm(dim=2)
+        assert n0[zero].max() <= n0[~zero].min()
+    with pytest.raises(BlockpruneError, match="no target ratio"):
+        ReweightedGroupLasso(model, {"0.weight": "1x4", "1.weight": "4x1"}, GroupLassoConfig(form="proximal"),
+                             targets={"0.weight": 0.5}, ramp=CubicSchedule(ramp_steps=10))
+    with pytest.raises(BlockpruneError, match="ramp"):
+        ReweightedGroupLasso(model, {"0.weight": "1x4"}, GroupLassoConfig(form="proximal"), targets={"0.weight": 0.5})
+
+
 def test_cubic_schedule():
     assert cubic_sparsity(0, 100, 0.0, 0.8) == 0.0
     assert cubic_sparsity(100, 100, 0.0, 0.8) == pytest.approx(0.8)

@@ -79,3 +79,47 @@ def test_proximal_rgl_zeroes_groups_and_logs_refreshes(tiny_model, tmp_path):
     assert res.report["rgl_form"] == "proximal" and res.report["lambda"] == 0.3
     state = json.loads((res.out / "state.json").read_text())
     assert state["stages"]["reweighted"]["history"] == log
+
+
+def test_targeted_distilled_rgl_prunes_what_it_shrank(tiny_model, tmp_path):
+    """``rgl_scope="target"`` with ``rgl_distill``: the reweighted stage is distilled from the dense
+    model, shrinks only each layer's allocated share (to exactly zero with a strong lambda), and
+    hard pruning then removes exactly those groups at the same per-layer ratios."""
+    from safetensors.torch import load_file
+
+    from blockprune.frontends import recipe as recipe_mod
+    from blockprune.masks import load_masks
+
+    cfg = small_config(tiny_model, tmp_path / "t", method="rgl", rgl_form="proximal", rgl_scope="target",
+                       rgl_distill=True, distill=0.5, lam=1e4, block="4x4", ratio=0.5, epochs_dense=0, epochs_rew=2,
+                       epochs_retrain=1, allocation="sensitivity", sensitivity_ratios=[0.3, 0.6, 0.9],
+                       sensitivity_examples=32, calib_examples=32, prune_every=1, limit_train=64, exporter="legacy")
+    real = recipe_mod.train_stage
+    teachers = {}
+
+    def spy(accelerator, model, loader, plan, cfg_, layers=None, masks=None, teacher=None, **kw):
+        teachers[plan.name] = teacher is not None
+        return real(accelerator, model, loader, plan, cfg_, layers, masks, teacher, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe_mod, "train_stage", spy)
+        res = run_recipe(cfg)
+    assert teachers == {"reweighted": True, "retrain": True}
+    state = json.loads((res.out / "state.json").read_text())
+    ratios = state["stages"]["reweighted"]["allocation"]["ratios"]
+    assert len(set(round(r, 3) for r in ratios.values())) > 1  # sensitivity, not uniform
+    maskset = load_masks(res.masks_path)
+    assert maskset.extra["allocation"]["ratios"] == pytest.approx(ratios)  # hard pruning used the same ratios
+    norms = load_file(str(res.out / "checkpoints" / "reweighted" / "group_norms.safetensors"))
+    for name, m in maskset.masks.items():
+        zero = (norms[name] == 0).numpy()
+        keep = torch.as_tensor(m).bool().numpy().T  # the masks file holds the ONNX (in x out) orientation
+        pruned = ~keep.reshape(zero.shape[0], 4, zero.shape[1], 4)[:, 0, :, 0]
+        assert (zero == pruned).all(), name  # what the stage zeroed is what was pruned
+        assert zero.mean() == pytest.approx(ratios[name], abs=1 / zero.size + 1e-9)
+    with pytest.raises(Exception, match="rgl-distill"):
+        small_config(tiny_model, tmp_path / "x", method="rgl", rgl_distill=True).validate()
+    with pytest.raises(Exception, match="proximal form"):
+        small_config(tiny_model, tmp_path / "y", method="rgl", rgl_scope="target", prune_mode="layer").validate()
+    with pytest.raises(Exception, match="does not have"):
+        small_config(tiny_model, tmp_path / "z", method="gradual", rgl_scope="target").validate()

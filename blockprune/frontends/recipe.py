@@ -296,8 +296,14 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         allocation = None
         pruner_box: list[GradualPruner] = []
         distilled = cfg.distill_config().enabled
+        reg_targets = None
         if stage.name == "reweighted":
+            if distilled and cfg.rgl_distill and stage.epochs > 0:
+                teacher = frozen_teacher(loaded.model)  # the dense model: the stage starts from it
             fn = calib.feature_norms(loaded.model)
+            if cfg.rgl_scope == "target":  # the ratios the later hard pruning will use, chosen on the dense model
+                allocation = calib.allocation(loaded.model, fn)
+                reg_targets = allocation["ratios"]
         elif stage.name == "gradual":
             if distilled:
                 teacher = frozen_teacher(loaded.model)  # the dense model: the stage starts from it
@@ -323,7 +329,9 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                 if distilled and stage.epochs > 0:
                     teacher = frozen_teacher(loaded.model)  # the model right before hard pruning
                 fn = calib.feature_norms(loaded.model)
-                allocation = calib.allocation(loaded.model, fn)
+                rew = state.get("reweighted") if cfg.rgl_scope == "target" else None
+                # targeted: prune to the ratios the reweighted stage shrank towards, not re-chosen ones
+                allocation = rew["allocation"] if rew and rew.get("allocation") else calib.allocation(loaded.model, fn)
                 masks = hard_prune(loaded.model, layers, hp_config, feature_norms=fn,
                                    layer_ratios=allocation["ratios"] if allocation else None)
             extra["block_masks.safetensors"] = {n: m.mask.to(torch.uint8) for n, m in masks.items()}
@@ -331,7 +339,7 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         masked = None
         if stage.epochs > 0:
             stats, masked = train_stage(accelerator, loaded.model, train_loader, stage, cfg, reg_layers, masks,
-                                        teacher, feature_norms=fn, make_pruner=make_pruner)
+                                        teacher, feature_norms=fn, make_pruner=make_pruner, reg_targets=reg_targets)
             del teacher
         else:
             stats = StageStats()

@@ -7,7 +7,9 @@ of the training code lets all of them import it cheaply.
 Methods (``method``):
 
 * ``rgl``: dense -> reweighted group Lasso (``rgl_form`` proximal by default, or the paper's
-  penalty in the loss) -> hard prune -> masked retraining;
+  penalty in the loss; ``rgl_scope`` target shrinks only the groups due for pruning, on the
+  gradual method's ramp; ``rgl_distill`` distils this stage from the dense model) -> hard
+  prune -> masked retraining;
 * ``magnitude``: dense -> one-shot hard prune (``score`` activation-aware by default) -> retraining;
 * ``gradual``: dense -> sparse training whose masks tighten on a cubic schedule to the target
   (``epochs_rew`` epochs; distilled from the dense model when ``distill``/``distill_hidden``)
@@ -46,6 +48,7 @@ _NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "
 #: group by lr * lambda * alpha_g per step, so zeroing a group of norm ~0.3 within a few hundred
 #: steps at lr 2e-5 needs lambda ~10 (measured on MiniLM 16x1: pure proximal steps zero ~half the
 #: groups in 300 steps at lambda 10).
+RGL_SCOPES = ("all", "target")
 DEFAULT_LAMBDA = {"penalty": 1e-4, "proximal": 10.0}
 ATTENTIONS = ("sdpa", "eager")
 OPTIMIZERS = ("fused", "foreach", "default")
@@ -92,6 +95,10 @@ class RecipeConfig:
     max_grad_norm: float | None = 1.0
     lam: float | None = None  # None: DEFAULT_LAMBDA of rgl_form
     rgl_form: str = "proximal"
+    #: proximal step over every group ("all") or only over the groups hard pruning would remove at
+    #: the ramp's current share of each layer's ratio ("target"; see regularizer.py for why)
+    rgl_scope: str = "all"
+    rgl_distill: bool = False  # rgl: distil the reweighted stage from the dense model too (distill/distill_hidden)
     layer_lambdas: list[tuple[str, float]] = field(default_factory=list)
     eps: float = 1e-3
     refresh_every_epochs: int | None = 1
@@ -180,6 +187,18 @@ class RecipeConfig:
                               ("attention", ATTENTIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, what) not in allowed:
                 raise BlockpruneError(f"{what}={getattr(self, what)!r} is unknown", f"use one of: {', '.join(allowed)}")
+        if (self.rgl_scope != "all" or self.rgl_distill) and self.method != "rgl":
+            raise BlockpruneError(f"--rgl-scope/--rgl-distill shape the reweighted stage, which the {self.method} "
+                                  "method does not have", "use --method rgl, or drop those options")
+        if self.rgl_scope not in RGL_SCOPES:
+            raise BlockpruneError(f"rgl_scope={self.rgl_scope!r} is unknown", f"use one of: {', '.join(RGL_SCOPES)}")
+        if self.rgl_scope == "target" and (self.rgl_form != "proximal" or self.prune_mode != "layer"):
+            raise BlockpruneError("--rgl-scope target shrinks the groups of each layer's target ratio, so it needs "
+                                  f"the proximal form and per-layer ratios (got {self.rgl_form}, {self.prune_mode})",
+                                  "use --rgl-form proximal --prune-mode layer, or --rgl-scope all")
+        if self.rgl_distill and not (self.distill or self.distill_hidden):
+            raise BlockpruneError("--rgl-distill distils the reweighted stage, but distillation is off",
+                                  "add --distill 0.5 (and/or --distill-hidden 1.0), or drop --rgl-distill")
         if self.method == "gradual" and self.prune_mode != "layer":
             raise BlockpruneError(f"gradual pruning needs per-layer ratios, not prune_mode={self.prune_mode!r}",
                                   "use --prune-mode layer (with --allocation uniform or sensitivity)")
@@ -249,6 +268,9 @@ class RecipeConfig:
             d.pop(k, None)
         for opt in ("plan_file", "sparse_init"):  # runs from before these options existed resume unchanged
             if d.get(opt) is None:
+                d.pop(opt, None)
+        for opt, before in (("rgl_scope", "all"), ("rgl_distill", False)):  # likewise, at their old behaviour
+            if d.get(opt) == before:
                 d.pop(opt, None)
         if not self.distill and not self.distill_hidden:  # off: the temperature does not matter
             d.pop("distill", None)

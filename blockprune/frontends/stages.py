@@ -25,6 +25,7 @@ import torch
 from blockprune.blocks import BlockShape
 from blockprune.frontends.distill import distillation_loss, hidden_mse
 from blockprune.frontends.glue import TaskSpec
+from blockprune.frontends.gradual import CubicSchedule
 from blockprune.frontends.hard_prune import LayerMask
 from blockprune.frontends.masked import MaskedTraining
 from blockprune.frontends.metrics import compute_metrics
@@ -99,6 +100,7 @@ def train_loop(accelerator: Any, model: torch.nn.Module, loader: Any, plan: Stag
                masks: dict[str, LayerMask] | None = None, reg_layers: dict[str, BlockShape] | None = None,
                feature_norms: dict[str, torch.Tensor] | None = None,
                make_pruner: Callable[[torch.nn.Module, int], Any] | None = None,
+               reg_targets: dict[str, float] | None = None,
                ) -> tuple[StageStats, MaskedTraining | None]:
     """Run ``plan.epochs`` epochs of ``loss_fn`` through ``accelerator``.
 
@@ -106,6 +108,8 @@ def train_loop(accelerator: Any, model: torch.nn.Module, loader: Any, plan: Stag
     ``freeze_embeddings``, ``progress`` and, with ``reg_layers``, ``lasso_config()``.
     ``make_pruner(inner_model, total_steps)`` builds a ``GradualPruner``. Returns the stats and
     the ``MaskedTraining`` holding the masks (fixed or gradual) for the caller to verify/squash.
+    ``reg_targets`` (per-layer ratios) restricts the proximal step to the groups due for pruning on
+    the gradual ramp (``cfg.ramp_fraction``, ``cfg.prune_every``).
     """
     from tqdm.auto import tqdm
     from transformers import get_linear_schedule_with_warmup
@@ -126,8 +130,12 @@ def train_loop(accelerator: Any, model: torch.nn.Module, loader: Any, plan: Stag
         masked = pruner.masked
     else:
         masked = MaskedTraining(inner, masks, optimizer=raw_opt) if masks else None
-    reg = ReweightedGroupLasso(inner, reg_layers, cfg.lasso_config(), feature_norms=feature_norms) \
-        if reg_layers else None
+    reg = None
+    if reg_layers:
+        ramp = CubicSchedule.over_run(plan.epochs * len(ploader), cfg.ramp_fraction, cfg.prune_every) \
+            if reg_targets is not None else None
+        reg = ReweightedGroupLasso(inner, reg_layers, cfg.lasso_config(), feature_norms=feature_norms,
+                                   targets=reg_targets, ramp=ramp)
     proximal = reg is not None and reg.config.form == "proximal"
     step = 0
     for epoch in range(1, plan.epochs + 1):
@@ -215,6 +223,7 @@ def train_stage(
     teacher: torch.nn.Module | None = None,
     feature_norms: dict[str, torch.Tensor] | None = None,
     make_pruner: Callable[[torch.nn.Module, int], Any] | None = None,
+    reg_targets: dict[str, float] | None = None,
 ) -> tuple[StageStats, MaskedTraining | None]:
     """One GLUE stage: with ``layers`` the reweighted group Lasso (``cfg.rgl_form``; alphas from
     the weights as they are now, activation-aware with ``feature_norms``); with ``masks`` the
@@ -223,7 +232,8 @@ def train_stage(
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
     return train_loop(accelerator, model, loader, plan, cfg, glue_loss_fn(cfg, teacher), masks=masks,
-                      reg_layers=layers, feature_norms=feature_norms, make_pruner=make_pruner)
+                      reg_layers=layers, feature_norms=feature_norms, make_pruner=make_pruner,
+                      reg_targets=reg_targets)
 
 
 @torch.no_grad()

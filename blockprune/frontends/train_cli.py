@@ -102,6 +102,11 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--rgl-form", choices=["proximal", "penalty"], default="proximal",
                    help="proximal: shrink groups after each optimizer step (reaches exact zeros); penalty: the "
                         "paper's term in the loss")
+    s.add_argument("--rgl-scope", choices=["all", "target"], default="all",
+                   help="proximal form: shrink every group (all), or only the groups due for pruning as "
+                        "sparsity ramps to each layer's ratio (target)")
+    s.add_argument("--rgl-distill", action="store_true",
+                   help="distil the reweighted stage from the dense model too (needs --distill/--distill-hidden)")
     s.add_argument("--layer-lambda", action="append", default=[], type=_regex_value, metavar="REGEX=VALUE",
                    help="per-layer lambda, first matching regex wins (repeatable)")
     s.add_argument("--eps", type=float, default=1e-3, help="alpha = 1 / (||W_g|| + eps)")
@@ -161,7 +166,7 @@ def config_from_args(args: argparse.Namespace):
         distill=args.distill, distill_temperature=args.distill_temperature,
         seed=args.seed, limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
         stop_after=args.stop_after, progress=not args.no_progress, threads=args.threads,
-        rgl_form=args.rgl_form, score=args.score, calib_examples=args.calib_examples,
+        rgl_form=args.rgl_form, rgl_scope=args.rgl_scope, rgl_distill=args.rgl_distill, score=args.score, calib_examples=args.calib_examples,
         distill_hidden=args.distill_hidden, prune_every=args.prune_every, ramp_fraction=args.ramp_fraction,
         allocation="plan" if getattr(args, "plan", None) else args.allocation,
         sensitivity_ratios=_ratios(args.sensitivity_ratios),
