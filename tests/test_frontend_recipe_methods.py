@@ -4,8 +4,9 @@
   interrupted in its retrain stage and resumed: the
   per-layer ratios differ, meet the overall target exactly, are what the saved masks hold, and
   are written into the masks' metadata and the report; the retraining keeps the gradual masks;
-* ``method="rgl"`` in the (default) proximal form drives groups to exactly zero and logs each
-  alpha refresh (fraction of zero groups, pruned/kept norm ratio) into the report.
+* ``method="rgl"`` in the proximal form over every group drives groups to exactly zero and logs
+  each alpha refresh (fraction of zero groups, pruned/kept norm ratio) into the report; the
+  default (targeted, distilled) stage zeroes what hard pruning then removes.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def test_gradual_with_distillation_and_sensitivity_allocation(tiny_model, tmp_pa
 
 
 def test_proximal_rgl_zeroes_groups_and_logs_refreshes(tiny_model, tmp_path):
-    cfg = small_config(tiny_model, tmp_path / "p", rgl_form="proximal", lam=0.3, block="1x8", ratio=0.5,
+    cfg = small_config(tiny_model, tmp_path / "p", rgl_form="proximal", rgl_scope="all", lam=0.3, block="1x8", ratio=0.5,
                        epochs_dense=0, epochs_rew=2, epochs_retrain=0, limit_train=64, refresh_every_steps=2,
                        refresh_every_epochs=None, exporter="legacy")
     res = run_recipe(cfg)
@@ -105,6 +106,7 @@ def test_targeted_distilled_rgl_prunes_what_it_shrank(tiny_model, tmp_path):
         mp.setattr(recipe_mod, "train_stage", spy)
         res = run_recipe(cfg)
     assert teachers == {"reweighted": True, "retrain": True}
+    assert (res.report["rgl_scope"], res.report["rgl_distilled"]) == ("target", True)
     state = json.loads((res.out / "state.json").read_text())
     ratios = state["stages"]["reweighted"]["allocation"]["ratios"]
     assert len(set(round(r, 3) for r in ratios.values())) > 1  # sensitivity, not uniform
@@ -123,3 +125,28 @@ def test_targeted_distilled_rgl_prunes_what_it_shrank(tiny_model, tmp_path):
         small_config(tiny_model, tmp_path / "y", method="rgl", rgl_scope="target", prune_mode="layer").validate()
     with pytest.raises(Exception, match="does not have"):
         small_config(tiny_model, tmp_path / "z", method="gradual", rgl_scope="target").validate()
+
+
+def test_rgl_defaults_to_the_targeted_distilled_stage_where_it_applies(tiny_model, tmp_path):
+    """The default RGL stage is the targeted one (proximal form, per-layer ratios) and is
+    distilled whenever the recipe distils; the paper's stage stays one flag away, and asking for
+    it explicitly fingerprints like the runs made before the new default (they resume)."""
+    kw = dict(rgl_form="proximal", prune_mode="layer", distill=0.5)
+    auto = small_config(tiny_model, tmp_path / "a", **kw)
+    auto.validate()
+    assert (auto.scope, auto.distill_rgl_stage) == ("target", True)
+    fp = auto.fingerprint()
+    assert (fp["rgl_scope"], fp["rgl_distill"]) == ("target", True)
+    paper = small_config(tiny_model, tmp_path / "p", rgl_scope="all", rgl_distill=False, **kw)
+    assert (paper.scope, paper.distill_rgl_stage) == ("all", False)
+    assert "rgl_scope" not in paper.fingerprint() and "rgl_distill" not in paper.fingerprint()
+    # where the target does not apply, auto is the old behaviour: no error, same fingerprint
+    for other in (dict(rgl_form="penalty"), dict(prune_mode="threshold", threshold=0.1), dict(distill=0.0)):
+        cfg = small_config(tiny_model, tmp_path / "o", **{**kw, **other})
+        cfg.validate()
+        assert cfg.scope == ("target" if other == dict(distill=0.0) else "all")
+        assert cfg.distill_rgl_stage is (other != dict(distill=0.0))
+    dense_only = small_config(tiny_model, tmp_path / "d", stop_after="dense", **kw)
+    assert (dense_only.scope, dense_only.distill_rgl_stage) == ("all", False)  # teachers' fingerprints unchanged
+    no_distill = small_config(tiny_model, tmp_path / "n", rgl_distill=False, **kw)
+    assert no_distill.distill_rgl_stage is False

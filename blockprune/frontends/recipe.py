@@ -298,10 +298,10 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         distilled = cfg.distill_config().enabled
         reg_targets = None
         if stage.name == "reweighted":
-            if distilled and cfg.rgl_distill and stage.epochs > 0:
+            if distilled and cfg.distill_rgl_stage and stage.epochs > 0:
                 teacher = frozen_teacher(loaded.model)  # the dense model: the stage starts from it
             fn = calib.feature_norms(loaded.model)
-            if cfg.rgl_scope == "target":  # the ratios the later hard pruning will use, chosen on the dense model
+            if cfg.scope == "target":  # the ratios the later hard pruning will use, chosen on the dense model
                 allocation = calib.allocation(loaded.model, fn)
                 reg_targets = allocation["ratios"]
         elif stage.name == "gradual":
@@ -329,7 +329,7 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
                 if distilled and stage.epochs > 0:
                     teacher = frozen_teacher(loaded.model)  # the model right before hard pruning
                 fn = calib.feature_norms(loaded.model)
-                rew = state.get("reweighted") if cfg.rgl_scope == "target" else None
+                rew = state.get("reweighted") if cfg.scope == "target" else None
                 # targeted: prune to the ratios the reweighted stage shrank towards, not re-chosen ones
                 allocation = rew["allocation"] if rew and rew.get("allocation") else calib.allocation(loaded.model, fn)
                 masks = hard_prune(loaded.model, layers, hp_config, feature_norms=fn,
@@ -429,6 +429,8 @@ def _finalise(cfg, spec, loaded, tokenizer, layers, masks, state, norms, run, sk
         "model": cfg.model, "block": cfg.block, "ratio": cfg.ratio, "prune_mode": cfg.prune_mode,
         "score": cfg.score, "rgl_form": cfg.rgl_form if cfg.method == "rgl" else None,
         "lambda": cfg.lam_value if cfg.method == "rgl" else None,
+        "rgl_scope": cfg.scope if cfg.method == "rgl" else None,
+        "rgl_distilled": cfg.distill_rgl_stage if cfg.method == "rgl" else None,
         "dense_metric": _dense_metric(state), "pruned_metric": state.get("retrain")["eval"]["score"],
         "stages": stage_rows,
         "rgl_refreshes": (state.get("reweighted") or {}).get("history"),

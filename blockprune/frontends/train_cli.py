@@ -102,11 +102,12 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--rgl-form", choices=["proximal", "penalty"], default="proximal",
                    help="proximal: shrink groups after each optimizer step (reaches exact zeros); penalty: the "
                         "paper's term in the loss")
-    s.add_argument("--rgl-scope", choices=["all", "target"], default="all",
+    s.add_argument("--rgl-scope", choices=["auto", "all", "target"], default="auto",
                    help="proximal form: shrink every group (all), or only the groups due for pruning as "
-                        "sparsity ramps to each layer's ratio (target)")
-    s.add_argument("--rgl-distill", action="store_true",
-                   help="distil the reweighted stage from the dense model too (needs --distill/--distill-hidden)")
+                        "sparsity ramps to each layer's ratio (target); auto: target with per-layer ratios")
+    s.add_argument("--rgl-distill", action=argparse.BooleanOptionalAction, default=None,
+                   help="distil the reweighted stage from the dense model too (default: when --distill or "
+                        "--distill-hidden is on)")
     s.add_argument("--layer-lambda", action="append", default=[], type=_regex_value, metavar="REGEX=VALUE",
                    help="per-layer lambda, first matching regex wins (repeatable)")
     s.add_argument("--eps", type=float, default=1e-3, help="alpha = 1 / (||W_g|| + eps)")
