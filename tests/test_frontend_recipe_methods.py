@@ -147,6 +147,8 @@ def test_rgl_defaults_to_the_targeted_distilled_stage_where_it_applies(tiny_mode
         assert cfg.scope == ("target" if other == dict(distill=0.0) else "all")
         assert cfg.distill_rgl_stage is (other != dict(distill=0.0))
     dense_only = small_config(tiny_model, tmp_path / "d", stop_after="dense", **kw)
-    assert (dense_only.scope, dense_only.distill_rgl_stage) == ("all", False)  # teachers' fingerprints unchanged
+    assert dense_only.fingerprint() == fp  # `--stop-after dense`, then the full run, resumes
+    teacher = small_config(tiny_model, tmp_path / "t", rgl_form="penalty", distill=0.0, stop_after="dense")
+    assert (teacher.scope, teacher.distill_rgl_stage) == ("all", False)  # the grid's teachers: fingerprints unchanged
     no_distill = small_config(tiny_model, tmp_path / "n", rgl_distill=False, **kw)
     assert no_distill.distill_rgl_stage is False

@@ -174,7 +174,8 @@ class RecipeConfig:
 
     @property
     def _has_rgl_stage(self) -> bool:
-        return self.method == "rgl" and self.epochs_rew > 0 and self.stop_after != "dense"
+        # not stop_after: it is not fingerprinted, so `--stop-after dense` then the full run must resolve alike
+        return self.method == "rgl" and self.epochs_rew > 0
 
     @property
     def scope(self) -> str:
