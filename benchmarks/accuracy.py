@@ -134,6 +134,9 @@ class EmbeddingGridSettings:
     freeze_embeddings: bool = True
     sensitivity_examples: int = 128
     calib_examples: int = 256
+    # added later; the defaults reproduce the grids committed before them
+    relation_weight: float = 0.0
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 0.9])
 
 
 @dataclass
@@ -757,7 +760,8 @@ def run_embedding_grid(settings: EmbeddingGridSettings, ratios: list[float], sts
             text=str(text), out=str(out), model=settings.model, sts_dir=str(sts_dir), block=settings.block,
             ratio=ratio, epochs_gradual=settings.epochs_gradual, epochs_retrain=settings.epochs_retrain,
             lr=settings.lr, batch_size=settings.batch_size, max_length=settings.max_length,
-            hidden_weight=settings.hidden_weight, allocation=settings.allocation, seed=settings.seed,
+            hidden_weight=settings.hidden_weight, relation_weight=settings.relation_weight,
+            allocation=settings.allocation, sensitivity_ratios=list(settings.sensitivity_ratios), seed=settings.seed,
             limit_train=settings.limit_train, limit_eval=settings.limit_eval, exporter=settings.exporter,
             freeze_embeddings=settings.freeze_embeddings, sensitivity_examples=settings.sensitivity_examples,
             calib_examples=settings.calib_examples, threads=threads, progress=progress,
@@ -842,6 +846,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-embeddings", action="store_true",
                     help="gradual/embedding: also train the word embeddings (frozen by default: faster on CPU)")
     ap.add_argument("--sensitivity-examples", type=int, default=128)
+    ap.add_argument("--sensitivity-ratios", default="0.25,0.5,0.75,0.9",
+                    help="embedding grid: ratios each layer is tried at alone (finer lists allocate finer)")
+    ap.add_argument("--relation-weight", type=float, default=0.0,
+                    help="embedding grid: weight of the in-batch cosine-matrix distillation term")
     ap.add_argument("--calib-examples", type=int, default=256)
     ap.add_argument("--text", default="runs/embedding/sentences.txt",
                     help="embedding grid: training sentences (written from GLUE train files when missing)")
@@ -956,7 +964,8 @@ def main(argv: list[str] | None = None) -> int:
                 hidden_weight=args.distill_hidden, allocation=args.allocation, seed=args.seed,
                 limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
                 freeze_embeddings=not args.train_embeddings, sensitivity_examples=args.sensitivity_examples,
-                calib_examples=args.calib_examples)
+                calib_examples=args.calib_examples, relation_weight=args.relation_weight,
+                sensitivity_ratios=[float(r) for r in args.sensitivity_ratios.split(",") if r])
             results = ResultsFile(args.results, settings)
             try:
                 run_embedding_grid(settings, ratios, args.data_dir / "STS-B", args.runs_dir, results, args.threads,

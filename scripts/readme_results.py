@@ -128,23 +128,26 @@ START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
 RESULTS = ROOT / "benchmarks" / "results"
 EMB = RESULTS / "accuracy_embedding.json"
 EMB_FULL = RESULTS / "accuracy_embedding_full.json"  # the issue's budget: 20,000 sentences, 3 + 2 epochs
+EMB_REL = RESULTS / "accuracy_embedding_relation.json"  # the same + the in-batch cosine-matrix term
+EMB_40K = RESULTS / "accuracy_embedding_40k.json"  # twice the sentences, same epochs
 PLAN, PLAN_TRAIN = RESULTS / "plan.json", RESULTS / "plan_training.json"
 
 
-def render_embedding(paths: tuple[Path, ...] = (EMB_FULL, EMB)) -> str:
+def render_embedding(paths: tuple[Path, ...] = (EMB_FULL, EMB_REL, EMB_40K, EMB)) -> str:
     """Zero-shot STS-B Spearman vs compression of the task-agnostic mode: one table (settings,
     cells, goals) per results file present, the first one's plot."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import embedding_goals, load_cells
 
     keys = ("limit_train", "epochs_gradual", "epochs_retrain", "lr", "batch_size", "max_length", "hidden_weight",
-            "allocation", "freeze_embeddings")
+            "allocation", "freeze_embeddings", "relation_weight")
+    later = {"relation_weight": 0.0}  # settings added after the first files: their defaults
     present = [p for p in paths if p.is_file()]
     out = ["<!-- results:embedding -->"]
     for path in present:
         settings, cells = load_cells(path)
         dense = next(c for c in cells if c.kind == "dense")
-        out += [f"Settings (`{path.relative_to(ROOT)}`): " + ", ".join(f"{k}={settings.get(k)}" for k in keys) + ".",
+        out += [f"Settings (`{path.relative_to(ROOT)}`): " + ", ".join(f"{k}={settings.get(k, later.get(k))}" for k in keys) + ".",
                 "", "| block | ratio | CR | STS-B dev Spearman (zero-shot) | vs dense | minutes |",
                 "|---|---:|---:|---:|---:|---:|", f"| dense | - | 1.00x | {100 * dense.metric:.2f} | - | - |"]
         for c in sorted((c for c in cells if c.kind == "pruned"), key=lambda c: c.ratio):

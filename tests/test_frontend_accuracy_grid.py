@@ -133,6 +133,21 @@ def test_embedding_grid_records_dense_and_cells(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(SystemExit, match="other settings"):
         acc.ResultsFile(tmp_path / "e.json", acc.EmbeddingGridSettings(text=str(text), limit_train=11))
+    with pytest.raises(SystemExit, match="other settings"):
+        acc.ResultsFile(tmp_path / "e.json", acc.EmbeddingGridSettings(text=str(text), limit_train=10,
+                                                                       relation_weight=4.0))
+    # a results file written before relation_weight/sensitivity_ratios existed resumes with their defaults
+    data = json.loads((tmp_path / "e.json").read_text())
+    for k in ("relation_weight", "sensitivity_ratios"):
+        del data["settings"][k]
+    (tmp_path / "e.json").write_text(json.dumps(data))
+    assert len(acc.ResultsFile(tmp_path / "e.json", settings).cells) == 4
+    # the new settings reach the run's config
+    rel = acc.EmbeddingGridSettings(text=str(text), limit_train=10, relation_weight=4.0,
+                                    sensitivity_ratios=[0.2, 0.4, 0.6, 0.8])
+    acc.run_embedding_grid(rel, [0.5], tmp_path / "glue" / "STS-B", tmp_path / "runs2",
+                           acc.ResultsFile(tmp_path / "r.json", rel), log=lambda s: None)
+    assert (calls[-1].relation_weight, calls[-1].sensitivity_ratios) == (4.0, [0.2, 0.4, 0.6, 0.8])
 
 
 def _gradual_settings(acc):

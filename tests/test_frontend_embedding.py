@@ -22,6 +22,7 @@ from blockprune.frontends.embedding import (
     extract_glue_sentences,
     mean_pool,
     read_sentences,
+    relation_mse,
     run_embedding,
 )
 from test_frontend_recipe import GLUE, tiny_model  # noqa: F401  (fixture)
@@ -48,6 +49,33 @@ def test_mean_pool_ignores_padding_and_normalises():
     h = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [100.0, 100.0]]])
     e = mean_pool(h, torch.tensor([[1, 1, 0]]))
     torch.testing.assert_close(e, torch.tensor([[2 ** -0.5, 2 ** -0.5]]))
+
+
+def test_relation_term_is_blind_to_a_shared_rotation_and_sees_a_moved_sentence():
+    """A shared rotation keeps every pair's cosine (relation term 0) though each embedding moved;
+    moving one sentence towards another changes the pair structure (relation term > 0)."""
+    g = torch.Generator().manual_seed(0)
+    et = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=-1)
+    q, _ = torch.linalg.qr(torch.randn(16, 16, generator=g))
+    assert float(relation_mse(et, et)) == 0.0
+    rotated = et @ q
+    assert float(relation_mse(rotated, et)) < 1e-10 < float((1 - (rotated * et).sum(-1)).mean())
+    moved = et.clone()
+    moved[0] = torch.nn.functional.normalize(et[0] + et[1], dim=0)
+    assert float(relation_mse(moved, et)) > 1e-3
+    assert float(relation_mse(et[:1], et[:1])) == 0.0  # one sentence: no pair
+    grad_in = moved.clone().requires_grad_(True)
+    relation_mse(grad_in, et).backward()
+    assert grad_in.grad[0].abs().sum() > 0
+
+
+def test_relation_weight_is_validated_and_fingerprinted_only_when_used():
+    base = EmbeddingConfig(text="x", out="y")
+    assert "relation_weight" not in base.fingerprint()  # runs from before the term resume unchanged
+    assert EmbeddingConfig(text="x", out="y", relation_weight=2.0).fingerprint()["relation_weight"] == 2.0
+    with pytest.raises(BlockpruneError, match="relation_weight"):
+        EmbeddingConfig(text="x", out="y", relation_weight=-1.0).validate()
+    EmbeddingConfig(text="x", out="y", cosine_weight=0, hidden_weight=0, relation_weight=1.0).validate()
 
 
 def test_embedding_run_outputs_and_resume(tiny_model, tmp_path):

@@ -6,7 +6,9 @@ deployed as an embedding model, not as a GLUE classifier. What must survive prun
 embedding geometry, and that needs no labels: the dense model is the teacher, any text is
 training data (``extract_glue_sentences`` turns the local GLUE train files into one sentence a
 line), and the loss is ``cosine_weight * (1 - cos(e_s, e_t)) + mse_weight * MSE(e_s, e_t) +
-hidden_weight * MSE(hidden states)`` on mean-pooled, L2-normalised embeddings. Pruning is
+hidden_weight * MSE(hidden states) + relation_weight * MSE(in-batch cosine matrices)`` on
+mean-pooled, L2-normalised embeddings (the last term distils the similarity structure that STS
+scores, not just each embedding's direction). Pruning is
 gradual (cubic schedule to the target, ``gradual.py``) followed by distillation with the masks
 fixed. The score is the Spearman correlation between the cosine similarity of the two sentences
 of each STS-B dev pair and the gold score (zero-shot: STS-B labels are never trained on; the
@@ -96,6 +98,7 @@ class EmbeddingConfig:
     cosine_weight: float = 1.0
     mse_weight: float = 0.0
     hidden_weight: float = 1.0
+    relation_weight: float = 0.0
     score: str = "activation"
     calib_examples: int = 256
     prune_every: int = 10
@@ -130,11 +133,11 @@ class EmbeddingConfig:
                 _check_int(getattr(self, what), what, 1)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise BlockpruneError(f"lr={self.lr!r} is not a positive learning rate", "use e.g. 5e-5")
-        for what in ("cosine_weight", "mse_weight", "hidden_weight"):
+        for what in ("cosine_weight", "mse_weight", "hidden_weight", "relation_weight"):
             v = getattr(self, what)
             if not (isinstance(v, (int, float)) and v >= 0 and math.isfinite(v)):
                 raise BlockpruneError(f"{what}={v!r} is not a number >= 0", "use e.g. 1.0, or 0 to drop the term")
-        if self.cosine_weight + self.mse_weight + self.hidden_weight <= 0:
+        if self.cosine_weight + self.mse_weight + self.hidden_weight + self.relation_weight <= 0:
             raise BlockpruneError("every distillation weight is 0, so nothing would be learnt",
                                   "keep --cosine-weight 1 (default) or set another weight > 0")
         for what, allowed in (("score", SCORES), ("allocation", ALLOCATIONS), ("attention", ATTENTIONS),
@@ -170,6 +173,8 @@ class EmbeddingConfig:
             d.pop(k, None)
         if d.get("plan_file") is None:  # runs from before `--plan` existed resume unchanged
             d.pop("plan_file", None)
+        if not d.get("relation_weight"):  # likewise runs from before the relation term
+            d.pop("relation_weight", None)
         return json.loads(json.dumps(d))
 
 
@@ -313,8 +318,23 @@ def sts_spearman(model: torch.nn.Module, tokenizer: Any, pairs: StsPairs, cfg: E
 # --------------------------------------------------------------------------------------------
 
 
+def relation_mse(es: torch.Tensor, et: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's and the teacher's in-batch cosine-similarity matrices (off the
+    diagonal; both inputs L2-normalised, ``[batch, dim]``).
+
+    Why: zero-shot STS ranks pairs by their cosine, so what must survive pruning is how sentences
+    relate to each other; ``1 - cos(e_s, e_t)`` pulls each embedding towards its teacher but does
+    not weigh the errors that reorder pairs. 0 for a batch of one sentence."""
+    n = es.shape[0]
+    if n < 2:
+        return es.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=es.device)
+    return F.mse_loss((es @ es.T)[off], (et @ et.T).detach().to(es.dtype)[off])
+
+
 def embedding_loss_fn(cfg: EmbeddingConfig, teacher: torch.nn.Module):
-    """``cos_w (1 - cos) + mse_w MSE(embeddings) + hidden_w MSE(hidden states)`` to the teacher."""
+    """``cos_w (1 - cos) + mse_w MSE(embeddings) + hidden_w MSE(hidden states) + rel_w
+    relation_mse`` to the teacher."""
     hidden = cfg.hidden_weight > 0
 
     def loss_fn(pmodel: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -328,6 +348,8 @@ def embedding_loss_fn(cfg: EmbeddingConfig, teacher: torch.nn.Module):
             loss = loss + cfg.mse_weight * F.mse_loss(es, et) * es.shape[-1]
         if hidden:
             loss = loss + cfg.hidden_weight * hidden_mse(s.hidden_states, t.hidden_states, mask)
+        if cfg.relation_weight:
+            loss = loss + cfg.relation_weight * relation_mse(es, et)
         return loss
 
     return loss_fn
@@ -556,7 +578,8 @@ def embedding_config_from_args(args: argparse.Namespace) -> EmbeddingConfig:
         block_overrides=list(args.block_override), epochs_gradual=args.epochs_rew, epochs_retrain=args.epochs_retrain,
         lr=args.lr if args.lr is not None else 5e-5, batch_size=args.batch_size, max_length=args.max_length,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, cosine_weight=args.cosine_weight,
-        mse_weight=args.mse_weight, hidden_weight=args.hidden_weight, score=args.score,
+        mse_weight=args.mse_weight, hidden_weight=args.hidden_weight,
+        relation_weight=args.relation_weight, score=args.score,
         calib_examples=args.calib_examples, prune_every=args.prune_every, ramp_fraction=args.ramp_fraction,
         allocation="plan" if getattr(args, "plan", None) else args.allocation,
         sensitivity_ratios=_ratios(args.sensitivity_ratios),

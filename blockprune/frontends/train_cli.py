@@ -141,6 +141,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     e.add_argument("--cosine-weight", type=float, default=1.0, help="weight of 1 - cos(student, teacher embedding)")
     e.add_argument("--mse-weight", type=float, default=0.0, help="weight of the embedding MSE")
     e.add_argument("--hidden-weight", type=float, default=1.0, help="weight of the hidden-state MSE")
+    e.add_argument("--relation-weight", type=float, default=0.0,
+                   help="weight of the MSE between the in-batch cosine-similarity matrices (what STS ranks)")
     t.set_defaults(func=cmd_train)
     return t
 
