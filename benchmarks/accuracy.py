@@ -958,6 +958,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report_only:
         ratios = [float(r) for r in args.ratios.split(",") if r]
         if args.embedding:
+            from blockprune.frontends.train_cli import _ratios  # the train CLI's parser: one error for bad lists
+
             settings = EmbeddingGridSettings(
                 model=args.model, text=args.text, epochs_gradual=args.epochs_rew, epochs_retrain=args.epochs_retrain,
                 lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
@@ -965,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
                 limit_train=args.limit_train, limit_eval=args.limit_eval, exporter=args.exporter,
                 freeze_embeddings=not args.train_embeddings, sensitivity_examples=args.sensitivity_examples,
                 calib_examples=args.calib_examples, relation_weight=args.relation_weight,
-                sensitivity_ratios=[float(r) for r in args.sensitivity_ratios.split(",") if r])
+                sensitivity_ratios=_ratios(args.sensitivity_ratios))
             results = ResultsFile(args.results, settings)
             try:
                 run_embedding_grid(settings, ratios, args.data_dir / "STS-B", args.runs_dir, results, args.threads,
