@@ -772,9 +772,13 @@ def run_embedding_grid(settings: EmbeddingGridSettings, ratios: list[float], sts
         if results.refresh(dkey) is None:
             results.add(Cell(EMBEDDING_TASK, "dense", "spearman", rep["dense_metric"], rep["dense_metric"],
                              run_dir=str(out), finished_at=stamp(), method="dense"))
+        # a call that resumed the run (or only re-finalised a finished one, e.g. after a change to
+        # the count) reports the stages' own times, kept in the run's state, not its own wall time
+        wall = time.perf_counter() - t0
+        staged = sum(r.get("seconds") or 0.0 for r in rep["stages"]) + rep["timings"]["finalise_seconds"]
         results.add(Cell(EMBEDDING_TASK, "pruned", "spearman", rep["pruned_metric"], rep["dense_metric"],
                          block=settings.block, ratio=ratio, compression_rate=res.compression_rate,
-                         seconds=time.perf_counter() - t0, run_dir=str(out), finished_at=stamp(),
+                         seconds=staged if res.stages_skipped else wall, run_dir=str(out), finished_at=stamp(),
                          method="embedding", allocation=(rep.get("allocation") or {}).get("ratios")))
         log(f"[{stamp()}] embedding ratio {ratio:g}: Spearman {rep['pruned_metric']:.4f} (dense "
             f"{rep['dense_metric']:.4f}), CR {res.compression_rate:.2f}x")

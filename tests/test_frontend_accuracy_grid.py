@@ -110,7 +110,11 @@ def test_embedding_grid_records_dense_and_cells(tmp_path, monkeypatch):
         def __init__(self, cfg):
             self.compression_rate = 1 / (1 - cfg.ratio)
             self.report = {"dense_metric": 0.867, "pruned_metric": 0.867 - cfg.ratio / 30,
-                           "allocation": {"ratios": {}}}
+                           "allocation": {"ratios": {}}, "timings": {"finalise_seconds": 50.0},
+                           "stages": [{"stage": "initial", "seconds": 0.0}, {"stage": "gradual", "seconds": 3000.0},
+                                      {"stage": "retrain", "seconds": 2000.0}]}
+            # the 0.7 run was finished by an earlier call: this one only re-finalised it
+            self.stages_skipped = ["gradual", "retrain"] if cfg.ratio == 0.7 else []
 
     monkeypatch.setattr(embedding, "run_embedding", lambda cfg: calls.append(cfg) or Res(cfg))
     text = tmp_path / "s.txt"
@@ -124,6 +128,8 @@ def test_embedding_grid_records_dense_and_cells(tmp_path, monkeypatch):
     _, cells = acc.load_cells(tmp_path / "e.json")
     assert sorted(c.key for c in cells) == sorted(
         [f"{acc.EMBEDDING_TASK}/dense"] + [f"{acc.EMBEDDING_TASK}/embedding/16x1/{r:g}" for r in (0.3, 0.5, 0.7)])
+    seconds = {c.ratio: c.seconds for c in cells if c.kind == "pruned"}
+    assert seconds[0.7] == 5050.0 and seconds[0.3] < 60 and seconds[0.5] < 60  # stages' times vs this call's
     goals = acc.embedding_goals(cells)
     # 0.5 -> 2x at -1.67 points; 0.3 -> 1.43x at -1 point; 0.7 -> 3.33x at -2.33 points
     assert "**1.43x** (goal >= 2x: not met)" in goals[0] and "**2.00x** (goal >= 3x: not met)" in goals[1]

@@ -103,6 +103,17 @@ def test_embedding_run_outputs_and_resume(tiny_model, tmp_path):
     assert len(maskset.masks) == 12
     for name, m in maskset.masks.items():
         assert np.all(inits[name][m == 0] == 0) and 0 < m.mean() < 1
+    # the rate counts what the ONNX ships: the weight operands of its MatMul/Gemm nodes (the
+    # model has a pooler, but the embedding graph outputs token states and leaves it out)
+    graph = load_onnx(res.onnx_path).graph
+    shipped = {i for n in graph.node if n.op_type in ("MatMul", "Gemm") for i in n.input[1:2] if i in inits}
+    from safetensors.numpy import load_file
+
+    assert any("pooler" in k for k in load_file(res.model_dir / "model.safetensors"))
+    assert not any("pooler" in n for n in rep["layers"])
+    assert rep["counted_weights"]["total"] == sum(inits[i].size for i in shipped)
+    assert rep["counted_weights"]["nonzero"] == sum(int(np.count_nonzero(inits[i])) for i in shipped)
+    assert rep["compression_rate"] == pytest.approx(2.0, rel=1e-9)
     again = run_embedding(cfg)
     assert again.stages_run == [] and again.stages_skipped == ["gradual", "retrain"]
     assert json.loads((res.out / "state.json").read_text())["stages"]["retrain"]["eval"]["score"] == rep["pruned_metric"]

@@ -67,6 +67,9 @@ from blockprune.io import atomic_path
 
 STAGES = ("gradual", "retrain")
 MASK_SOURCE = "gradual-embedding-distillation"
+# Weights the embedding ONNX does not contain (it outputs the token states, not the pooled CLS),
+# so they are left out of the compression count.
+UNUSED_IN_EMBEDDING = ("pooler.",)
 _NOT_FINGERPRINTED = ("out", "stop_after", "progress", "threads", "attention", "optimizer", "sensitivity_file")
 
 
@@ -488,7 +491,7 @@ def run_embedding(cfg: EmbeddingConfig) -> EmbeddingResult:
     exported = export_outputs(loaded, tokenizer, masks, out, cfg.exporter, MASK_SOURCE, extra={
         "mode": "embedding", "ratio": cfg.ratio, "model": cfg.model, "score": cfg.score,
         "allocation": {"rule": allocation["rule"], "ratios": allocation["ratios"]}})
-    comp = compression_stats(loaded.model)
+    comp = compression_stats(loaded.model, unused=UNUSED_IN_EMBEDDING)
     report = {
         "mode": "embedding", "metric": "stsb_spearman_zero_shot", "method": "gradual", "mask_source": MASK_SOURCE,
         "model": cfg.model, "block": cfg.block, "ratio": cfg.ratio, "score": cfg.score,
@@ -497,7 +500,8 @@ def run_embedding(cfg: EmbeddingConfig) -> EmbeddingResult:
         "stages": [_stage_row(s, state.get(s)) for s in ("initial", *STAGES) if state.get(s)],
         "allocation": allocation, "compression_rate": comp["compression_rate"], "density": comp["density"],
         "counted_weights": {"total": comp["total"], "nonzero": comp["nonzero"],
-                            "rule": "every 2-D weight except embeddings; CR = total / nonzero"},
+                            "rule": "every 2-D weight except embeddings and the pooler (not in the "
+                                    "embedding ONNX); CR = total / nonzero"},
         "pruned_layers_sparsity": pruned_layers_sparsity(masks),
         "layers": {n: {**v, "pruned": n in masks, "block": str(masks[n].block) if n in masks else None}
                    for n, v in comp["layers"].items()},

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -89,12 +89,16 @@ def check_onnx_zeros(onnx_model: Any, maskset: Any) -> None:
                               "this is a bug in the mask layout handling; please report it")
 
 
-def compression_stats(model: torch.nn.Module) -> dict[str, Any]:
+def compression_stats(model: torch.nn.Module, unused: Sequence[str] = ()) -> dict[str, Any]:
     """The paper's count: every 2-D weight except embeddings (encoder Linears, pooler,
-    classifier), CR = total / nonzero; biases are not counted."""
+    classifier), CR = total / nonzero; biases are not counted.
+
+    ``unused``: name fragments of weights the deployed graph does not contain (the pooler of a
+    sentence-embedding model, whose ONNX outputs only the token states); counting them would add
+    dense weights that nobody ships and understate the rate."""
     layers, total, nonzero = {}, 0, 0
     for name, p in model.named_parameters():
-        if p.dim() != 2 or "embed" in name:
+        if p.dim() != 2 or "embed" in name or any(u in name for u in unused):
             continue
         nz = int(torch.count_nonzero(p.detach()))
         layers[name] = {"shape": list(p.shape), "density": nz / p.numel(), "nonzero": nz, "total": p.numel()}
