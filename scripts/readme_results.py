@@ -171,19 +171,20 @@ def render_embedding(paths: tuple[Path, ...] = (EMB_ALL, EMB_FULL, EMB_REL, EMB_
 
 
 SPEED_TRAINED = RESULTS / "speed_trained.json"
+SPEED_TRAINED_ALL = RESULTS / "speed_trained_all.json"  # the models of accuracy_embedding_all.json
 
 
-def render_speed_trained(path: Path = SPEED_TRAINED) -> str:
+def render_speed_trained(path: Path = SPEED_TRAINED, name: str = "speed_trained") -> str:
     """The default flow's speed on models pruned by training (their own masks and per-layer ratios)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from default_flow import table
 
     result = json.loads(path.read_text())
     loads = ", ".join(f"{t['threads']} thread(s): {t['load_before']:.2f}" for t in result["timings"])
-    return "\n".join(["<!-- results:speed_trained -->",
+    return "\n".join([f"<!-- results:{name} -->",
                       f"Measured {result['date']} on {result['machine']}; {result['clock']}; batch 1 x seq 128; "
                       f"load average before timing: {loads}. Command: `{result['command']}`.", "",
-                      table(result), "<!-- /results:speed_trained -->"])
+                      table(result), f"<!-- /results:{name} -->"])
 
 
 PLAN_TASKS = {"STS-B": RESULTS / "plan_STS-B.json", "MRPC": RESULTS / "plan_MRPC.json"}
@@ -237,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if START_ACC in new and END_ACC in new:
         new = _replace(new, START_ACC, END_ACC, render_accuracy())
     for name, fn, path in (("embedding", render_embedding, EMB), ("speed_trained", render_speed_trained, SPEED_TRAINED),
-                           ("plan", render_plan, PLAN)):
+                           ("speed_trained_all", lambda: render_speed_trained(SPEED_TRAINED_ALL, "speed_trained_all"),
+                            SPEED_TRAINED_ALL), ("plan", render_plan, PLAN)):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in new and end in new and path.is_file():
             new = _replace(new, start, end, fn())
