@@ -111,6 +111,7 @@ class GridSettings:
     freeze_embeddings: bool = False
     sensitivity_examples: int = 128
     calib_examples: int = 256
+    augment: int = 0  # teacher-only perturbed copies per training example in the distilled stages
 
 
 @dataclass
@@ -433,6 +434,8 @@ def _config(grid: Grid, task: str, out: Path, **kw: Any):
                 # default is now the targeted, distilled stage); rgl-targeted asks for that explicitly
                 rgl_scope="all", rgl_distill=False)
     base.update(kw)
+    # the perturbed copies are teacher-labelled: the dense teacher and baseline (no teacher) train without them
+    base["augment"] = s.augment if base["distill"] else 0
     return RecipeConfig(**base)
 
 
@@ -815,6 +818,22 @@ def _cells_arg(text: str) -> list[tuple[str, float]]:
     return out
 
 
+ALL = "all"
+
+
+def _limit(text: str) -> int | str:
+    """A cap on examples: a positive whole number, or ``all`` for none (argparse type)."""
+    if text.strip().lower() == ALL:
+        return ALL
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number or 'all'")
+    return n
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--method", choices=["gradual", "rgl"], default="gradual",
@@ -836,9 +855,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lambda", dest="lam", type=float, default=1e-4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit-train", type=int, default=None,
-                    help="cap on training examples (embedding grid: sentences, default 20000)")
-    ap.add_argument("--sst2-limit-train", type=int, default=20000,
+    ap.add_argument("--limit-train", type=_limit, default=None,
+                    help="cap on training examples, or 'all' (embedding grid: sentences, default 20000)")
+    ap.add_argument("--sst2-limit-train", type=_limit, default=20000,
                     help="gradual grid: SST-2 trains on its first N examples (of 67,349)")
     ap.add_argument("--limit-eval", type=int, default=None)
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
@@ -876,6 +895,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--baseline-results", dest="baseline_results_file", type=Path, default=None,
                     help="ablation: the grid JSON whose dense rows (and, via --runs-dir, teachers) it compares "
                          "with (default the gradual grid's)")
+    ap.add_argument("--augment", type=int, default=0, metavar="N",
+                    help="gradual grid: N teacher-only perturbed copies of each training example in the distilled "
+                         "stages (frontends/augment.py); write them to their own --results file")
     ap.add_argument("--transfer-from", type=Path, default=None, metavar="EMBEDDING_RUNS_DIR",
                     help="gradual grid: before each gradual cell, a 'transfer' cell that starts from the embedding "
                          "grid's run at the same block and ratio (its encoder and masks) and retrains as many epochs")
@@ -892,6 +914,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ratios = ",".join(f"{r:g}" for r in (EMBEDDING_RATIOS if args.embedding else RATIOS))
     if args.embedding and args.limit_train is None:
         args.limit_train = 20000
+    for name in ("limit_train", "sst2_limit_train"):  # 'all': no cap (stored as null)
+        if getattr(args, name) == ALL:
+            setattr(args, name, None)
     if args.ablation:
         if args.method != "gradual" or args.embedding:
             raise SystemExit("--ablation runs from the gradual grid's teachers: drop --method rgl / --embedding")
@@ -990,7 +1015,10 @@ def main(argv: list[str] | None = None) -> int:
                     settings, method="gradual", rgl_form="proximal", score="activation",
                     distill_hidden=args.distill_hidden, allocation=args.allocation,
                     sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
-                    sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples)
+                    sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples,
+                    augment=args.augment)
+            elif args.augment:
+                raise SystemExit("--augment distils on teacher-labelled copies: it needs --method gradual")
             seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,

@@ -43,3 +43,15 @@ def test_trained_rows_compress_without_sparsity_and_time_against_their_own_onnx(
     assert not any("--sparsity" in c for c in compress) and all(c[c.index("--block") + 1] == "16x1" for c in compress)
     assert not any(c[1] == "export" for c in commands)
     assert flow._label({"block": "16x1", "sparsity": None}) == "16x1, trained masks"
+
+
+def test_timing_waits_for_the_load_of_its_own_builds_to_settle_and_gives_up_on_a_busy_machine():
+    mod = _bench("default_flow.py", "bench_default_flow_settle")
+    slept: list[float] = []
+    decaying = iter([1.9, 1.6, 1.2, 0.8, 0.5])  # two idle cores after our compiles
+    load = mod.settled_load(1.0, 60.0, poll_s=5.0, sleep=slept.append, loadavg=lambda: (next(decaying), 0, 0))
+    assert load == 0.8 and slept == [5.0, 5.0, 5.0]
+    slept.clear()  # another job keeps both cores busy: the wait ends at the limit with the load still high
+    load = mod.settled_load(1.0, 20.0, poll_s=5.0, sleep=slept.append, loadavg=lambda: (2.1, 0, 0))
+    assert load == 2.1 and sum(slept) == 20.0
+    assert mod.settled_load(1.0, 60.0, sleep=slept.append, loadavg=lambda: (0.3, 0, 0)) == 0.3 and sum(slept) == 20.0

@@ -266,3 +266,27 @@ def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadl
     assert status == {"teacher:A": "ok", "teacher:B": "failed", "cell:B:x": "skipped", "cell:A:x": "ok",
                       "slow": "killed"}
     assert (tmp_path / "logs" / "teacher_B.log").read_text().startswith(sys.executable)
+
+
+def test_limit_train_takes_all_for_no_cap_and_refuses_nonsense(tmp_path):
+    acc = _acc()
+    base = ["--runs-dir", str(tmp_path / "runs")]
+    assert acc.parse_args(base + ["--embedding"]).limit_train == 20000  # the embedding grid's default cap
+    assert acc.parse_args(base + ["--embedding", "--limit-train", "all"]).limit_train is None
+    assert acc.parse_args(base + ["--limit-train", "ALL", "--sst2-limit-train", "all"]).sst2_limit_train is None
+    assert acc.parse_args(base + ["--limit-train", "500"]).limit_train == 500
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            acc.parse_args(base + ["--limit-train", bad])
+
+
+def test_augment_is_a_setting_of_the_gradual_grid_and_stays_off_for_the_teacher(tmp_path):
+    acc = _acc()
+    s = acc.GridSettings(method="gradual", distill=0.5, distill_hidden=1.0, augment=2, rgl_form="proximal",
+                         score="activation", allocation="sensitivity", exporter="legacy")
+    grid = acc.Grid(s, ["MRPC"], ["16x1"], [0.5], tmp_path / "glue", tmp_path / "runs", 1)
+    assert acc._config(grid, "MRPC", tmp_path / "o", method="gradual").augment == 2
+    assert acc._config(grid, "MRPC", tmp_path / "o", stop_after="dense", distill=0.0).augment == 0
+    with pytest.raises(SystemExit, match="--method gradual"):
+        acc.main(["--method", "rgl", "--augment", "1", "--runs-dir", str(tmp_path / "r"),
+                  "--results", str(tmp_path / "x.json"), "--tasks", "MRPC"])

@@ -95,27 +95,37 @@ class LengthGroupedBatches:
 
 @dataclass
 class TokenizedData:
-    """Both splits tokenised once per run (SST-2 train takes a while) and their collator."""
+    """Both splits tokenised once per run (SST-2 train takes a while) and their collator;
+    ``augmented`` holds the teacher-only perturbed copies (``cfg.augment``, see ``augment.py``)."""
 
     train: GlueDataset
     dev: GlueDataset
     collate: Any
+    augmented: GlueDataset | None = None
 
     @classmethod
     def build(cls, cfg: Any, data: TaskData, tokenizer: Any) -> "TokenizedData":
+        from blockprune.frontends.augment import perturbed_copies
+
+        copies = perturbed_copies(data.train, data.spec, int(getattr(cfg, "augment", 0) or 0), cfg.seed)
         return cls(GlueDataset(data.train, tokenizer, data.spec, max_length=cfg.max_length),
                    GlueDataset(data.dev, tokenizer, data.spec, max_length=cfg.max_length),
-                   make_collator(tokenizer, data.spec))
+                   make_collator(tokenizer, data.spec),
+                   GlueDataset(copies, tokenizer, data.spec, max_length=cfg.max_length) if copies else None)
 
-    def train_loader(self, cfg: Any, seed: int):
-        """Shuffled (length-grouped by default) batches; a new loader per stage, seeded per stage."""
-        from torch.utils.data import DataLoader
+    def train_loader(self, cfg: Any, seed: int, augmented: bool = False):
+        """Shuffled (length-grouped by default) batches; a new loader per stage, seeded per stage.
+        ``augmented``: the training set plus its teacher-only copies (distilled stages only: a
+        stage without a teacher has no loss for them)."""
+        from torch.utils.data import ConcatDataset, DataLoader
 
+        parts = [self.train] + ([self.augmented] if augmented and self.augmented is not None else [])
+        dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
         if cfg.group_by_length:
-            lengths = [len(f["input_ids"]) for f in self.train.features]
-            return DataLoader(self.train, batch_sampler=LengthGroupedBatches(lengths, cfg.batch_size, seed),
+            lengths = [len(f["input_ids"]) for p in parts for f in p.features]
+            return DataLoader(dataset, batch_sampler=LengthGroupedBatches(lengths, cfg.batch_size, seed),
                               collate_fn=self.collate)
-        return DataLoader(self.train, batch_size=cfg.batch_size, shuffle=True, collate_fn=self.collate,
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, collate_fn=self.collate,
                           generator=torch.Generator().manual_seed(seed))
 
     def dev_loader(self, cfg: Any):

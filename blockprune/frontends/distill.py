@@ -74,6 +74,35 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return (1.0 - cfg.weight) * task_loss + cfg.weight * soft
 
 
+def row_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                          cfg: DistillConfig) -> torch.Tensor:
+    """The blended loss of ``distillation_loss`` per example, for batches that mix labelled rows
+    with teacher-only ones (``augment.py``; label ``-100``, or NaN for regression).
+
+    A labelled row costs ``(1 - w) * task + w * soft`` as before, a teacher-only row ``soft``
+    alone; the batch loss is the mean over rows, so an all-labelled batch gives exactly
+    ``distillation_loss``'s value (cross-entropy and the per-row KL summed over classes both
+    average over the batch)."""
+    if not cfg.weight > 0.0:
+        raise BlockpruneError("teacher-only examples need the logit distillation term, but its weight is 0",
+                              "set --distill 0.5 with --augment, or drop --augment")
+    t = teacher_logits.detach().to(student_logits.dtype)
+    if student_logits.shape[-1] == 1:
+        s = student_logits.reshape(-1)
+        labelled = ~torch.isnan(labels)
+        task = (s - torch.where(labelled, labels.to(s.dtype), s.detach())) ** 2
+        soft = (s - t.reshape(-1)) ** 2
+    else:
+        temp = float(cfg.temperature)
+        labelled = labels != -100
+        task = F.cross_entropy(student_logits, labels.clamp_min(0), reduction="none")
+        soft = F.kl_div(F.log_softmax(student_logits / temp, dim=-1), F.log_softmax(t / temp, dim=-1),
+                        reduction="none", log_target=True).sum(-1) * temp * temp
+    w = cfg.weight
+    rows = torch.where(labelled, (1.0 - w) * task + w * soft, soft)
+    return rows.mean()
+
+
 def hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over layers of the MSE between hidden states on the non-padding tokens.

@@ -286,7 +286,6 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             _load_weights(loaded, checkpoint_dir(out, last_done), cfg.attention)
             weights_of = last_done
         set_seed(cfg.seed + 1000 * (index + 1))
-        train_loader = tokenized.train_loader(cfg, seed=cfg.seed + index + 1)
         t0 = time.perf_counter()
         extra: dict[str, dict[str, torch.Tensor]] = {}
         masks = None
@@ -338,6 +337,8 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         reg_layers = layers if stage.name == "reweighted" else None
         masked = None
         if stage.epochs > 0:
+            # the perturbed copies have only the teacher's word: in distilled stages only
+            train_loader = tokenized.train_loader(cfg, seed=cfg.seed + index + 1, augmented=teacher is not None)
             stats, masked = train_stage(accelerator, loaded.model, train_loader, stage, cfg, reg_layers, masks,
                                         teacher, feature_norms=fn, make_pruner=make_pruner, reg_targets=reg_targets)
             del teacher

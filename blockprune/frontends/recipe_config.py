@@ -122,6 +122,9 @@ class RecipeConfig:
     #: reuse sensitivity curves across runs: JSON written on first use, read when its key (model,
     #: block, ratios, examples, score) matches; the accuracy grid shares one per task and block
     sensitivity_file: str | None = None
+    #: teacher-only perturbed copies of each training example in the distilled stages (0: off;
+    #: ``augment.py`` says why); each copy costs one more pass over the training set per epoch
+    augment: int = 0
     freeze_embeddings: bool = False  # word embeddings not trained (a third of MiniLM's AdamW work)
     attention: str = "sdpa"  # attention kernel while training/evaluating; export always uses eager
     optimizer: str = "fused"  # AdamW implementation (fused/foreach: one kernel over all tensors)
@@ -224,6 +227,10 @@ class RecipeConfig:
         if self.rgl_distill and not (self.distill or self.distill_hidden):
             raise BlockpruneError("--rgl-distill distils the reweighted stage, but distillation is off",
                                   "add --distill 0.5 (and/or --distill-hidden 1.0), or drop --rgl-distill")
+        _check_int(self.augment, "augment", 0)
+        if self.augment and not self.distill:
+            raise BlockpruneError(f"augment={self.augment} adds teacher-only copies, but logit distillation is off",
+                                  "add --distill 0.5 (the copies learn from the teacher's logits), or drop --augment")
         if self.method == "gradual" and self.prune_mode != "layer":
             raise BlockpruneError(f"gradual pruning needs per-layer ratios, not prune_mode={self.prune_mode!r}",
                                   "use --prune-mode layer (with --allocation uniform or sensitivity)")
@@ -291,8 +298,8 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
-        for opt in ("plan_file", "sparse_init"):  # runs from before these options existed resume unchanged
-            if d.get(opt) is None:
+        for opt in ("plan_file", "sparse_init", "augment"):  # runs from before these options existed resume unchanged
+            if not d.get(opt):
                 d.pop(opt, None)
         d["rgl_scope"], d["rgl_distill"] = self.scope, self.distill_rgl_stage  # what is computed, not how asked
         for opt, before in (("rgl_scope", "all"), ("rgl_distill", False)):  # likewise, at their old behaviour

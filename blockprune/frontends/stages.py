@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from blockprune.blocks import BlockShape
-from blockprune.frontends.distill import distillation_loss, hidden_mse
+from blockprune.frontends.distill import distillation_loss, hidden_mse, row_distillation_loss
 from blockprune.frontends.glue import TaskSpec
 from blockprune.frontends.gradual import CubicSchedule
 from blockprune.frontends.hard_prune import LayerMask
@@ -193,18 +193,24 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def glue_loss_fn(cfg: Any, teacher: torch.nn.Module | None) -> LossFn:
     """Task loss, blended with the teacher's logits (``cfg.distill``) and hidden states
-    (``cfg.distill_hidden``) when a teacher is given."""
+    (``cfg.distill_hidden``) when a teacher is given. With ``cfg.augment`` the batches may hold
+    teacher-only rows (``augment.py``): the loss is then blended per row."""
     dcfg = cfg.distill_config()
     hidden = teacher is not None and dcfg.hidden > 0
 
+    rows = teacher is not None and int(getattr(cfg, "augment", 0) or 0) > 0
+
     def loss_fn(pmodel: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = pmodel(**batch, output_hidden_states=hidden) if hidden else pmodel(**batch)
-        loss = out.loss
+        feed = _inputs(batch) if rows else batch  # teacher-only rows: the task loss is taken per row
+        out = pmodel(**feed, output_hidden_states=hidden) if hidden else pmodel(**feed)
         if teacher is None:
-            return loss
+            return out.loss
         with torch.no_grad():
             t = teacher(**_inputs(batch), output_hidden_states=hidden) if hidden else teacher(**_inputs(batch))
-        loss = distillation_loss(out.logits, t.logits, loss, dcfg)
+        if rows:
+            loss = row_distillation_loss(out.logits, t.logits, batch["labels"], dcfg)
+        else:
+            loss = distillation_loss(out.logits, t.logits, out.loss, dcfg)
         if hidden:
             loss = loss + dcfg.hidden * hidden_mse(out.hidden_states, t.hidden_states, batch.get("attention_mask"))
         return loss
