@@ -112,6 +112,9 @@ class GridSettings:
     sensitivity_examples: int = 128
     calib_examples: int = 256
     augment: int = 0  # teacher-only perturbed copies per training example in the distilled stages
+    #: what the pruned cells distil from: "start" (the 3-epoch dense model they start from) or
+    #: "baseline" (the dense baseline row's model, fine-tuned as many epochs as a pruned cell)
+    teacher: str = "start"
 
 
 @dataclass
@@ -582,13 +585,19 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
     if grid.stage == "cells" and not (teacher / "config.json").is_file():
         raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
     suffix = f"-s{seed}" if seed_tag else ""
-    out = tdir / f"gradual-{block}" / f"r{ratio:g}{suffix}"
+    given = {}
+    variant = ""
+    if s.teacher == "baseline":  # distil from the dense baseline row's model (trained before the cells)
+        _wait_dense(grid, results, task)
+        given = {"teacher": str(recipe.checkpoint_dir(tdir / "dense-baseline", "dense"))}
+        variant = "-tbase"
+    out = tdir / f"gradual-{block}{variant}" / f"r{ratio:g}{suffix}"
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
     t0 = time.perf_counter()
     res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="gradual", block=block,
                                     ratio=ratio, seed=seed, distill=s.distill, distill_hidden=s.distill_hidden,
                                     allocation=s.allocation,
-                                    sensitivity_file=str(tdir / f"sensitivity-{block}{suffix}.json")))
+                                    sensitivity_file=str(tdir / f"sensitivity-{block}{suffix}.json"), **given))
     _record_cell(grid, results, task, (block, ratio, "gradual", seed_tag), res, out, time.perf_counter() - t0, log)
 
 
@@ -898,6 +907,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--augment", type=int, default=0, metavar="N",
                     help="gradual grid: N teacher-only perturbed copies of each training example in the distilled "
                          "stages (frontends/augment.py); write them to their own --results file")
+    ap.add_argument("--teacher", choices=["start", "baseline"], default="start",
+                    help="gradual grid: the pruned cells distil from the dense model they start from (3 epochs), "
+                         "or from the dense baseline row's model (as many epochs as a pruned cell)")
     ap.add_argument("--transfer-from", type=Path, default=None, metavar="EMBEDDING_RUNS_DIR",
                     help="gradual grid: before each gradual cell, a 'transfer' cell that starts from the embedding "
                          "grid's run at the same block and ratio (its encoder and masks) and retrains as many epochs")
@@ -1016,9 +1028,9 @@ def main(argv: list[str] | None = None) -> int:
                     distill_hidden=args.distill_hidden, allocation=args.allocation,
                     sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
                     sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples,
-                    augment=args.augment)
-            elif args.augment:
-                raise SystemExit("--augment distils on teacher-labelled copies: it needs --method gradual")
+                    augment=args.augment, teacher=args.teacher)
+            elif args.augment or args.teacher != "start":
+                raise SystemExit("--augment and --teacher shape the distilled cells: they need --method gradual")
             seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,

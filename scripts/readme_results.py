@@ -125,6 +125,60 @@ def ablation_table(ablation_path: Path, grid_cells: list, teachers: str) -> list
 
 
 START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
+AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_augment.json"  # --augment N, CPU; compared with CPU_GRID
+TEACHER = ROOT / "benchmarks" / "results" / "accuracy_teacher.json"  # --teacher baseline, CPU
+
+
+def _variant_label(settings: dict) -> str:
+    parts = []
+    if settings.get("augment"):
+        parts.append(f"+ {settings['augment']} copies")
+    if settings.get("teacher", "start") != "start":
+        parts.append(f"teacher: {settings['teacher']}")
+    return "gradual " + ", ".join(parts) if parts else "gradual"
+
+
+def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AUGMENT, TEACHER)) -> str:
+    """The CPU grid's gradual cells next to the same cells trained with one change each
+    (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
+    the CPU, against the dense baseline and the 3-epoch model the cells start from."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import _task_order, load_cells, seed_means
+
+    def pruned(path: Path) -> dict:
+        return {(c.task, c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(load_cells(path)[1])
+                if c.kind == "pruned" and c.method == "gradual"}
+
+    def cell(x) -> str:
+        if x is None:
+            return "not run"
+        c, n, sd = x
+        return f"{100 * c.metric:.2f}" + (f" ± {100 * sd:.2f} ({n} seeds)" if n > 1 else "") + f" ({c.seconds / 60:.0f} min)"
+
+    plain_cells = load_cells(plain_path)[1]
+    dense = {c.task: c for c in plain_cells if c.kind == "dense"}
+    cols = [("gradual", pruned(plain_path))] + [(_variant_label(load_cells(p)[0]), pruned(p))
+                                                 for p in variants if p.is_file()]
+    keys = sorted({k for _, cs in cols[1:] for k in cs}, key=lambda k: (_task_order(k[0]), k[1], k[2]))
+    files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *variants) if p.is_file())
+    out = ["<!-- results:augment -->",
+           f"Settings: those of the CPU rows above; one change per column; cells in {files}; minutes at 1 "
+           "thread (two or more runs shared the 2 cores).", "",
+           "| task (metric) | cell | CR | dense baseline | start model (teacher) | "
+           + " | ".join(name for name, _ in cols) + " |",
+           "|---|---|---:|---:|---:|" + "---:|" * len(cols)]
+    for key in keys:
+        task, block, ratio = key
+        d = dense[task]
+        any_cell = next(cs[key][0] for _, cs in cols if key in cs)
+        row = [f"{task} ({d.metric_name})", f"{block} r={ratio:g}", f"{any_cell.compression_rate:.2f}x",
+               f"{100 * d.metric:.2f}", f"{100 * d.teacher_metric:.2f}" if d.teacher_metric else "-"]
+        for _, cs in cols:
+            x = cs.get(key)
+            row.append(cell(x) + ("" if x is None else f", {100 * (x[0].metric - d.metric):+.2f}"))
+        out.append("| " + " | ".join(row) + " |")
+    out.append("<!-- /results:augment -->")
+    return "\n".join(out)
 RESULTS = ROOT / "benchmarks" / "results"
 EMB = RESULTS / "accuracy_embedding.json"
 EMB_FULL = RESULTS / "accuracy_embedding_full.json"  # the issue's budget: 20,000 sentences, 3 + 2 epochs
@@ -239,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         new = _replace(new, START_ACC, END_ACC, render_accuracy())
     for name, fn, path in (("embedding", render_embedding, EMB), ("speed_trained", render_speed_trained, SPEED_TRAINED),
                            ("speed_trained_all", lambda: render_speed_trained(SPEED_TRAINED_ALL, "speed_trained_all"),
-                            SPEED_TRAINED_ALL), ("plan", render_plan, PLAN)):
+                            SPEED_TRAINED_ALL), ("plan", render_plan, PLAN), ("augment", render_augment, AUGMENT)):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in new and end in new and path.is_file():
             new = _replace(new, start, end, fn())

@@ -290,3 +290,15 @@ def test_augment_is_a_setting_of_the_gradual_grid_and_stays_off_for_the_teacher(
     with pytest.raises(SystemExit, match="--method gradual"):
         acc.main(["--method", "rgl", "--augment", "1", "--runs-dir", str(tmp_path / "r"),
                   "--results", str(tmp_path / "x.json"), "--tasks", "MRPC"])
+
+
+def test_teacher_choice_is_a_gradual_grid_setting(tmp_path):
+    acc = _acc()
+    args = acc.parse_args(["--runs-dir", str(tmp_path / "r"), "--teacher", "baseline"])
+    assert args.teacher == "baseline"
+    assert acc.GridSettings().teacher == "start"  # grids committed before the option resume unchanged
+    with pytest.raises(SystemExit, match="--method gradual"):
+        acc.main(["--method", "rgl", "--teacher", "baseline", "--runs-dir", str(tmp_path / "r"),
+                  "--results", str(tmp_path / "x.json"), "--tasks", "MRPC"])
+    with pytest.raises(SystemExit):
+        acc.parse_args(["--teacher", "bigger"])

@@ -88,3 +88,52 @@ def test_distilled_retraining_tracks_the_teacher(tiny_model, tmp_path):  # noqa:
     d_plain = float(((_logits(plain.model_dir, feeds) - teacher) ** 2).mean())
     d_kd = float(((_logits(kd.model_dir, feeds) - teacher) ** 2).mean())
     assert d_kd < 0.5 * d_plain, (d_kd, d_plain)
+
+
+def _saved_bert(out, num_labels: int, seed: int):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=num_labels)
+    model = BertForSequenceClassification(cfg)
+    model.save_pretrained(str(out))
+    return model
+
+
+def test_a_given_teacher_is_what_the_distilled_stages_learn_from(tiny_model, tmp_path):
+    from blockprune.frontends import recipe as recipe_mod
+    from test_frontend_recipe import small_config as cfg_of
+
+    given = _saved_bert(tmp_path / "teacher", 2, seed=7)
+    seen: list[tuple[str, torch.Tensor]] = []
+    real = recipe_mod.train_stage
+
+    def spy(accelerator, model, loader, plan, cfg, layers=None, masks=None, teacher=None, **kw):
+        if teacher is not None:
+            seen.append((plan.name, teacher.classifier.weight.detach().clone()))
+        return real(accelerator, model, loader, plan, cfg, layers, masks, teacher, **kw)
+
+    cfg = cfg_of(tiny_model, tmp_path / "run", method="gradual", block="4x4", ratio=0.5, epochs_dense=1,
+                 epochs_rew=1, epochs_retrain=1, distill=0.5, teacher=str(tmp_path / "teacher"), limit_train=32,
+                 limit_eval=16, prune_every=1, calib_examples=16, exporter="legacy")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recipe_mod, "train_stage", spy)
+        res = run_recipe(cfg)
+    assert [name for name, _ in seen] == ["gradual", "retrain"]  # the dense stage has no teacher
+    for _, w in seen:  # the given checkpoint, not the start model or its dense fine-tune
+        assert torch.equal(w, given.classifier.weight)
+    assert res.report["config"]["teacher"] == str(tmp_path / "teacher")
+    # refused before the out dir exists: no checkpoint there, distillation off, another head
+    bad = [({"teacher": str(tmp_path / "nowhere")}, "no config.json"),
+           ({"teacher": str(tmp_path / "teacher"), "distill": 0.0}, "distillation is off")]
+    for kw, what in bad:
+        with pytest.raises(BlockpruneError, match=what):
+            run_recipe(cfg_of(tiny_model, tmp_path / "bad", method="gradual", **{"distill": 0.5, **kw}))
+        assert not (tmp_path / "bad").exists()
+    _saved_bert(tmp_path / "three", 3, seed=1)
+    with pytest.raises(BlockpruneError, match="num_labels=3"):
+        run_recipe(cfg_of(tiny_model, tmp_path / "bad3", method="gradual", block="4x4", ratio=0.5, distill=0.5,
+                          teacher=str(tmp_path / "three"), epochs_dense=0, epochs_rew=1, limit_train=16,
+                          limit_eval=16, calib_examples=16, exporter="legacy"))
+    assert not (tmp_path / "bad3").exists()

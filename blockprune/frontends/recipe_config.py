@@ -26,6 +26,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from blockprune.blocks import BlockShape, check_sparsity
@@ -125,6 +126,9 @@ class RecipeConfig:
     #: teacher-only perturbed copies of each training example in the distilled stages (0: off;
     #: ``augment.py`` says why); each copy costs one more pass over the training set per epoch
     augment: int = 0
+    #: fine-tuned checkpoint (same architecture) to distil from instead of the model the run
+    #: starts from; None: the start model (see ``recipe._given_teacher`` for why one would)
+    teacher: str | None = None
     freeze_embeddings: bool = False  # word embeddings not trained (a third of MiniLM's AdamW work)
     attention: str = "sdpa"  # attention kernel while training/evaluating; export always uses eager
     optimizer: str = "fused"  # AdamW implementation (fused/foreach: one kernel over all tensors)
@@ -227,6 +231,13 @@ class RecipeConfig:
         if self.rgl_distill and not (self.distill or self.distill_hidden):
             raise BlockpruneError("--rgl-distill distils the reweighted stage, but distillation is off",
                                   "add --distill 0.5 (and/or --distill-hidden 1.0), or drop --rgl-distill")
+        if self.teacher is not None:
+            if not (Path(self.teacher) / "config.json").is_file():
+                raise BlockpruneError(f"teacher {self.teacher!r} is not a saved model directory (no config.json)",
+                                      "pass a fine-tuned checkpoint directory, e.g. RUN/checkpoints/dense")
+            if not (self.distill or self.distill_hidden):
+                raise BlockpruneError("a teacher is given, but distillation is off",
+                                      "add --distill 0.5 (and/or --distill-hidden 1.0), or drop --teacher")
         _check_int(self.augment, "augment", 0)
         if self.augment and not self.distill:
             raise BlockpruneError(f"augment={self.augment} adds teacher-only copies, but logit distillation is off",
@@ -298,7 +309,7 @@ class RecipeConfig:
         d = dataclasses.asdict(self)
         for k in _NOT_FINGERPRINTED:
             d.pop(k, None)
-        for opt in ("plan_file", "sparse_init", "augment"):  # runs from before these options existed resume unchanged
+        for opt in ("plan_file", "sparse_init", "augment", "teacher"):  # runs from before these options existed resume unchanged
             if not d.get(opt):
                 d.pop(opt, None)
         d["rgl_scope"], d["rgl_distill"] = self.scope, self.distill_rgl_stage  # what is computed, not how asked

@@ -122,6 +122,8 @@ def add_train_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--augment", type=int, default=0, metavar="N",
                    help="N perturbed copies of each training example, labelled by the teacher alone, in the "
                         "distilled stages (needs --distill; each copy is one more pass per epoch)")
+    s.add_argument("--teacher", default=None, metavar="DIR",
+                   help="distil from this fine-tuned checkpoint (same model) instead of the starting model")
     s.add_argument("--stop-after", choices=["dense", "reweighted", "gradual", "retrain"], default=None,
                    help="stop after this stage (a later call with the same settings resumes)")
     r = t.add_argument_group("run")
@@ -179,7 +181,7 @@ def config_from_args(args: argparse.Namespace):
         sensitivity_examples=args.sensitivity_examples, max_layer_ratio=args.max_layer_ratio,
         freeze_embeddings=args.freeze_embeddings, attention=args.attention, optimizer=args.optimizer,
         plan_file=getattr(args, "plan", None), sparse_init=getattr(args, "sparse_init", None),
-        augment=args.augment,
+        augment=args.augment, teacher=args.teacher,
     )
 
 
