@@ -591,6 +591,8 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
         _wait_dense(grid, results, task)
         given = {"teacher": str(recipe.checkpoint_dir(tdir / "dense-baseline", "dense"))}
         variant = "-tbase"
+    if s.augment:  # the copies change what is trained: their own run dir
+        variant += f"-aug{s.augment}"
     out = tdir / f"gradual-{block}{variant}" / f"r{ratio:g}{suffix}"
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
     t0 = time.perf_counter()
