@@ -4,7 +4,8 @@ Why a script: README figures must be the measured ones. Each section between
 ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` is rendered from its JSON:
 ``default_flow`` from ``benchmarks/results/default_flow.json`` (date, machine, load, commands,
 table, profile), ``accuracy`` from ``accuracy_gradual.json`` (+ ``accuracy_ablation.json``),
-``embedding`` from ``accuracy_embedding.json``, ``plan`` from ``plan.json`` + ``plan_training.json``;
+``embedding`` from ``accuracy_embedding.json``, ``plan`` from ``plan.json`` + ``plan_training.json``,
+``augment`` from the CPU grid and its variants (``accuracy_augment.json``, ``accuracy_teacher.json``);
 ``--check`` exits 1 when the README differs from what the JSON gives (a test runs it).
 
 Usage: python scripts/readme_results.py [--check]
@@ -127,6 +128,7 @@ def ablation_table(ablation_path: Path, grid_cells: list, teachers: str) -> list
 START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
 AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_augment.json"  # --augment N, CPU; compared with CPU_GRID
 TEACHER = ROOT / "benchmarks" / "results" / "accuracy_teacher.json"  # --teacher baseline, CPU
+TEACHER_AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment.json"  # both
 
 
 def _variant_label(settings: dict) -> str:
@@ -134,11 +136,11 @@ def _variant_label(settings: dict) -> str:
     if settings.get("augment"):
         parts.append(f"+ {settings['augment']} copies")
     if settings.get("teacher", "start") != "start":
-        parts.append(f"teacher: {settings['teacher']}")
-    return "gradual " + ", ".join(parts) if parts else "gradual"
+        parts.append(f"+ {settings['teacher']} as teacher")
+    return " ".join(["gradual", *parts])
 
 
-def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AUGMENT, TEACHER)) -> str:
+def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
     the CPU, against the dense baseline and the 3-epoch model the cells start from."""
@@ -157,14 +159,14 @@ def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AU
 
     plain_cells = load_cells(plain_path)[1]
     dense = {c.task: c for c in plain_cells if c.kind == "dense"}
-    cols = [("gradual", pruned(plain_path))] + [(_variant_label(load_cells(p)[0]), pruned(p))
-                                                 for p in variants if p.is_file()]
+    shown = [p for p in variants if p.is_file() and pruned(p)]  # a grid still at its dense rows: not yet
+    cols = [("gradual", pruned(plain_path))] + [(_variant_label(load_cells(p)[0]), pruned(p)) for p in shown]
     keys = sorted({k for _, cs in cols[1:] for k in cs}, key=lambda k: (_task_order(k[0]), k[1], k[2]))
-    files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *variants) if p.is_file())
+    files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *shown))
     out = ["<!-- results:augment -->",
-           f"Settings: those of the CPU rows above; one change per column; cells in {files}; minutes at 1 "
+           f"Settings: those of the CPU rows above; each column names what differs from `gradual`; cells in {files}; minutes at 1 "
            "thread (two or more runs shared the 2 cores).", "",
-           "| task (metric) | cell | CR | dense baseline | start model (teacher) | "
+           "| task (metric) | cell | CR | dense baseline (8 epochs) | start, 3 epochs (default teacher) | "
            + " | ".join(name for name, _ in cols) + " |",
            "|---|---|---:|---:|---:|" + "---:|" * len(cols)]
     for key in keys:
