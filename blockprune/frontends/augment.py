@@ -81,8 +81,6 @@ def perturb_text(text: str, rng: random.Random, vocab: Vocabulary, cfg: PerturbC
         return text
     n_edit = max(1, round(cfg.rate * len(words)))
     for pos in sorted(rng.sample(range(len(words)), min(n_edit, len(words))), reverse=True):
-        if pos >= len(words):
-            continue
         u = rng.random()
         if u < cfg.replace or len(words) == 1:
             word = words[pos]

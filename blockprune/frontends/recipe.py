@@ -208,7 +208,7 @@ def _dense_teacher(cfg: RecipeConfig, spec: TaskSpec, loaded: Any, out: Path, st
     return frozen_teacher(model)
 
 
-def _given_teacher(cfg: RecipeConfig, spec: TaskSpec, loaded: Any) -> torch.nn.Module:
+def _given_teacher(cfg: RecipeConfig, loaded: Any) -> torch.nn.Module:
     """``cfg.teacher`` as a frozen model: a fine-tuned checkpoint of the same architecture to
     distil from instead of the model the run starts from.
 
@@ -288,7 +288,16 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
     last_done = "initial"  # the latest finished stage with its own weights
     final_masks: dict[str, LayerMask] | None = None
     gradual_masks: dict[str, LayerMask] | None = None
-    given_teacher: torch.nn.Module | None = None  # cfg.teacher, loaded once
+    given_teacher: list[torch.nn.Module] = []  # cfg.teacher, loaded once for every stage that distils
+
+    def teacher_or(default: Any) -> torch.nn.Module:
+        """The stage's teacher: ``cfg.teacher`` when given (the default is then never built)."""
+        if not cfg.teacher:
+            return default()
+        if not given_teacher:
+            given_teacher.append(_given_teacher(cfg, loaded))
+        return given_teacher[0]
+
     for index, stage in enumerate(plan):
         ckpt = checkpoint_dir(out, stage.name)
         if state.done(stage.name):
@@ -326,14 +335,14 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         reg_targets = None
         if stage.name == "reweighted":
             if distilled and cfg.distill_rgl_stage and stage.epochs > 0:
-                teacher = frozen_teacher(loaded.model)  # the dense model: the stage starts from it
+                teacher = teacher_or(lambda: frozen_teacher(loaded.model))  # the dense model: the stage starts from it
             fn = calib.feature_norms(loaded.model)
             if cfg.scope == "target":  # the ratios the later hard pruning will use, chosen on the dense model
                 allocation = calib.allocation(loaded.model, fn)
                 reg_targets = allocation["ratios"]
         elif stage.name == "gradual":
             if distilled:
-                teacher = frozen_teacher(loaded.model)  # the dense model: the stage starts from it
+                teacher = teacher_or(lambda: frozen_teacher(loaded.model))  # the dense model: the stage starts from it
             fn = calib.feature_norms(loaded.model)
             allocation = calib.allocation(loaded.model, fn)
             targets = allocation["ratios"]
@@ -345,16 +354,17 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
         elif stage.name == "retrain":
             if cfg.method == "transfer":
                 if distilled:
-                    teacher = frozen_teacher(loaded.model)  # the dense model, before its encoder is replaced
+                    teacher = teacher_or(lambda: frozen_teacher(loaded.model))  # the dense model, before its encoder
+                    # is replaced
                 masks, allocation = load_sparse_init(loaded.model, cfg.sparse_init, layers)
             elif cfg.method == "gradual":
                 if distilled and stage.epochs > 0:
-                    teacher = _dense_teacher(cfg, spec, loaded, out, state)
+                    teacher = teacher_or(lambda: _dense_teacher(cfg, spec, loaded, out, state))
                 masks = gradual_masks or _masks_from_file(checkpoint_dir(out, "gradual") / "block_masks.safetensors",
                                                           layers)
             else:
                 if distilled and stage.epochs > 0:
-                    teacher = frozen_teacher(loaded.model)  # the model right before hard pruning
+                    teacher = teacher_or(lambda: frozen_teacher(loaded.model))  # the model right before hard pruning
                 fn = calib.feature_norms(loaded.model)
                 rew = state.get("reweighted") if cfg.scope == "target" else None
                 # targeted: prune to the ratios the reweighted stage shrank towards, not re-chosen ones
@@ -364,9 +374,6 @@ def run_recipe(cfg: RecipeConfig) -> RecipeResult:
             extra["block_masks.safetensors"] = {n: m.mask.to(torch.uint8) for n, m in masks.items()}
         reg_layers = layers if stage.name == "reweighted" else None
         masked = None
-        if teacher is not None and cfg.teacher:
-            teacher = given_teacher or _given_teacher(cfg, spec, loaded)
-            given_teacher = teacher
         if stage.epochs > 0:
             # the perturbed copies have only the teacher's word: in distilled stages only
             train_loader = tokenized.train_loader(cfg, seed=cfg.seed + index + 1, augmented=teacher is not None)
