@@ -17,6 +17,12 @@ Jobs and their order (first ready job in this order starts when a worker frees u
 4. ``ablation:TASK:METHOD:sSEED`` (after its teacher);
 5. extra seeds: every RTE cell and the ablation cell of MRPC/STS-B for the gradual recipe.
 
+``--teacher baseline`` runs the gradual grid with the dense baseline's model as every cell's
+teacher (``accuracy.py --teacher baseline``): the baseline job then comes before the task's cells,
+which wait for it, and the grid writes ``accuracy_gradual_tbase.json`` (the teacher and baseline
+checkpoints are those of the plain grid, so both grids can share one runs dir). The ablation
+compares pruning methods under the default teacher and is not part of such a run.
+
 Usage::
 
     python benchmarks/accuracy_parallel.py --workers 12            # a GPU machine
@@ -69,24 +75,43 @@ def _cell_arg(block: str, ratio: float) -> str:
     return f"{block}:{ratio:g}"
 
 
-def plan_jobs(tasks: list[str], what: set[str], quick: bool) -> list[Job]:
-    """Every job, in start order. ``what``: grid, seeds, ablation, embedding."""
+def grid_results(quick: bool, teacher: str = "start") -> Path:
+    """The gradual grid's results file for this teacher choice (``accuracy.py``'s default for ``start``)."""
+    return RESULTS / f"accuracy_gradual{'_tbase' if teacher == 'baseline' else ''}{'_quick' if quick else ''}.json"
+
+
+def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "start") -> list[Job]:
+    """Every job, in start order. ``what``: grid, seeds, ablation, embedding. ``teacher``: what the
+    gradual cells distil from (``start`` or ``baseline``; the latter makes them wait for the baseline)."""
+    if teacher not in ("start", "baseline"):
+        raise SystemExit(f"unknown --teacher {teacher!r}; use start or baseline")
+    if teacher == "baseline" and "ablation" in what:
+        raise SystemExit("--teacher baseline applies to the gradual grid; the ablation compares methods under the "
+                         "default teacher: run it without --teacher (drop ablation from --what)")
+    # the teacher, baseline and cell jobs of one grid must share its results file (the dense row)
+    grid_flags = [] if teacher == "start" else ["--teacher", "baseline", "--results", str(grid_results(quick, teacher))]
     cells = [("16x1", 0.5), ("4x4", 0.5)] if quick else list(CELLS)
     ablation_cell = ("16x1", 0.5) if quick else ABLATION_CELL
     ablation_tasks = [t for t in (["STS-B"] if quick else ABLATION_TASKS) if t in tasks]
     jobs: list[Job] = []
     need_teacher = "grid" in what or "seeds" in what or "ablation" in what
     if need_teacher:
-        jobs += [Job(f"teacher:{t}", ["--stage", "teacher", "--tasks", t]) for t in tasks]
+        jobs += [Job(f"teacher:{t}", ["--stage", "teacher", "--tasks", t, *grid_flags]) for t in tasks]
     if "embedding" in what:
         ratios = (0.3, 0.5) if quick else EMBEDDING_RATIOS
         jobs += [Job(f"embedding:{r:g}", ["--embedding", "--ratios", f"{r:g}"]) for r in ratios]
+    cell_deps: dict[str, list[str]] = {}
     for t in tasks:
         dep = [f"teacher:{t}"]
+        cell_deps[t] = dep + ([f"baseline:{t}"] if teacher == "baseline" else [])
+        baseline = Job(f"baseline:{t}", ["--stage", "baseline", "--tasks", t, *grid_flags], dep)
+        if teacher == "baseline" and what & {"grid", "seeds"}:  # every cell's teacher: first
+            jobs.append(baseline)
         if "grid" in what:
             jobs += [Job(f"cell:{t}:{b}:{r:g}:s0", ["--stage", "cells", "--tasks", t, "--cells", _cell_arg(b, r),
-                                                    "--seeds", "0"], dep) for b, r in cells]
-            jobs.append(Job(f"baseline:{t}", ["--stage", "baseline", "--tasks", t], dep))
+                                                    "--seeds", "0", *grid_flags], cell_deps[t]) for b, r in cells]
+        if "grid" in what and teacher == "start":
+            jobs.append(baseline)
     if "ablation" in what:
         for t in ablation_tasks:
             for m in ABLATION_METHODS:
@@ -100,7 +125,8 @@ def plan_jobs(tasks: list[str], what: set[str], quick: bool) -> list[Job]:
             if t in ablation_tasks:
                 extra += [(*ablation_cell, s) for s in ABLATION_GRADUAL_SEEDS]
             jobs += [Job(f"cell:{t}:{b}:{r:g}:s{s}", ["--stage", "cells", "--tasks", t, "--cells", _cell_arg(b, r),
-                                                      "--seeds", str(s)], [f"teacher:{t}"]) for b, r, s in extra]
+                                                      "--seeds", str(s), *grid_flags], cell_deps[t])
+                     for b, r, s in extra]
     names = [j.name for j in jobs]
     assert len(names) == len(set(names)), "duplicate job names"
     return jobs
@@ -171,12 +197,13 @@ def run_jobs(jobs: list[Job], workers: int, common: list[str], log_dir: Path, st
         time.sleep(2)
 
 
-def write_reports(quick: bool, what: set[str]) -> list[Path]:
-    """Rebuild the Markdown/PNG of each results file that exists (``accuracy.py --report-only``)."""
+def write_reports(quick: bool, what: set[str], grid_path: Path | None = None) -> list[Path]:
+    """Rebuild the Markdown/PNG of each results file that exists (``accuracy.py --report-only``);
+    ``grid_path``: the gradual grid's file when not the default one."""
     suffix = "_quick" if quick else ""
     runs = []
     if what & {"grid", "seeds"}:
-        runs.append((RESULTS / f"accuracy_gradual{suffix}.json", []))
+        runs.append((grid_path or grid_results(quick), []))
     if "ablation" in what:
         runs.append((RESULTS / f"accuracy_ablation{suffix}.json", ["--ablation"]))
     if "embedding" in what:
@@ -202,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kill-after-min", type=float, default=None, help="stop running jobs after this many minutes")
     ap.add_argument("--log-dir", type=Path, default=None, help="one log per job (default runs/accuracy-parallel)")
     ap.add_argument("--collect", type=Path, default=None, help="copy results JSON + job logs (tar.gz) here at the end")
+    ap.add_argument("--teacher", choices=("start", "baseline"), default="start",
+                    help="what the gradual cells distil from: the model they start from (3 epochs), or the dense "
+                         "baseline's (its results go to accuracy_gradual_tbase.json)")
     ap.add_argument("--list", action="store_true", help="print the jobs and exit")
     ap.add_argument("extra", nargs="*", help="more accuracy.py flags for every job (after --)")
     args = ap.parse_args(argv)
@@ -210,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown --what {sorted(unknown)}; use grid, seeds, ablation, embedding")
     tasks = [t for t in args.tasks.split(",") if t]
-    jobs = plan_jobs(tasks, what, args.quick)
+    jobs = plan_jobs(tasks, what, args.quick, args.teacher)
     if args.list:
         for j in jobs:
             print(f"{j.name:45s} after {','.join(j.deps) or '-':20s} accuracy.py {' '.join(j.argv)}")
@@ -227,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         summary = {"seconds": time.monotonic() - t0, "workers": args.workers, "jobs": [asdict(j) for j in jobs]}
         (log_dir / "jobs.json").write_text(json.dumps(summary, indent=1) + "\n")
-        files = write_reports(args.quick, what)
+        given = args.extra[args.extra.index("--results") + 1] if "--results" in args.extra[:-1] else None
+        files = write_reports(args.quick, what, Path(given).resolve() if given else grid_results(args.quick, args.teacher))
         counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "killed", "skipped", "waiting")}
         print(f"done in {summary['seconds'] / 60:.1f} min: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         for j in jobs:

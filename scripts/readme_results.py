@@ -129,6 +129,7 @@ START_ACC, END_ACC = "<!-- results:accuracy -->", "<!-- /results:accuracy -->"
 AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_augment.json"  # --augment N, CPU; compared with CPU_GRID
 TEACHER = ROOT / "benchmarks" / "results" / "accuracy_teacher.json"  # --teacher baseline, CPU
 TEACHER_AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment.json"  # both
+TEACHER_NOHIDDEN = ROOT / "benchmarks" / "results" / "accuracy_teacher_nohidden.json"  # baseline teacher, logits only
 
 
 def _variant_label(settings: dict) -> str:
@@ -137,10 +138,13 @@ def _variant_label(settings: dict) -> str:
         parts.append(f"+ {settings['augment']} copies")
     if settings.get("teacher", "start") != "start":
         parts.append(f"+ {settings['teacher']} as teacher")
+    if settings.get("distill_hidden", 1.0) == 0:
+        parts.append("(logits only)")
     return " ".join(["gradual", *parts])
 
 
-def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT)) -> str:
+def render_augment(plain_path: Path = CPU_GRID,
+                   variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
     the CPU, against the dense baseline and the 3-epoch model the cells start from."""
@@ -157,9 +161,12 @@ def render_augment(plain_path: Path = CPU_GRID, variants: tuple[Path, ...] = (AU
         c, n, sd = x
         return f"{100 * c.metric:.2f}" + (f" ± {100 * sd:.2f} ({n} seeds)" if n > 1 else "") + f" ({c.seconds / 60:.0f} min)"
 
-    plain_cells = load_cells(plain_path)[1]
-    dense = {c.task: c for c in plain_cells if c.kind == "dense"}
     shown = [p for p in variants if p.is_file() and pruned(p)]  # a grid still at its dense rows: not yet
+    dense: dict = {}  # the plain grid's dense rows first; a task only a variant ran brings its own
+    for path in (plain_path, *shown):
+        for c in load_cells(path)[1]:
+            if c.kind == "dense":
+                dense.setdefault(c.task, c)
     cols = [("gradual", pruned(plain_path))] + [(_variant_label(load_cells(p)[0]), pruned(p)) for p in shown]
     keys = sorted({k for _, cs in cols[1:] for k in cs}, key=lambda k: (_task_order(k[0]), k[1], k[2]))
     files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *shown))

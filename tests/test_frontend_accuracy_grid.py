@@ -252,6 +252,25 @@ def test_parallel_plan_has_every_job_once_after_its_teacher():
             assert j.deps == [f"teacher:{j.name.split(':')[1]}"]
 
 
+def test_parallel_plan_with_the_baseline_as_teacher_runs_each_baseline_before_its_cells():
+    par = _par()
+    jobs = par.plan_jobs(["MRPC", "RTE"], {"grid", "seeds"}, False, teacher="baseline")
+    names = [j.name for j in jobs]
+    tbase = str(par.grid_results(False, "baseline"))
+    assert tbase.endswith("accuracy_gradual_tbase.json")
+    for j in jobs:  # one results file for the grid's dense rows and cells, none shared with the plain grid
+        assert j.argv[j.argv.index("--results") + 1] == tbase
+        task = j.name.split(":")[1]
+        if j.name.startswith("cell:"):
+            assert j.deps == [f"teacher:{task}", f"baseline:{task}"] and "baseline" in j.argv
+            assert names.index(f"baseline:{task}") < names.index(j.name)
+    assert sum(n.startswith("cell:RTE") for n in names) == 3 * len(par.CELLS)  # the extra seeds too
+    plain = par.plan_jobs(["MRPC"], {"grid"}, False)
+    assert all("--results" not in j.argv and "--teacher" not in j.argv for j in plain)
+    with pytest.raises(SystemExit, match="ablation"):
+        par.plan_jobs(["MRPC"], {"grid", "ablation"}, False, teacher="baseline")
+
+
 def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadline(tmp_path, monkeypatch):
     par = _par()
     script = tmp_path / "fake_accuracy.py"

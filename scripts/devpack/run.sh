@@ -25,7 +25,9 @@ fi
 NOW=$(date +%s); REM=$((LIMIT - (NOW - T0) - 50))
 KILL=$(python3 -c "print(round($REM/60, 2))")
 echo "full run: kill after $KILL min"
-python3 benchmarks/accuracy_parallel.py --workers $WORKERS --stop-after-min $KILL --kill-after-min $KILL --collect $OUT \
-   -- --exporter legacy --data-dir /tmp/glue > $OUT/full.log 2>&1
+# PARALLEL_ARGS: runner flags (e.g. "--teacher baseline --what grid,seeds"); GRID_ARGS: accuracy.py flags
+# for every job (e.g. "--augment 2 --results benchmarks/results/accuracy_gradual_tbase_aug2.json")
+python3 benchmarks/accuracy_parallel.py ${PARALLEL_ARGS:-} --workers $WORKERS --stop-after-min $KILL --kill-after-min $KILL \
+   --collect $OUT -- --exporter legacy --data-dir /tmp/glue ${GRID_ARGS:-} > $OUT/full.log 2>&1
 tail -45 $OUT/full.log
 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
