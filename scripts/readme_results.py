@@ -130,6 +130,7 @@ AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_augment.json"  # --augment
 TEACHER = ROOT / "benchmarks" / "results" / "accuracy_teacher.json"  # --teacher baseline, CPU
 TEACHER_AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment.json"  # both
 TEACHER_NOHIDDEN = ROOT / "benchmarks" / "results" / "accuracy_teacher_nohidden.json"  # baseline teacher, logits only
+NODISTILL = ROOT / "benchmarks" / "results" / "accuracy_nodistill.json"  # no teacher at all (CoLA's control)
 
 
 def _variant_label(settings: dict) -> str:
@@ -138,13 +139,15 @@ def _variant_label(settings: dict) -> str:
         parts.append(f"+ {settings['augment']} copies")
     if settings.get("teacher", "start") != "start":
         parts.append(f"+ {settings['teacher']} as teacher")
-    if settings.get("distill_hidden", 1.0) == 0:
+    if not settings.get("distill"):
+        parts.append("without distillation")
+    elif settings.get("distill_hidden", 1.0) == 0:
         parts.append("(logits only)")
     return " ".join(["gradual", *parts])
 
 
 def render_augment(plain_path: Path = CPU_GRID,
-                   variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN)) -> str:
+                   variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
     the CPU, against the dense baseline and the 3-epoch model the cells start from."""
