@@ -217,6 +217,13 @@ def write_reports(quick: bool, what: set[str], grid_path: Path | None = None) ->
     return out
 
 
+def _results_flag(extra: list[str]) -> Path | None:
+    """The ``--results`` among the accuracy.py flags after ``--`` (either spelling), if any."""
+    ap = argparse.ArgumentParser(add_help=False)
+    ap.add_argument("--results", type=Path, default=None)
+    return ap.parse_known_args(extra)[0].results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="jobs at once")
@@ -257,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         summary = {"seconds": time.monotonic() - t0, "workers": args.workers, "jobs": [asdict(j) for j in jobs]}
         (log_dir / "jobs.json").write_text(json.dumps(summary, indent=1) + "\n")
-        given = args.extra[args.extra.index("--results") + 1] if "--results" in args.extra[:-1] else None
-        files = write_reports(args.quick, what, Path(given).resolve() if given else grid_results(args.quick, args.teacher))
+        given = _results_flag(args.extra)  # a --results after --: the grid writes there instead
+        files = write_reports(args.quick, what, given.resolve() if given else grid_results(args.quick, args.teacher))
         counts = {s: sum(j.status == s for j in jobs) for s in ("ok", "failed", "killed", "skipped", "waiting")}
         print(f"done in {summary['seconds'] / 60:.1f} min: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
         for j in jobs:

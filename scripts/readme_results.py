@@ -154,8 +154,8 @@ def render_augment(plain_path: Path = CPU_GRID,
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order, load_cells, seed_means
 
-    def pruned(path: Path) -> dict:
-        return {(c.task, c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(load_cells(path)[1])
+    def pruned(cells: list) -> dict:
+        return {(c.task, c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(cells)
                 if c.kind == "pruned" and c.method == "gradual"}
 
     def cell(x) -> str:
@@ -164,13 +164,15 @@ def render_augment(plain_path: Path = CPU_GRID,
         c, n, sd = x
         return f"{100 * c.metric:.2f}" + (f" ± {100 * sd:.2f} ({n} seeds)" if n > 1 else "") + f" ({c.seconds / 60:.0f} min)"
 
-    shown = [p for p in variants if p.is_file() and pruned(p)]  # a grid still at its dense rows: not yet
+    loaded = {p: load_cells(p) for p in (plain_path, *variants) if p.is_file()}  # (settings, cells), read once
+    shown = [p for p in variants if p in loaded and pruned(loaded[p][1])]  # a grid still at its dense rows: not yet
     dense: dict = {}  # the plain grid's dense rows first; a task only a variant ran brings its own
     for path in (plain_path, *shown):
-        for c in load_cells(path)[1]:
+        for c in loaded[path][1]:
             if c.kind == "dense":
                 dense.setdefault(c.task, c)
-    cols = [("gradual", pruned(plain_path))] + [(_variant_label(load_cells(p)[0]), pruned(p)) for p in shown]
+    cols = [("gradual", pruned(loaded[plain_path][1]))] + \
+        [(_variant_label(loaded[p][0]), pruned(loaded[p][1])) for p in shown]
     keys = sorted({k for _, cs in cols[1:] for k in cs}, key=lambda k: (_task_order(k[0]), k[1], k[2]))
     files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *shown))
     out = ["<!-- results:augment -->",
