@@ -76,6 +76,8 @@ BLOCKS = ("1x32", "4x4")
 #: the gradual grid's cells (block, ratio), in the order they run
 CELLS = (("16x1", 0.5), ("16x1", 0.7), ("16x1", 0.8), ("1x32", 0.5), ("4x4", 0.5), ("16x1", 0.3))
 EMBEDDING_RATIOS = (0.3, 0.5, 0.7)
+DEFAULT_DISTILL = 0.5  # the gradual recipe's logit-distillation weight (``--distill``)
+DEFAULT_DISTILL_HIDDEN = 1.0  # and its hidden-state weight (``--distill-hidden``)
 EMBEDDING_TASK = "STS-B (zero-shot embedding)"
 
 
@@ -572,6 +574,20 @@ def _wait_dense(grid: Grid, results: ResultsFile, task: str, timeout_s: float = 
     return cell
 
 
+def gradual_variant(s: GridSettings) -> str:
+    """The run-dir suffix of a gradual cell trained otherwise than the default recipe, so that a
+    variant (another teacher, copies, other distillation weights) shares its task's dense runs in
+    one ``--runs-dir`` without resuming, or overwriting, the default cell's checkpoints."""
+    variant = "-tbase" if s.teacher == "baseline" else ""
+    if s.augment:  # the copies change what is trained
+        variant += f"-aug{s.augment}"
+    if s.distill == 0 and s.distill_hidden == 0:
+        variant += "-nodistill"
+    elif (s.distill, s.distill_hidden) != (DEFAULT_DISTILL, DEFAULT_DISTILL_HIDDEN):
+        variant += f"-kd{s.distill:g}-h{s.distill_hidden:g}"
+    return variant
+
+
 def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio: float, seed: int, log) -> None:
     from blockprune.frontends import recipe
 
@@ -586,14 +602,10 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
         raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
     suffix = f"-s{seed}" if seed_tag else ""
     given = {}
-    variant = ""
     if s.teacher == "baseline":  # distil from the dense baseline row's model (trained before the cells)
         _wait_dense(grid, results, task)
         given = {"teacher": str(recipe.checkpoint_dir(tdir / "dense-baseline", "dense"))}
-        variant = "-tbase"
-    if s.augment:  # the copies change what is trained: their own run dir
-        variant += f"-aug{s.augment}"
-    out = tdir / f"gradual-{block}{variant}" / f"r{ratio:g}{suffix}"
+    out = tdir / f"gradual-{block}{gradual_variant(s)}" / f"r{ratio:g}{suffix}"
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
     t0 = time.perf_counter()
     res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="gradual", block=block,
@@ -874,7 +886,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--exporter", choices=["dynamo", "legacy"], default="dynamo")
     ap.add_argument("--distill", type=float, default=None,
                     help="share A of the teacher's logits in the loss (default 0.5 gradual, 0 rgl)")
-    ap.add_argument("--distill-hidden", type=float, default=1.0, help="gradual: hidden-state MSE weight")
+    ap.add_argument("--distill-hidden", type=float, default=DEFAULT_DISTILL_HIDDEN,
+                    help="gradual: hidden-state MSE weight")
     ap.add_argument("--allocation", choices=["uniform", "sensitivity"], default="sensitivity",
                     help="gradual/embedding: per-layer ratios")
     ap.add_argument("--train-embeddings", action="store_true",
@@ -921,7 +934,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     gradual = args.method == "gradual" or args.embedding
     args.epochs_retrain = args.epochs_retrain if args.epochs_retrain is not None else (2 if gradual else 3)
-    args.distill = args.distill if args.distill is not None else (0.5 if args.method == "gradual" else 0.0)
+    args.distill = args.distill if args.distill is not None else (
+        DEFAULT_DISTILL if args.method == "gradual" else 0.0)
     args.lr = args.lr if args.lr is not None else (5e-5 if args.embedding else 2e-5)
     ratios_given = args.ratios is not None
     if args.ratios is None:

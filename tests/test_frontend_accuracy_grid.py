@@ -321,3 +321,34 @@ def test_teacher_choice_is_a_gradual_grid_setting(tmp_path):
                   "--results", str(tmp_path / "x.json"), "--tasks", "MRPC"])
     with pytest.raises(SystemExit):
         acc.parse_args(["--teacher", "bigger"])
+
+
+def test_distillation_variants_share_the_dense_runs_but_not_the_cell_dirs(tmp_path, monkeypatch):
+    """A control (no distillation, logits only, another teacher) run into the same --runs-dir
+    reuses the task's dense teacher and baseline, and trains its cells in a dir of its own: it
+    neither resumes nor overwrites the default cell's checkpoints."""
+    acc = _acc()
+    import dataclasses
+
+    import blockprune.frontends.recipe as recipe
+
+    monkeypatch.setattr(recipe, "checkpoint_dir", lambda out, stage: Path(out) / "checkpoints" / stage)
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    default = _gradual_settings(acc)
+    outs = {}
+    for name, settings in [("default", default),
+                           ("nodistill", dataclasses.replace(default, distill=0.0, distill_hidden=0.0)),
+                           ("logits", dataclasses.replace(default, distill_hidden=0.0, teacher="baseline")),
+                           ("both", dataclasses.replace(default, teacher="baseline", augment=2))]:
+        grid = acc.Grid(settings, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs", cells=[("16x1", 0.5)],
+                        stage="all")
+        calls.clear()
+        acc.run_grid(grid, acc.ResultsFile(tmp_path / f"{name}.json", settings), log=lambda s: None)
+        cell, = [c for c in calls if c.method == "gradual"]
+        assert (cell.distill, cell.distill_hidden) == (settings.distill, settings.distill_hidden)
+        assert Path(cell.model) == tmp_path / "runs" / "RTE" / "dense" / "checkpoints" / "dense"
+        assert {Path(c.out).name for c in calls if c.method != "gradual"} == {"dense", "dense-baseline"}
+        outs[name] = Path(cell.out).relative_to(tmp_path / "runs").as_posix()
+    assert outs == {"default": "RTE/gradual-16x1/r0.5", "nodistill": "RTE/gradual-16x1-nodistill/r0.5",
+                    "logits": "RTE/gradual-16x1-tbase-kd0.5-h0/r0.5", "both": "RTE/gradual-16x1-tbase-aug2/r0.5"}
