@@ -131,6 +131,7 @@ TEACHER = ROOT / "benchmarks" / "results" / "accuracy_teacher.json"  # --teacher
 TEACHER_AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment.json"  # both
 TEACHER_NOHIDDEN = ROOT / "benchmarks" / "results" / "accuracy_teacher_nohidden.json"  # baseline teacher, logits only
 NODISTILL = ROOT / "benchmarks" / "results" / "accuracy_nodistill.json"  # no teacher at all (CoLA's control)
+TEACHER_LR = ROOT / "benchmarks" / "results" / "accuracy_teacher_lr5e-5.json"  # baseline teacher, lr 5e-5 everywhere
 
 
 def _variant_label(settings: dict) -> str:
@@ -146,16 +147,32 @@ def _variant_label(settings: dict) -> str:
     return " ".join(["gradual", *parts])
 
 
+#: settings that change the dense runs themselves: a variant that differs in one trains its own
+#: dense baseline and start, so its cells get rows of their own (task label + the difference)
+DENSE_KEYS = ("lr", "epochs_dense", "batch_size", "max_length", "limit_train")
+
+
+def _dense_tag(settings: dict, plain: dict) -> str:
+    return "".join(f", {k.replace('_', ' ')} {settings.get(k)!s}" for k in DENSE_KEYS if settings.get(k) != plain.get(k))
+
+
 def render_augment(plain_path: Path = CPU_GRID,
-                   variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL)) -> str:
+                   variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL,
+                                                 TEACHER_LR)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
-    the CPU, against the dense baseline and the 3-epoch model the cells start from."""
+    the CPU, against the dense baseline and the 3-epoch model the cells start from. A variant
+    that also trains its dense models otherwise (another learning rate) gets rows of its own,
+    against its own dense baseline, in the column of its recipe change."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order, load_cells, seed_means
 
-    def pruned(cells: list) -> dict:
-        return {(c.task, c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(cells)
+    loaded = {p: load_cells(p) for p in (plain_path, *variants) if p.is_file()}  # (settings, cells), read once
+    plain_settings = loaded[plain_path][0]
+    tags = {p: _dense_tag(loaded[p][0], plain_settings) for p in loaded}
+
+    def pruned(path: Path) -> dict:
+        return {(c.task, tags[path], c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(loaded[path][1])
                 if c.kind == "pruned" and c.method == "gradual"}
 
     def cell(x) -> str:
@@ -164,35 +181,38 @@ def render_augment(plain_path: Path = CPU_GRID,
         c, n, sd = x
         return f"{100 * c.metric:.2f}" + (f" ± {100 * sd:.2f} ({n} seeds)" if n > 1 else "") + f" ({c.seconds / 60:.0f} min)"
 
-    loaded = {p: load_cells(p) for p in (plain_path, *variants) if p.is_file()}  # (settings, cells), read once
-    shown = [p for p in variants if p in loaded and pruned(loaded[p][1])]  # a grid still at its dense rows: not yet
+    shown = [p for p in variants if p in loaded and pruned(p)]  # a grid still at its dense rows: not yet
     dense: dict = {}  # the plain grid's dense rows first; a task only a variant ran brings its own
     for path in (plain_path, *shown):
         for c in loaded[path][1]:
             if c.kind == "dense":
-                dense.setdefault(c.task, c)
-    cols = [("gradual", pruned(loaded[plain_path][1]))] + \
-        [(_variant_label(loaded[p][0]), pruned(loaded[p][1])) for p in shown]
-    keys = sorted({k for _, cs in cols[1:] for k in cs}, key=lambda k: (_task_order(k[0]), k[1], k[2]))
-    files = ", ".join(f"`{p.relative_to(ROOT)}`" for p in (plain_path, *shown))
+                dense.setdefault((c.task, tags[path]), c)
+    cols: dict[str, dict] = {"gradual": pruned(plain_path)}  # one column per recipe change
+    for p in shown:
+        cols.setdefault(_variant_label(loaded[p][0]), {}).update(pruned(p))
+    keys = sorted({k for name, cs in cols.items() if name != "gradual" for k in cs},
+                  key=lambda k: (_task_order(k[0]), k[1], k[2], k[3]))
+    files = ", ".join(f"`{p.relative_to(ROOT) if p.is_relative_to(ROOT) else p}`" for p in (plain_path, *shown))
     out = ["<!-- results:augment -->",
            f"Settings: those of the CPU rows above; each column names what differs from `gradual`; cells in {files}; minutes at 1 "
            "thread (two or more runs shared the 2 cores).", "",
            "| task (metric) | cell | CR | dense baseline (8 epochs) | start, 3 epochs (default teacher) | "
-           + " | ".join(name for name, _ in cols) + " |",
+           + " | ".join(cols) + " |",
            "|---|---|---:|---:|---:|" + "---:|" * len(cols)]
     for key in keys:
-        task, block, ratio = key
-        d = dense[task]
-        any_cell = next(cs[key][0] for _, cs in cols if key in cs)
-        row = [f"{task} ({d.metric_name})", f"{block} r={ratio:g}", f"{any_cell.compression_rate:.2f}x",
+        task, tag, block, ratio = key
+        d = dense[(task, tag)]
+        any_cell = next(cs[key][0] for cs in cols.values() if key in cs)
+        row = [f"{task} ({d.metric_name}{tag})", f"{block} r={ratio:g}", f"{any_cell.compression_rate:.2f}x",
                f"{100 * d.metric:.2f}", f"{100 * d.teacher_metric:.2f}" if d.teacher_metric else "-"]
-        for _, cs in cols:
+        for cs in cols.values():
             x = cs.get(key)
             row.append(cell(x) + ("" if x is None else f", {100 * (x[0].metric - d.metric):+.2f}"))
         out.append("| " + " | ".join(row) + " |")
     out.append("<!-- /results:augment -->")
     return "\n".join(out)
+
+
 RESULTS = ROOT / "benchmarks" / "results"
 EMB = RESULTS / "accuracy_embedding.json"
 EMB_FULL = RESULTS / "accuracy_embedding_full.json"  # the issue's budget: 20,000 sentences, 3 + 2 epochs
