@@ -117,6 +117,9 @@ class GridSettings:
     #: what the pruned cells distil from: "start" (the 3-epoch dense model they start from) or
     #: "baseline" (the dense baseline row's model, fine-tuned as many epochs as a pruned cell)
     teacher: str = "start"
+    #: the learning rate of the pruned cells' stages (gradual pruning, retraining); None: ``lr``,
+    #: the dense runs' rate. Sharing the dense runs, a variant changes how the student learns only
+    lr_pruned: float | None = None
 
 
 @dataclass
@@ -581,6 +584,8 @@ def gradual_variant(s: GridSettings) -> str:
     variant = "-tbase" if s.teacher == "baseline" else ""
     if s.augment:  # the copies change what is trained
         variant += f"-aug{s.augment}"
+    if s.lr_pruned is not None and s.lr_pruned != s.lr:
+        variant += f"-lr{s.lr_pruned:g}"
     if s.distill == 0 and s.distill_hidden == 0:
         variant += "-nodistill"
     elif (s.distill, s.distill_hidden) != (DEFAULT_DISTILL, DEFAULT_DISTILL_HIDDEN):
@@ -606,6 +611,8 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
         _wait_dense(grid, results, task)
         given = {"teacher": str(recipe.checkpoint_dir(tdir / "dense-baseline", "dense"))}
     out = tdir / f"gradual-{block}{gradual_variant(s)}" / f"r{ratio:g}{suffix}"
+    if s.lr_pruned is not None:
+        given.update(lr_rew=s.lr_pruned, lr_retrain=s.lr_pruned)
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
     t0 = time.perf_counter()
     res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="gradual", block=block,
@@ -922,6 +929,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--augment", type=int, default=0, metavar="N",
                     help="gradual grid: N teacher-only perturbed copies of each training example in the distilled "
                          "stages (frontends/augment.py); write them to their own --results file")
+    ap.add_argument("--lr-pruned", type=float, default=None, metavar="LR",
+                    help="gradual grid: learning rate of the pruned cells only (default: --lr); the dense teacher and "
+                         "baseline keep --lr, so the cells share the task's dense runs and its dense row")
     ap.add_argument("--teacher", choices=["start", "baseline"], default="start",
                     help="gradual grid: the pruned cells distil from the dense model they start from (3 epochs), "
                          "or from the dense baseline row's model (as many epochs as a pruned cell)")
@@ -1044,9 +1054,9 @@ def main(argv: list[str] | None = None) -> int:
                     distill_hidden=args.distill_hidden, allocation=args.allocation,
                     sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
                     sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples,
-                    augment=args.augment, teacher=args.teacher)
-            elif args.augment or args.teacher != "start":
-                raise SystemExit("--augment and --teacher shape the distilled cells: they need --method gradual")
+                    augment=args.augment, teacher=args.teacher, lr_pruned=args.lr_pruned)
+            elif args.augment or args.teacher != "start" or args.lr_pruned is not None:
+                raise SystemExit("--augment, --teacher and --lr-pruned shape the gradual cells: they need --method gradual")
             seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
@@ -1056,6 +1066,8 @@ def main(argv: list[str] | None = None) -> int:
             results = ResultsFile(args.results, settings)
             try:
                 if args.ablation:
+                    if settings.lr_pruned is not None:  # its rows compare with the plain grid's cells
+                        raise SystemExit("--lr-pruned is a gradual-grid variant; the ablation compares methods at --lr")
                     grid.baseline = ResultsFile(args.baseline_results, settings)
                     run_ablation(grid, results, [m for m in args.ablation_methods.split(",") if m], seeds)
                 else:

@@ -340,7 +340,8 @@ def test_distillation_variants_share_the_dense_runs_but_not_the_cell_dirs(tmp_pa
     for name, settings in [("default", default),
                            ("nodistill", dataclasses.replace(default, distill=0.0, distill_hidden=0.0)),
                            ("logits", dataclasses.replace(default, distill_hidden=0.0, teacher="baseline")),
-                           ("both", dataclasses.replace(default, teacher="baseline", augment=2))]:
+                           ("both", dataclasses.replace(default, teacher="baseline", augment=2)),
+                           ("lr", dataclasses.replace(default, teacher="baseline", lr_pruned=5e-5))]:
         grid = acc.Grid(settings, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs", cells=[("16x1", 0.5)],
                         stage="all")
         calls.clear()
@@ -349,6 +350,9 @@ def test_distillation_variants_share_the_dense_runs_but_not_the_cell_dirs(tmp_pa
         assert (cell.distill, cell.distill_hidden) == (settings.distill, settings.distill_hidden)
         assert Path(cell.model) == tmp_path / "runs" / "RTE" / "dense" / "checkpoints" / "dense"
         assert {Path(c.out).name for c in calls if c.method != "gradual"} == {"dense", "dense-baseline"}
+        assert {c.lr_dense for c in calls} == {default.lr}  # the dense runs are the plain grid's
+        assert (cell.lr_rew, cell.lr_retrain) == (settings.lr_pruned or default.lr,) * 2
         outs[name] = Path(cell.out).relative_to(tmp_path / "runs").as_posix()
     assert outs == {"default": "RTE/gradual-16x1/r0.5", "nodistill": "RTE/gradual-16x1-nodistill/r0.5",
-                    "logits": "RTE/gradual-16x1-tbase-kd0.5-h0/r0.5", "both": "RTE/gradual-16x1-tbase-aug2/r0.5"}
+                    "logits": "RTE/gradual-16x1-tbase-kd0.5-h0/r0.5", "both": "RTE/gradual-16x1-tbase-aug2/r0.5",
+                    "lr": "RTE/gradual-16x1-tbase-lr5e-05/r0.5"}
