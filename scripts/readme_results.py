@@ -132,6 +132,7 @@ TEACHER_AUGMENT = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment.js
 TEACHER_NOHIDDEN = ROOT / "benchmarks" / "results" / "accuracy_teacher_nohidden.json"  # baseline teacher, logits only
 NODISTILL = ROOT / "benchmarks" / "results" / "accuracy_nodistill.json"  # no teacher at all (CoLA's control)
 TEACHER_LR = ROOT / "benchmarks" / "results" / "accuracy_teacher_lr5e-5.json"  # baseline teacher, lr 5e-5 everywhere
+TEACHER_LRPRUNED = ROOT / "benchmarks" / "results" / "accuracy_teacher_lrpruned.json"  # the same, lr 5e-5 in the cells only
 
 
 def _variant_label(settings: dict) -> str:
@@ -144,12 +145,14 @@ def _variant_label(settings: dict) -> str:
         parts.append("without distillation")
     elif settings.get("distill_hidden", 1.0) == 0:
         parts.append("(logits only)")
+    if settings.get("lr_pruned") is not None:
+        parts.append(f"+ cells at lr {settings['lr_pruned']:g}")
     return " ".join(["gradual", *parts])
 
 
 #: settings that change the dense runs themselves: a variant that differs in one trains its own
 #: dense baseline and start, so its cells get rows of their own (task label + the difference)
-DENSE_KEYS = ("lr", "epochs_dense", "batch_size", "max_length", "limit_train")
+DENSE_KEYS = ("lr", "seed", "epochs_dense", "batch_size", "max_length", "limit_train")
 
 
 def _dense_tag(settings: dict, plain: dict) -> str:
@@ -158,7 +161,7 @@ def _dense_tag(settings: dict, plain: dict) -> str:
 
 def render_augment(plain_path: Path = CPU_GRID,
                    variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL,
-                                                 TEACHER_LR)) -> str:
+                                                 TEACHER_LR, TEACHER_LRPRUNED)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
     the CPU, against the dense baseline and the 3-epoch model the cells start from. A variant
