@@ -1057,6 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
                     augment=args.augment, teacher=args.teacher, lr_pruned=args.lr_pruned)
             elif args.augment or args.teacher != "start" or args.lr_pruned is not None:
                 raise SystemExit("--augment, --teacher and --lr-pruned shape the gradual cells: they need --method gradual")
+            if args.ablation and args.lr_pruned is not None:  # its rows compare with the plain grid's cells
+                raise SystemExit("--lr-pruned is a gradual-grid variant; the ablation compares methods at --lr")
             seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None
             grid = Grid(settings, [t for t in args.tasks.split(",") if t], [b for b in args.blocks.split(",") if b],
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
@@ -1066,8 +1068,6 @@ def main(argv: list[str] | None = None) -> int:
             results = ResultsFile(args.results, settings)
             try:
                 if args.ablation:
-                    if settings.lr_pruned is not None:  # its rows compare with the plain grid's cells
-                        raise SystemExit("--lr-pruned is a gradual-grid variant; the ablation compares methods at --lr")
                     grid.baseline = ResultsFile(args.baseline_results, settings)
                     run_ablation(grid, results, [m for m in args.ablation_methods.split(",") if m], seeds)
                 else:
