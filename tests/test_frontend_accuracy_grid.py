@@ -323,6 +323,17 @@ def test_teacher_choice_is_a_gradual_grid_setting(tmp_path):
         acc.parse_args(["--teacher", "bigger"])
 
 
+def test_lr_pruned_is_a_gradual_grid_variant_and_not_an_ablation_setting(tmp_path):
+    acc = _acc()
+    assert acc.parse_args(["--runs-dir", str(tmp_path / "r"), "--lr-pruned", "5e-5"]).lr_pruned == 5e-5
+    assert acc.GridSettings().lr_pruned is None  # grids committed before the option resume unchanged
+    for extra in (["--method", "rgl"], ["--ablation"]):
+        with pytest.raises(SystemExit, match="--lr-pruned"):
+            acc.main([*extra, "--lr-pruned", "5e-5", "--runs-dir", str(tmp_path / "r"),
+                      "--results", str(tmp_path / "x.json"), "--tasks", "MRPC"])
+        assert not (tmp_path / "x.json").exists()
+
+
 def test_distillation_variants_share_the_dense_runs_but_not_the_cell_dirs(tmp_path, monkeypatch):
     """A control (no distillation, logits only, another teacher) run into the same --runs-dir
     reuses the task's dense teacher and baseline, and trains its cells in a dir of its own: it
