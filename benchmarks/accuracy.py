@@ -76,9 +76,9 @@ BLOCKS = ("1x32", "4x4")
 #: the gradual grid's cells (block, ratio), in the order they run
 CELLS = (("16x1", 0.5), ("16x1", 0.7), ("16x1", 0.8), ("1x32", 0.5), ("4x4", 0.5), ("16x1", 0.3))
 EMBEDDING_RATIOS = (0.3, 0.5, 0.7)
+EMBEDDING_TASK = "STS-B (zero-shot embedding)"
 DEFAULT_DISTILL = 0.5  # the gradual recipe's logit-distillation weight (``--distill``)
 DEFAULT_DISTILL_HIDDEN = 1.0  # and its hidden-state weight (``--distill-hidden``)
-EMBEDDING_TASK = "STS-B (zero-shot embedding)"
 
 
 # --------------------------------------------------------------------------------------------

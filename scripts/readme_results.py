@@ -144,9 +144,9 @@ def _variant_label(settings: dict) -> str:
         parts.append(f"+ {settings['augment']} copies")
     if settings.get("teacher", "start") != "start":
         parts.append(f"+ {settings['teacher']} as teacher")
-    if not settings.get("distill"):
+    if not settings.get("distill") and not settings.get("distill_hidden"):  # as gradual_variant's -nodistill
         parts.append("without distillation")
-    elif settings.get("distill_hidden", 1.0) == 0:
+    elif settings.get("distill_hidden") == 0:
         parts.append("(logits only)")
     if settings.get("lr_pruned") is not None:
         parts.append(f"+ cells at lr {settings['lr_pruned']:g}")
