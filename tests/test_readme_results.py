@@ -68,3 +68,53 @@ def test_variant_tables_put_a_variant_with_other_dense_runs_on_rows_of_its_own(t
     assert rows[1].startswith("| CoLA (mcc, lr 5e-05) | 16x1 r=0.3 | 1.42x | 40.00 | 35.00 | not run | "
                               "39.50 (10 min), -0.50 |")
     assert len(rows) == 2
+
+
+def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs_own_dense(tmp_path):
+    """A cell within a point on one seed of the dense runs but not on their mean does not count;
+    each seed's cell is compared with its own dense baseline; a higher rate within a point on
+    another grid wins; the speed-up shown is the timed model of exactly that cell."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import accuracy as acc
+    import readme_results as rr
+
+    base = acc.GridSettings(method="gradual", distill=0.5, distill_hidden=1.0, exporter="legacy")
+    tb = dataclasses.replace(base, teacher="baseline", lr=5e-5)
+
+    def cell(task, m, d, ratio, rate, run_dir="", seed=0):
+        return acc.Cell(task, "pruned", "mcc", m, d, block="16x1", ratio=ratio, compression_rate=rate,
+                        method="gradual", seconds=60, run_dir=run_dir, seed=seed)
+
+    dense = lambda task, m: acc.Cell(task, "dense", "mcc", m, m, method="dense")  # noqa: E731
+    gpu = _results(tmp_path / "gpu.json", base, [dense("CoLA", 0.31), cell("CoLA", 0.25, 0.31, 0.3, 1.4201),
+                                                 dense("MRPC", 0.85), cell("MRPC", 0.845, 0.85, 0.3, 1.42),
+                                                 cell("MRPC", 0.80, 0.85, 0.5, 1.9702)])
+    plain = _results(tmp_path / "plain.json", base, [dense("MRPC", 0.84)])
+    run = tmp_path / "runs" / "MRPC" / "r0.5"
+    mrpc = _results(tmp_path / "m.json", dataclasses.replace(base, teacher="baseline"),
+                    [dense("MRPC", 0.84), cell("MRPC", 0.835, 0.84, 0.5, 1.9698, run_dir=str(run)),
+                     cell("MRPC", 0.833, 0.84, 0.5, 1.9698, seed=1)])
+    # CoLA at lr 5e-5: seed 0 within a point of its dense (-0.5), seed 1 not (-3.5): mean -2.0
+    s0 = _results(tmp_path / "c0.json", tb, [dense("CoLA", 0.28), cell("CoLA", 0.275, 0.28, 0.3, 1.42)])
+    s1 = _results(tmp_path / "c1.json", dataclasses.replace(tb, seed=1),
+                  [dense("CoLA", 0.33), cell("CoLA", 0.295, 0.33, 0.3, 1.42)])
+    (run / "model.onnx").parent.mkdir(parents=True)
+    speed = tmp_path / "speed.json"
+    speed.write_text(json.dumps({
+        "builds": [{"model": "m", "block": "16x1", "sparsity": None, "form": "default", "artifact": "m.art",
+                    "commands": [f"blockprune compress {run / 'model.onnx'} -o m.onnx --block 16x1"]}],
+        "timings": [{"threads": t, "rows": [{"artifact": "m.art", "speedup": x}]} for t, x in ((1, 1.61), (2, 1.52))]}))
+
+    cands = rr.best_candidates((gpu, mrpc, s0, s1), gpu=gpu, plain_path=plain)
+    cola = next(c for c in cands if c.task == "CoLA" and "lr" in c.recipe)
+    assert len(cola.deltas) == 2 and abs(cola.delta + 0.02) < 1e-9 and cola.files == [str(s0), str(s1)]
+    text = rr.render_best((gpu, mrpc, s0, s1), speed_path=speed, gpu=gpu, plain_path=plain)
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "1.00x (dense)" in rows["CoLA"] and "-2.00, gradual + baseline as teacher (lr 5e-05)" in rows["CoLA"]
+    assert "**1.97x**" in rows["MRPC"] and "gradual + baseline as teacher | CPU | 2 |" in rows["MRPC"]
+    assert "-0.60" in rows["MRPC"] and "1.61x / 1.52x" in rows["MRPC"]
+    avg = float(text.split("Average over the 2 tasks: ")[1].split("x")[0])
+    assert abs(avg - (1.97 + 1.00) / 2) < 0.006
