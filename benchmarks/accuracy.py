@@ -120,6 +120,10 @@ class GridSettings:
     #: the learning rate of the pruned cells' stages (gradual pruning, retraining); None: ``lr``,
     #: the dense runs' rate. Sharing the dense runs, a variant changes how the student learns only
     lr_pruned: float | None = None
+    #: a learning rate of a task's own (dense runs and cells), e.g. {"CoLA": 5e-5}: the rate is the
+    #: lever on CoLA (its 3-epoch start gains 7 points at 5e-5) and a grid should not have to move
+    #: every task to read one; such a task's runs live in ``<task>-lr<LR>/`` (see :func:`task_dir`)
+    task_lr: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -428,13 +432,27 @@ def _limit_train(s: GridSettings, task: str) -> int | None:
     return s.limit_train
 
 
+def task_lr(s: GridSettings, task: str) -> float:
+    """The learning rate of ``task``'s dense runs and (without ``lr_pruned``) of its cells."""
+    return s.task_lr.get(task, s.lr)
+
+
+def task_dir(grid: Grid, task: str) -> Path:
+    """Where ``task``'s runs live. A task at a rate of its own (``--task-lr``) trains its own dense
+    runs, so they get their own directory (``CoLA-lr5e-05``): a runs dir shared with a grid at the
+    plain rate must neither resume nor overwrite the other rate's checkpoints."""
+    lr = task_lr(grid.settings, task)
+    return grid.runs_dir / (task if lr == grid.settings.lr else f"{task}-lr{lr:g}")
+
+
 def _config(grid: Grid, task: str, out: Path, **kw: Any):
     from blockprune.frontends.recipe import RecipeConfig
 
     s = grid.settings
+    lr = task_lr(s, task)
     base = dict(model=s.model, task=task, data_dir=str(grid.data_dir), out=str(out), epochs_dense=s.epochs_dense,
-                epochs_rew=s.epochs_rew, epochs_retrain=s.epochs_retrain, lr_dense=s.lr, lr_rew=s.lr,
-                lr_retrain=s.lr, distill=s.distill, batch_size=s.batch_size, max_length=s.max_length, lam=s.lam, seed=s.seed,
+                epochs_rew=s.epochs_rew, epochs_retrain=s.epochs_retrain, lr_dense=lr, lr_rew=lr,
+                lr_retrain=lr, distill=s.distill, batch_size=s.batch_size, max_length=s.max_length, lam=s.lam, seed=s.seed,
                 limit_train=_limit_train(s, task), limit_eval=s.limit_eval, exporter=s.exporter, threads=grid.threads,
                 progress=grid.progress, rgl_form=s.rgl_form, score=s.score, freeze_embeddings=s.freeze_embeddings,
                 calib_examples=s.calib_examples, sensitivity_examples=s.sensitivity_examples,
@@ -533,7 +551,7 @@ def _stamp() -> str:
 def _teacher_ckpt(grid: Grid, task: str) -> Path:
     from blockprune.frontends.recipe import checkpoint_dir
 
-    return checkpoint_dir(grid.runs_dir / task / "dense", "dense")
+    return checkpoint_dir(task_dir(grid, task) / "dense", "dense")
 
 
 def _gradual_teacher(grid: Grid, task: str, log) -> Any:
@@ -542,8 +560,8 @@ def _gradual_teacher(grid: Grid, task: str, log) -> Any:
 
     if grid.stage == "teacher" and (_teacher_ckpt(grid, task) / "config.json").is_file():
         return None  # trained by an earlier call (other stages read its result back: a resume, no training)
-    log(f"[{_stamp()}] {task}: dense teacher -> {grid.runs_dir / task / 'dense'}")
-    return recipe.run_recipe(_config(grid, task, grid.runs_dir / task / "dense", stop_after="dense", distill=0.0,
+    log(f"[{_stamp()}] {task}: dense teacher -> {task_dir(grid, task) / 'dense'}")
+    return recipe.run_recipe(_config(grid, task, task_dir(grid, task) / "dense", stop_after="dense", distill=0.0,
                                      method="rgl", rgl_form="penalty", score="weight"))
 
 
@@ -553,7 +571,7 @@ def _gradual_baseline(grid: Grid, results: ResultsFile, task: str, teacher: Any,
     from blockprune.frontends import recipe
 
     s = grid.settings
-    tdir = grid.runs_dir / task
+    tdir = task_dir(grid, task)
     t0 = time.perf_counter()
     res = teacher
     more = s.epochs_rew + s.epochs_retrain
@@ -577,14 +595,14 @@ def _wait_dense(grid: Grid, results: ResultsFile, task: str, timeout_s: float = 
     return cell
 
 
-def gradual_variant(s: GridSettings) -> str:
+def gradual_variant(s: GridSettings, task: str | None = None) -> str:
     """The run-dir suffix of a gradual cell trained otherwise than the default recipe, so that a
     variant (another teacher, copies, other distillation weights) shares its task's dense runs in
     one ``--runs-dir`` without resuming, or overwriting, the default cell's checkpoints."""
     variant = "-tbase" if s.teacher == "baseline" else ""
     if s.augment:  # the copies change what is trained
         variant += f"-aug{s.augment}"
-    if s.lr_pruned is not None and s.lr_pruned != s.lr:
+    if s.lr_pruned is not None and s.lr_pruned != (s.lr if task is None else task_lr(s, task)):
         variant += f"-lr{s.lr_pruned:g}"
     if s.distill == 0 and s.distill_hidden == 0:
         variant += "-nodistill"
@@ -601,7 +619,7 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
     key = cell_key(task, block, ratio, "gradual", seed_tag)
     if results.refresh(key) is not None:
         return
-    tdir = grid.runs_dir / task
+    tdir = task_dir(grid, task)
     teacher = _teacher_ckpt(grid, task)
     if grid.stage == "cells" and not (teacher / "config.json").is_file():
         raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
@@ -610,7 +628,7 @@ def _gradual_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio
     if s.teacher == "baseline":  # distil from the dense baseline row's model (trained before the cells)
         _wait_dense(grid, results, task)
         given = {"teacher": str(recipe.checkpoint_dir(tdir / "dense-baseline", "dense"))}
-    out = tdir / f"gradual-{block}{gradual_variant(s)}" / f"r{ratio:g}{suffix}"
+    out = tdir / f"gradual-{block}{gradual_variant(s, task)}" / f"r{ratio:g}{suffix}"
     if s.lr_pruned is not None:
         given.update(lr_rew=s.lr_pruned, lr_retrain=s.lr_pruned)
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: gradual pruning + retraining -> {out}")
@@ -654,7 +672,7 @@ def _transfer_cell(grid: Grid, results: ResultsFile, task: str, block: str, rati
     teacher = _teacher_ckpt(grid, task)
     if grid.stage == "cells" and not (teacher / "config.json").is_file():
         raise SystemExit(f"{task}: the dense teacher {teacher} is missing; run --stage teacher first")
-    out = grid.runs_dir / task / f"transfer-{block}" / f"r{ratio:g}{f'-s{seed}' if seed_tag else ''}"
+    out = task_dir(grid, task) / f"transfer-{block}" / f"r{ratio:g}{f'-s{seed}' if seed_tag else ''}"
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed}: transfer from {source} + retraining -> {out}")
     t0 = time.perf_counter()
     res = recipe.run_recipe(_config(grid, task, out, model=str(teacher), epochs_dense=0, method="transfer",
@@ -725,7 +743,7 @@ def run_ablation(grid: Grid, results: ResultsFile, methods: Iterable[str], seeds
                     if not (_teacher_ckpt(grid, task) / "config.json").is_file():
                         raise SystemExit(f"{task}: the gradual grid's dense teacher is missing under {grid.runs_dir}; "
                                          "run `accuracy.py --stage teacher` first")
-                    out = grid.runs_dir / task / "ablation" / f"{method}-{block}-r{ratio:g}-s{seed}"
+                    out = task_dir(grid, task) / "ablation" / f"{method}-{block}-r{ratio:g}-s{seed}"
                     log(f"[{_stamp()}] {task} {method} {block} ratio {ratio:g} seed {seed} -> {out}")
                     t0 = time.perf_counter()
                     res = recipe.run_recipe(ablation_config(grid, task, method, block, ratio, seed, out))
@@ -851,6 +869,22 @@ def _cells_arg(text: str) -> list[tuple[str, float]]:
 ALL = "all"
 
 
+def _task_lrs(text: str) -> dict[str, float]:
+    """``CoLA=5e-5,RTE=3e-5`` -> {task: learning rate} (argparse type): GLUE task names, rates > 0."""
+    out: dict[str, float] = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        task, sep, lr = item.partition("=")
+        try:
+            rate = float(lr)
+        except ValueError:
+            rate = 0.0
+        if not sep or task not in TASKS or not rate > 0:
+            raise argparse.ArgumentTypeError(f"{item!r}: write TASK=LR with TASK one of {', '.join(TASKS)} "
+                                             "and LR a positive number, e.g. CoLA=5e-5")
+        out[task] = rate
+    return out
+
+
 def _limit(text: str) -> int | str:
     """A cap on examples: a positive whole number, or ``all`` for none (argparse type)."""
     if text.strip().lower() == ALL:
@@ -932,6 +966,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr-pruned", type=float, default=None, metavar="LR",
                     help="gradual grid: learning rate of the pruned cells only (default: --lr); the dense teacher and "
                          "baseline keep --lr, so the cells share the task's dense runs and its dense row")
+    ap.add_argument("--task-lr", type=_task_lrs, default={}, metavar="TASK=LR[,TASK=LR]",
+                    help="gradual grid: a learning rate of a task's own, dense runs and cells (e.g. CoLA=5e-5); "
+                         "its runs go to RUNS_DIR/<TASK>-lr<LR>, its rows compare with its own dense baseline")
     ap.add_argument("--teacher", choices=["start", "baseline"], default="start",
                     help="gradual grid: the pruned cells distil from the dense model they start from (3 epochs), "
                          "or from the dense baseline row's model (as many epochs as a pruned cell)")
@@ -950,6 +987,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ratios_given = args.ratios is not None
     if args.ratios is None:
         args.ratios = ",".join(f"{r:g}" for r in (EMBEDDING_RATIOS if args.embedding else RATIOS))
+    if args.embedding and args.task_lr:
+        raise SystemExit("--task-lr is a GLUE grid setting; the embedding grid has one task: use --lr")
     if args.embedding and args.limit_train is None:
         args.limit_train = 20000
     for name in ("limit_train", "sst2_limit_train"):  # 'all': no cap (stored as null)
@@ -1054,9 +1093,11 @@ def main(argv: list[str] | None = None) -> int:
                     distill_hidden=args.distill_hidden, allocation=args.allocation,
                     sst2_limit_train=args.sst2_limit_train, freeze_embeddings=not args.train_embeddings,
                     sensitivity_examples=args.sensitivity_examples, calib_examples=args.calib_examples,
-                    augment=args.augment, teacher=args.teacher, lr_pruned=args.lr_pruned)
-            elif args.augment or args.teacher != "start" or args.lr_pruned is not None:
-                raise SystemExit("--augment, --teacher and --lr-pruned shape the gradual cells: they need --method gradual")
+                    augment=args.augment, teacher=args.teacher, lr_pruned=args.lr_pruned,
+                    task_lr={t: lr for t, lr in args.task_lr.items() if lr != args.lr})  # the grid's rate: no change
+            elif args.augment or args.teacher != "start" or args.lr_pruned is not None or args.task_lr:
+                raise SystemExit("--augment, --teacher, --lr-pruned and --task-lr shape the gradual grid: "
+                                 "they need --method gradual")
             if args.ablation and args.lr_pruned is not None:  # its rows compare with the plain grid's cells
                 raise SystemExit("--lr-pruned is a gradual-grid variant; the ablation compares methods at --lr")
             seeds = [int(x) for x in args.seeds.split(",") if x] if args.seeds else None

@@ -161,7 +161,11 @@ def _variant_label(settings: dict) -> str:
 DENSE_KEYS = ("lr", "seed", "epochs_dense", "batch_size", "max_length", "limit_train")
 
 
-def _dense_tag(settings: dict, plain: dict) -> str:
+def _dense_tag(settings: dict, plain: dict, task: str | None = None) -> str:
+    """What differs in the dense runs of ``task`` from the plain grid's (a ``--task-lr`` task at
+    its own rate counts as another ``lr``)."""
+    settings = {**settings, "lr": settings.get("task_lr", {}).get(task, settings.get("lr"))}
+    plain = {**plain, "lr": plain.get("task_lr", {}).get(task, plain.get("lr"))}
     return "".join(f", {k.replace('_', ' ')} {settings.get(k)!s}" for k in DENSE_KEYS if settings.get(k) != plain.get(k))
 
 
@@ -178,10 +182,11 @@ def render_augment(plain_path: Path = CPU_GRID,
 
     loaded = {p: load_cells(p) for p in (plain_path, *variants) if p.is_file()}  # (settings, cells), read once
     plain_settings = loaded[plain_path][0]
-    tags = {p: _dense_tag(loaded[p][0], plain_settings) for p in loaded}
+    def tag(path: Path, task: str) -> str:
+        return _dense_tag(loaded[path][0], plain_settings, task)
 
     def pruned(path: Path) -> dict:
-        return {(c.task, tags[path], c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(loaded[path][1])
+        return {(c.task, tag(path, c.task), c.block, c.ratio): (c, n, sd) for c, n, sd in seed_means(loaded[path][1])
                 if c.kind == "pruned" and c.method == "gradual"}
 
     def cell(x) -> str:
@@ -195,7 +200,7 @@ def render_augment(plain_path: Path = CPU_GRID,
     for path in (plain_path, *shown):
         for c in loaded[path][1]:
             if c.kind == "dense":
-                dense.setdefault((c.task, tags[path]), c)
+                dense.setdefault((c.task, tag(path, c.task)), c)
     cols: dict[str, dict] = {"gradual": pruned(plain_path)}  # one column per recipe change
     for p in shown:
         cols.setdefault(_variant_label(loaded[p][0]), {}).update(pruned(p))
@@ -267,12 +272,12 @@ def best_candidates(paths: tuple[Path, ...] = BEST_SOURCES, gpu: Path = ACC,
             continue
         settings, cells = load_cells(path)
         dense = {c.task: c for c in cells if c.kind == "dense"}
-        tag = _dense_tag({**settings, "seed": plain.get("seed")}, plain).lstrip(", ")
-        recipe = _variant_label(settings) + (f" ({tag})" if tag else "")
         where = "GPU grid" if path == gpu else "CPU"
         for c in cells:
             if c.kind != "pruned" or c.method != "gradual" or c.task not in dense:
                 continue
+            tag = _dense_tag({**settings, "seed": plain.get("seed")}, plain, c.task).lstrip(", ")
+            recipe = _variant_label(settings) + (f" ({tag})" if tag else "")
             key = (c.task, c.block, c.ratio, recipe, where)
             # rates as shown (2 decimals): the same cell counts its weights alike on every grid
             cand = out.setdefault(key, Candidate(c.task, c.block, c.ratio, round(c.compression_rate, 2), recipe, where))

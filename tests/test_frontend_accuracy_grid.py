@@ -367,3 +367,46 @@ def test_distillation_variants_share_the_dense_runs_but_not_the_cell_dirs(tmp_pa
     assert outs == {"default": "RTE/gradual-16x1/r0.5", "nodistill": "RTE/gradual-16x1-nodistill/r0.5",
                     "logits": "RTE/gradual-16x1-tbase-kd0.5-h0/r0.5", "both": "RTE/gradual-16x1-tbase-aug2/r0.5",
                     "lr": "RTE/gradual-16x1-tbase-lr5e-05/r0.5"}
+
+
+def test_a_task_at_its_own_rate_trains_its_own_dense_runs_apart_and_the_others_keep_theirs(tmp_path, monkeypatch):
+    """--task-lr CoLA=5e-5: CoLA's teacher, baseline and cells train at 5e-5 in CoLA-lr5e-05/ (a runs
+    dir shared with a plain-rate grid neither resumes nor overwrites them); RTE stays at the grid's
+    rate in RTE/; --lr-pruned equal to a task's own rate is no variant for that task."""
+    acc = _acc()
+    import dataclasses
+
+    import blockprune.frontends.recipe as recipe
+
+    monkeypatch.setattr(recipe, "checkpoint_dir", lambda out, stage: Path(out) / "checkpoints" / stage)
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    args = acc.parse_args(["--runs-dir", str(tmp_path / "r"), "--task-lr", "CoLA=5e-5, RTE=2e-5"])
+    assert args.task_lr == {"CoLA": 5e-5, "RTE": 2e-5}
+    for bad in ("CoLA", "COLA=5e-5", "CoLA=0", "CoLA=fast"):
+        with pytest.raises(SystemExit):
+            acc.parse_args(["--task-lr", bad])
+    settings = dataclasses.replace(_gradual_settings(acc), teacher="baseline", task_lr={"CoLA": 5e-5},
+                                   lr_pruned=5e-5)
+    grid = acc.Grid(settings, ["RTE", "CoLA"], [], [], tmp_path / "d", tmp_path / "runs", cells=[("16x1", 0.5)],
+                    stage="all")
+    results = acc.ResultsFile(tmp_path / "g.json", settings)
+    acc.run_grid(grid, results, log=lambda s: None)
+    by_task = {}
+    for c in calls:
+        by_task.setdefault(c.task, []).append(c)
+    cola, rte = by_task["CoLA"], by_task["RTE"]
+    assert {c.lr_dense for c in cola} == {5e-5} and {c.lr_dense for c in rte} == {settings.lr}
+    assert {Path(c.out).relative_to(tmp_path / "runs").parts[0] for c in cola} == {"CoLA-lr5e-05"}
+    assert {Path(c.out).relative_to(tmp_path / "runs").parts[0] for c in rte} == {"RTE"}
+    cell, = [c for c in cola if c.method == "gradual"]
+    assert Path(cell.model) == tmp_path / "runs" / "CoLA-lr5e-05" / "dense" / "checkpoints" / "dense"
+    assert Path(cell.out).parent.name == "gradual-16x1-tbase"  # 5e-5 is CoLA's own rate: no -lr variant
+    rcell, = [c for c in rte if c.method == "gradual"]
+    assert Path(rcell.out).parent.name == "gradual-16x1-tbase-lr5e-05" and rcell.lr_rew == 5e-5
+    # an older grid's JSON (no task_lr) resumes with the default: no task at a rate of its own
+    assert acc.GridSettings().task_lr == {}
+    with pytest.raises(SystemExit, match="--task-lr"):
+        acc.main(["--method", "rgl", "--task-lr", "CoLA=5e-5", "--runs-dir", str(tmp_path / "r"),
+                  "--results", str(tmp_path / "x.json"), "--tasks", "CoLA"])
+    assert not (tmp_path / "x.json").exists()

@@ -99,7 +99,8 @@ def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs
                      cell("MRPC", 0.833, 0.84, 0.5, 1.9698, seed=1)])
     # CoLA at lr 5e-5: seed 0 within a point of its dense (-0.5), seed 1 not (-3.5): mean -2.0
     s0 = _results(tmp_path / "c0.json", tb, [dense("CoLA", 0.28), cell("CoLA", 0.275, 0.28, 0.3, 1.42)])
-    s1 = _results(tmp_path / "c1.json", dataclasses.replace(tb, seed=1),
+    # seed 1 from a grid at the plain rate with CoLA at its own (--task-lr): the same recipe
+    s1 = _results(tmp_path / "c1.json", dataclasses.replace(base, teacher="baseline", seed=1, task_lr={"CoLA": 5e-5}),
                   [dense("CoLA", 0.33), cell("CoLA", 0.295, 0.33, 0.3, 1.42)])
     (run / "model.onnx").parent.mkdir(parents=True)
     speed = tmp_path / "speed.json"
