@@ -470,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
         new = _replace(new, START_ACC, END_ACC, render_accuracy())
     for name, fn, path in (("embedding", render_embedding, EMB), ("speed_trained", render_speed_trained, SPEED_TRAINED),
                            ("speed_trained_all", lambda: render_speed_trained(SPEED_TRAINED_ALL, "speed_trained_all"),
-                            SPEED_TRAINED_ALL), ("plan", render_plan, PLAN), ("augment", render_augment, AUGMENT),
+                            SPEED_TRAINED_ALL),
+                           ("speed_trained_glue", lambda: render_speed_trained(SPEED_GLUE, "speed_trained_glue"),
+                            SPEED_GLUE), ("plan", render_plan, PLAN), ("augment", render_augment, AUGMENT),
                            ("best", render_best, ACC)):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in new and end in new and path.is_file():
