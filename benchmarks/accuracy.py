@@ -470,6 +470,8 @@ def run_grid(grid: Grid, results: ResultsFile, log=print) -> None:
     shape before any task at the second), so an interrupted grid has the main table complete."""
     if grid.settings.method == "gradual":
         return run_gradual_grid(grid, results, log)
+    if grid.settings.task_lr:
+        raise SystemExit("a rate of a task's own (task_lr) is a gradual-grid setting; the rgl grid runs every task at lr")
     from blockprune.frontends.recipe import checkpoint_dir, run_recipe
 
     stamp = lambda: time.strftime("%Y-%m-%d %H:%M")  # noqa: E731
@@ -549,9 +551,23 @@ def _stamp() -> str:
 
 
 def _teacher_ckpt(grid: Grid, task: str) -> Path:
+    """The task's dense teacher checkpoint, refused if a run there was trained otherwise than this
+    grid trains it: a ``--seed 1`` grid pointed at seed 0's runs dir would prune from seed 0's
+    teacher without a word (``--stage cells`` and ``--stage teacher`` do not retrain it)."""
     from blockprune.frontends.recipe import checkpoint_dir
 
-    return checkpoint_dir(task_dir(grid, task) / "dense", "dense")
+    run = task_dir(grid, task) / "dense"
+    state = run / "state.json"
+    if state.is_file():
+        trained = json.loads(state.read_text()).get("config", {})
+        s = grid.settings
+        want = {"seed": s.seed, "lr_dense": task_lr(s, task), "epochs_dense": s.epochs_dense,
+                "batch_size": s.batch_size, "max_length": s.max_length}
+        diff = {k: (trained[k], v) for k, v in want.items() if k in trained and trained[k] != v}
+        if diff:
+            raise SystemExit(f"{task}: the dense teacher in {run} was trained with other settings {diff} "
+                             "(there, this grid): give this grid a --runs-dir of its own")
+    return checkpoint_dir(run, "dense")
 
 
 def _gradual_teacher(grid: Grid, task: str, log) -> Any:

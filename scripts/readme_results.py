@@ -16,7 +16,9 @@ Usage: python scripts/readme_results.py [--check]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,7 +143,9 @@ SEED_RUNS = tuple(ROOT / "benchmarks" / "results" / f"accuracy_teacher{lr}_seed{
                   for n in (1, 2) for lr in ("", "_lr5e-5"))
 
 
-def _variant_label(settings: dict) -> str:
+def _variant_label(settings: dict, task: str | None = None) -> str:
+    """What a grid's cells did otherwise than the plain gradual recipe (for ``task``: a rate of
+    the cells equal to the task's own ``--task-lr`` rate is no change, as ``gradual_variant`` says)."""
     parts = []
     if settings.get("augment"):
         parts.append(f"+ {settings['augment']} copies")
@@ -151,7 +155,8 @@ def _variant_label(settings: dict) -> str:
         parts.append("without distillation")
     elif settings.get("distill_hidden") == 0:
         parts.append("(logits only)")
-    if settings.get("lr_pruned") is not None:
+    own = settings.get("task_lr", {}).get(task, settings.get("lr"))
+    if settings.get("lr_pruned") is not None and settings["lr_pruned"] != own:
         parts.append(f"+ cells at lr {settings['lr_pruned']:g}")
     return " ".join(["gradual", *parts])
 
@@ -227,12 +232,50 @@ def render_augment(plain_path: Path = CPU_GRID,
     return "\n".join(out)
 
 
-#: every gradual-recipe grid measured (GPU grid, CPU grid, its variants and seeds); the first
-#: grid (reweighted group Lasso, ``accuracy.json``) is left out: its dense row was not trained
-#: for the cells' epochs, so "within a point" of it is not the question the issue asks
-BEST_SOURCES = (ACC, CPU_GRID, AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL, TEACHER_LR,
-                TEACHER_LRPRUNED, *SEED_RUNS)
+#: results files of grids that ran on a lent GPU (their models were not kept on this machine);
+#: every other gradual grid ran on these CPU cores. By name, so a GPU rerun is labelled as one
+GPU_GRIDS = ("accuracy_gradual.json", "accuracy_gradual_tbase.json", "accuracy_gradual_tbase_aug2.json")
 SPEED_GLUE = ROOT / "benchmarks" / "results" / "speed_trained_glue.json"  # some of those cells' own models, timed
+
+
+def best_sources(results_dir: Path = ROOT / "benchmarks" / "results") -> tuple[Path, ...]:
+    """Every gradual-recipe GLUE grid in ``results_dir``: its settings say ``gradual`` and it holds
+    dense rows (the ablation files compare methods against another file's dense rows; the first,
+    reweighted-group-Lasso grid ``accuracy.json`` is left out: its dense row was not trained for the
+    cells' epochs, so "within a point" of it is not the question the issue asks). GPU grids first."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import load_cells
+
+    out = []
+    for path in sorted(results_dir.glob("accuracy*.json")):
+        if path.stem.endswith("_quick"):
+            continue
+        settings, cells = load_cells(path)
+        kinds = {c.kind for c in cells}  # a grid still at its dense rows (running) joins with its first cell
+        if settings.get("method") == "gradual" and {"dense", "pruned"} <= kinds:
+            out.append(path)
+    return tuple(sorted(out, key=lambda p: (p.name not in GPU_GRIDS, p.name)))
+
+
+def _run_key(path: str) -> str:
+    """A run directory without the checkout it ran in (``runs/...``), so that a cell's recorded
+    absolute ``run_dir`` and a benchmark's relative path name the same run in any clone."""
+    parts = Path(path).parts
+    return "/".join(parts[parts.index("runs"):]) if "runs" in parts else str(path)
+
+
+def _recipe_key(settings: dict, task: str) -> str:
+    """Everything a results file's cells of ``task`` were trained with except the dense runs' seed,
+    defaults filled in, the task's own rate resolved: files equal in this are seeds of one recipe."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import GridSettings
+
+    full = {**dataclasses.asdict(GridSettings()), **settings}
+    full["lr"] = full.pop("task_lr", {}).get(task, full["lr"])
+    if full.get("lr_pruned") == full["lr"]:  # no variant for this task (gradual_variant agrees)
+        full["lr_pruned"] = None
+    full.pop("seed")
+    return json.dumps(full, sort_keys=True)
 
 
 @dataclass
@@ -257,28 +300,31 @@ class Candidate:
         return sum(self.deltas) / len(self.deltas)
 
 
-def best_candidates(paths: tuple[Path, ...] = BEST_SOURCES, gpu: Path = ACC,
-                    plain_path: Path = CPU_GRID) -> list[Candidate]:
+def best_candidates(paths: tuple[Path, ...] | None = None, plain_path: Path = CPU_GRID) -> list[Candidate]:
     """Every (task, cell, recipe) measured, seeds folded: a results file's cells are compared with
     that file's own dense row of the task, and files that differ only in the dense runs' seed
-    join one candidate (their recipe and other dense settings are the same)."""
+    join one candidate; a run listed in two files counts once."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import load_cells
 
     plain = load_cells(plain_path)[0] if plain_path.is_file() else {}
     out: dict[tuple, Candidate] = {}
-    for path in paths:
+    seen: set[tuple[str, str]] = set()
+    for path in best_sources() if paths is None else paths:
         if not path.is_file():
             continue
         settings, cells = load_cells(path)
         dense = {c.task: c for c in cells if c.kind == "dense"}
-        where = "GPU grid" if path == gpu else "CPU"
+        where = "GPU grid" if path.name in GPU_GRIDS else "CPU"
         for c in cells:
             if c.kind != "pruned" or c.method != "gradual" or c.task not in dense:
                 continue
+            if c.run_dir and (where, _run_key(c.run_dir)) in seen:
+                continue
+            seen.add((where, _run_key(c.run_dir)))
             tag = _dense_tag({**settings, "seed": plain.get("seed")}, plain, c.task).lstrip(", ")
-            recipe = _variant_label(settings) + (f" ({tag})" if tag else "")
-            key = (c.task, c.block, c.ratio, recipe, where)
+            recipe = _variant_label(settings, c.task) + (f" ({tag})" if tag else "")
+            key = (c.task, c.block, c.ratio, where, _recipe_key(settings, c.task))
             # rates as shown (2 decimals): the same cell counts its weights alike on every grid
             cand = out.setdefault(key, Candidate(c.task, c.block, c.ratio, round(c.compression_rate, 2), recipe, where))
             cand.deltas.append(c.metric - dense[c.task].metric)
@@ -290,16 +336,17 @@ def best_candidates(paths: tuple[Path, ...] = BEST_SOURCES, gpu: Path = ACC,
 
 
 def _timed(speed_path: Path) -> dict[str, dict[int, float]]:
-    """The run dir of each trained model in the speed JSON -> {threads: speed-up}; the model is
-    the cell's own ``model.onnx`` (``default_flow.py --trained``), found by its compress command."""
+    """The run (:func:`_run_key`) of each trained model in the speed JSON -> {threads: speed-up};
+    the model is the cell's own ``model.onnx`` (``default_flow.py --trained``), named by the
+    first argument of its ``compress`` command."""
     if not speed_path.is_file():
         return {}
     result = json.loads(speed_path.read_text())
     by_artifact: dict[str, str] = {}
     for b in result["builds"]:
         if b["sparsity"] is None and b["form"] == "default":
-            src = b["commands"][0].split(" compress ", 1)[1].split(" -o ", 1)[0]
-            by_artifact[b["artifact"]] = str((ROOT / src).resolve().parent)
+            words = shlex.split(b["commands"][0])
+            by_artifact[b["artifact"]] = _run_key(str(Path(words[words.index("compress") + 1]).parent))
     out: dict[str, dict[int, float]] = {}
     for t in result["timings"]:
         for row in t["rows"]:
@@ -312,15 +359,16 @@ def _rel(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def render_best(paths: tuple[Path, ...] = BEST_SOURCES, tolerance: float = 0.01, speed_path: Path = SPEED_GLUE,
-                gpu: Path = ACC, plain_path: Path = CPU_GRID) -> str:
+def render_best(paths: tuple[Path, ...] | None = None, tolerance: float = 0.01, speed_path: Path = SPEED_GLUE,
+                plain_path: Path = CPU_GRID) -> str:
     """Per task, the highest compression rate within a point of dense over every recipe measured,
     read on the mean of its seeds (a single seed within a point while others are not does not
     count), and the whole-model speed-up of that cell's own model where it was timed here."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order
 
-    cands = best_candidates(paths, gpu, plain_path)
+    paths = best_sources() if paths is None else paths
+    cands = best_candidates(paths, plain_path)
     timed = _timed(speed_path)
     tasks = sorted({c.task for c in cands}, key=_task_order)
     out = ["<!-- results:best -->",
@@ -343,8 +391,8 @@ def render_best(paths: tuple[Path, ...] = BEST_SOURCES, tolerance: float = 0.01,
             out.append(f"| {task} | 1.00x (dense) | - | - | - | - | - | - | - | {near} |")
             continue
         rates.append(best.rate)
-        speed = timed.get(str(Path(best.run_dirs[0]).resolve())) if best.run_dirs else None
-        sp = " / ".join(f"{speed[t]:.2f}x" for t in sorted(speed)) if speed else "not timed (model not on this machine)"
+        speed = next((timed[k] for k in map(_run_key, best.run_dirs) if k in timed), None)  # a seed's model
+        sp = " / ".join(f"{speed[t]:.2f}x" for t in sorted(speed)) if speed else "not timed"
         out.append(f"| {task} | **{best.rate:.2f}x** | {best.block} r={best.ratio:g} | {best.recipe} | {best.where} "
                    f"| {len(best.deltas)} | {100 * sum(best.metrics) / len(best.metrics):.2f} | {100 * best.delta:+.2f} "
                    f"| {sp} | {near} |")

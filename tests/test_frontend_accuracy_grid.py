@@ -404,9 +404,44 @@ def test_a_task_at_its_own_rate_trains_its_own_dense_runs_apart_and_the_others_k
     assert Path(cell.out).parent.name == "gradual-16x1-tbase"  # 5e-5 is CoLA's own rate: no -lr variant
     rcell, = [c for c in rte if c.method == "gradual"]
     assert Path(rcell.out).parent.name == "gradual-16x1-tbase-lr5e-05" and rcell.lr_rew == 5e-5
-    # an older grid's JSON (no task_lr) resumes with the default: no task at a rate of its own
-    assert acc.GridSettings().task_lr == {}
+    # a results file written before task_lr existed resumes as a grid without one, and only so
+    import json
+
+    plain = _gradual_settings(acc)
+    acc.ResultsFile(tmp_path / "old.json", plain).add(acc.Cell("RTE", "dense", "accuracy", 0.5, 0.5, method="dense"))
+    data = json.loads((tmp_path / "old.json").read_text())
+    del data["settings"]["task_lr"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert acc.ResultsFile(tmp_path / "old.json", plain).cells
+    with pytest.raises(SystemExit, match="task_lr"):
+        acc.ResultsFile(tmp_path / "old.json", dataclasses.replace(plain, task_lr={"CoLA": 5e-5}))
     with pytest.raises(SystemExit, match="--task-lr"):
         acc.main(["--method", "rgl", "--task-lr", "CoLA=5e-5", "--runs-dir", str(tmp_path / "r"),
                   "--results", str(tmp_path / "x.json"), "--tasks", "CoLA"])
     assert not (tmp_path / "x.json").exists()
+
+
+def test_a_grid_refuses_a_dense_teacher_trained_with_another_seed_or_rate(tmp_path, monkeypatch):
+    """--stage cells (and --stage teacher) do not retrain a teacher they find: one trained with
+    another seed or rate in the same runs dir is refused with the fix, before anything trains."""
+    acc = _acc()
+    import dataclasses
+    import json
+
+    import blockprune.frontends.recipe as recipe
+
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    settings = _gradual_settings(acc)
+    run = tmp_path / "runs" / "RTE" / "dense"
+    run.mkdir(parents=True)
+    (run / "state.json").write_text(json.dumps({"config": {"seed": 0, "lr_dense": settings.lr,
+                                                           "epochs_dense": settings.epochs_dense}}))
+    grid = lambda s: acc.Grid(s, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs",  # noqa: E731
+                              cells=[("16x1", 0.5)], stage="cells")
+    assert acc._teacher_ckpt(grid(settings), "RTE").is_relative_to(run)  # its own seed and rate: fine
+    for other in (dataclasses.replace(settings, seed=1), dataclasses.replace(settings, lr=5e-5)):
+        with pytest.raises(SystemExit, match="--runs-dir of its own"):
+            acc.run_grid(grid(other), acc.ResultsFile(tmp_path / f"g{other.seed}{other.lr}.json", other),
+                         log=lambda s: None)
+    assert calls == []

@@ -89,33 +89,50 @@ def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs
                         method="gradual", seconds=60, run_dir=run_dir, seed=seed)
 
     dense = lambda task, m: acc.Cell(task, "dense", "mcc", m, m, method="dense")  # noqa: E731
-    gpu = _results(tmp_path / "gpu.json", base, [dense("CoLA", 0.31), cell("CoLA", 0.25, 0.31, 0.3, 1.4201),
+    gpu = _results(tmp_path / "accuracy_gradual.json", base,  # a GPU grid, by its name
+                   [dense("CoLA", 0.31), cell("CoLA", 0.25, 0.31, 0.3, 1.4201),
                                                  dense("MRPC", 0.85), cell("MRPC", 0.845, 0.85, 0.3, 1.42),
                                                  cell("MRPC", 0.80, 0.85, 0.5, 1.9702)])
     plain = _results(tmp_path / "plain.json", base, [dense("MRPC", 0.84)])
-    run = tmp_path / "runs" / "MRPC" / "r0.5"
+    run = Path("/elsewhere/checkout/runs/aug/MRPC/r0.5")  # as the grid recorded it, in another clone
     mrpc = _results(tmp_path / "m.json", dataclasses.replace(base, teacher="baseline"),
-                    [dense("MRPC", 0.84), cell("MRPC", 0.835, 0.84, 0.5, 1.9698, run_dir=str(run)),
-                     cell("MRPC", 0.833, 0.84, 0.5, 1.9698, seed=1)])
+                    [dense("MRPC", 0.84), cell("MRPC", 0.833, 0.84, 0.5, 1.9698, run_dir="/x/runs/aug/MRPC/r0.5-s1",
+                                               seed=1),
+                     cell("MRPC", 0.835, 0.84, 0.5, 1.9698, run_dir=str(run))])
     # CoLA at lr 5e-5: seed 0 within a point of its dense (-0.5), seed 1 not (-3.5): mean -2.0
     s0 = _results(tmp_path / "c0.json", tb, [dense("CoLA", 0.28), cell("CoLA", 0.275, 0.28, 0.3, 1.42)])
     # seed 1 from a grid at the plain rate with CoLA at its own (--task-lr): the same recipe
     s1 = _results(tmp_path / "c1.json", dataclasses.replace(base, teacher="baseline", seed=1, task_lr={"CoLA": 5e-5}),
                   [dense("CoLA", 0.33), cell("CoLA", 0.295, 0.33, 0.3, 1.42)])
-    (run / "model.onnx").parent.mkdir(parents=True)
+    # the same MRPC run listed again in another file of the same recipe: counted once
+    dup = _results(tmp_path / "dup.json", dataclasses.replace(base, teacher="baseline"),
+                   [dense("MRPC", 0.84), cell("MRPC", 0.835, 0.84, 0.5, 1.9698, run_dir="/y/runs/aug/MRPC/r0.5")])
     speed = tmp_path / "speed.json"
     speed.write_text(json.dumps({
         "builds": [{"model": "m", "block": "16x1", "sparsity": None, "form": "default", "artifact": "m.art",
-                    "commands": [f"blockprune compress {run / 'model.onnx'} -o m.onnx --block 16x1"]}],
+                    "commands": ["blockprune compress 'runs/aug/MRPC/r0.5/model.onnx' -o m.onnx --block 16x1"]}],
         "timings": [{"threads": t, "rows": [{"artifact": "m.art", "speedup": x}]} for t, x in ((1, 1.61), (2, 1.52))]}))
 
-    cands = rr.best_candidates((gpu, mrpc, s0, s1), gpu=gpu, plain_path=plain)
+    cands = rr.best_candidates((gpu, mrpc, s0, s1, dup), plain_path=plain)
     cola = next(c for c in cands if c.task == "CoLA" and "lr" in c.recipe)
     assert len(cola.deltas) == 2 and abs(cola.delta + 0.02) < 1e-9 and cola.files == [str(s0), str(s1)]
-    text = rr.render_best((gpu, mrpc, s0, s1), speed_path=speed, gpu=gpu, plain_path=plain)
+    text = rr.render_best((gpu, mrpc, s0, s1, dup), speed_path=speed, plain_path=plain)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "1.00x (dense)" in rows["CoLA"] and "-2.00, gradual + baseline as teacher (lr 5e-05)" in rows["CoLA"]
     assert "**1.97x**" in rows["MRPC"] and "gradual + baseline as teacher | CPU | 2 |" in rows["MRPC"]
     assert "-0.60" in rows["MRPC"] and "1.61x / 1.52x" in rows["MRPC"]
     avg = float(text.split("Average over the 2 tasks: ")[1].split("x")[0])
     assert abs(avg - (1.97 + 1.00) / 2) < 0.006
+
+
+def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else():
+    """A new results file of the gradual recipe joins the count without an edit; the ablation
+    files (no dense rows), the first (rgl) grid and the embedding grids stay out."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_results as rr
+
+    names = [p.name for p in rr.best_sources()]
+    assert names[0] == "accuracy_gradual.json"  # the GPU grid first
+    assert {"accuracy_transfer.json", "accuracy_teacher_augment.json", "accuracy_teacher_lr5e-5_seed2.json"} <= set(names)
+    assert not {"accuracy.json", "accuracy_ablation.json", "accuracy_ablation_cpu.json",
+                "accuracy_embedding.json"} & set(names)
