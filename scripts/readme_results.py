@@ -142,7 +142,7 @@ TEACHER_AUGMENT_LR = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment
 TEACHER_AUGMENT_LRPRUNED = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment_lrpruned.json"  # both, cells at 5e-5
 #: CoLA's dense spread: the baseline-teacher cell with other seeds of the dense runs, at 2e-5 and 5e-5
 SEED_RUNS = tuple(ROOT / "benchmarks" / "results" / f"accuracy_teacher{lr}_seed{n}.json"
-                  for n in (1, 2, 3) for lr in ("", "_lr5e-5"))  # a file not (yet) there is skipped
+                  for n in (1, 2, 3, 4) for lr in ("", "_lr5e-5"))  # a file not (yet) there is skipped
 
 
 def _variant_label(settings: dict, task: str | None = None) -> str:
