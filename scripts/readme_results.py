@@ -145,6 +145,12 @@ SEED_RUNS = tuple(ROOT / "benchmarks" / "results" / f"accuracy_teacher{lr}_seed{
                   for n in (1, 2, 3, 4) for lr in ("", "_lr5e-5"))  # a file not (yet) there is skipped
 
 
+def _own_lr(settings: dict, task: str | None) -> float | None:
+    """A results file's learning rate for ``task`` (its ``--task-lr`` rate, else ``lr``), as
+    ``accuracy.task_lr`` reads it from the grid's settings."""
+    return settings.get("task_lr", {}).get(task, settings.get("lr"))
+
+
 def _variant_label(settings: dict, task: str | None = None) -> str:
     """What a grid's cells did otherwise than the plain gradual recipe (for ``task``: a rate of
     the cells equal to the task's own ``--task-lr`` rate is no change, as ``gradual_variant`` says)."""
@@ -157,8 +163,7 @@ def _variant_label(settings: dict, task: str | None = None) -> str:
         parts.append("without distillation")
     elif settings.get("distill_hidden") == 0:
         parts.append("(logits only)")
-    own = settings.get("task_lr", {}).get(task, settings.get("lr"))
-    if settings.get("lr_pruned") is not None and settings["lr_pruned"] != own:
+    if settings.get("lr_pruned") is not None and settings["lr_pruned"] != _own_lr(settings, task):
         parts.append(f"+ cells at lr {settings['lr_pruned']:g}")
     return " ".join(["gradual", *parts])
 
@@ -171,8 +176,7 @@ DENSE_KEYS = ("lr", "seed", "epochs_dense", "batch_size", "max_length", "limit_t
 def _dense_tag(settings: dict, plain: dict, task: str | None = None) -> str:
     """What differs in the dense runs of ``task`` from the plain grid's (a ``--task-lr`` task at
     its own rate counts as another ``lr``)."""
-    settings = {**settings, "lr": settings.get("task_lr", {}).get(task, settings.get("lr"))}
-    plain = {**plain, "lr": plain.get("task_lr", {}).get(task, plain.get("lr"))}
+    settings, plain = {**settings, "lr": _own_lr(settings, task)}, {**plain, "lr": _own_lr(plain, task)}
     return "".join(f", {k.replace('_', ' ')} {settings.get(k)!s}" for k in DENSE_KEYS if settings.get(k) != plain.get(k))
 
 
@@ -274,7 +278,8 @@ def _recipe_key(settings: dict, task: str) -> str:
     from accuracy import GridSettings
 
     full = {**dataclasses.asdict(GridSettings()), **settings}
-    full["lr"] = full.pop("task_lr", {}).get(task, full["lr"])
+    full["lr"] = _own_lr(full, task)
+    full.pop("task_lr")
     if full.get("lr_pruned") == full["lr"]:  # no variant for this task (gradual_variant agrees)
         full["lr_pruned"] = None
     full.pop("seed")
