@@ -32,7 +32,7 @@ Usage::
 
 ``--stop-after-min`` starts no job after that many minutes and ``--kill-after-min`` stops the
 running ones (each resumes later from its own checkpoints); ``--collect DIR`` copies the results
-JSON and a tarball of the job logs there at the end.
+JSON, a tarball of the job logs and one of every pruned cell's masks there at the end.
 """
 
 from __future__ import annotations
@@ -217,6 +217,36 @@ def write_reports(quick: bool, what: set[str], grid_path: Path | None = None) ->
     return out
 
 
+def collect_masks(results: list[Path], dest: Path) -> tuple[Path, int] | None:
+    """Every pruned cell's ``masks.safetensors`` named in ``results``, into ``dest/masks.tar.xz``
+    under its run dir from ``runs/`` on (the path the results JSON records, less the checkout).
+
+    Why: a GPU machine's runs dir does not come back (its models are ~90 MB each), so the speed of
+    the cells that hold the metric could not be measured here. Speed depends only on where the zeros
+    are: the masks (~90 kB each compressed) rebuild the model as a user would build it
+    (``default_flow.py --trained LABEL=runs/.../masks.safetensors@BLOCK``). Unpack in the checkout's
+    root: ``tar xJf masks.tar.xz``."""
+    found: dict[str, Path] = {}
+    for path in results:
+        if path.suffix != ".json" or not path.is_file():
+            continue
+        for cell in json.loads(path.read_text()).get("cells", {}).values():
+            run = Path(cell.get("run_dir") or "")
+            masks = run / "masks.safetensors"
+            if cell.get("kind") == "pruned" and "runs" in run.parts and masks.is_file():
+                found["/".join(run.parts[run.parts.index("runs"):]) + "/masks.safetensors"] = masks
+    if not found:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / "masks.tar.xz"
+    tmp = out.with_name(out.name + ".tmp")
+    with tarfile.open(tmp, "w:xz") as tf:
+        for arcname, masks in sorted(found.items()):
+            tf.add(masks, arcname=arcname)
+    tmp.replace(out)
+    return out, len(found)
+
+
 def _results_flag(extra: list[str]) -> Path | None:
     """The ``--results`` among the accuracy.py flags after ``--`` (either spelling), if any."""
     ap = argparse.ArgumentParser(add_help=False)
@@ -235,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stop-after-min", type=float, default=None, help="start no job after this many minutes")
     ap.add_argument("--kill-after-min", type=float, default=None, help="stop running jobs after this many minutes")
     ap.add_argument("--log-dir", type=Path, default=None, help="one log per job (default runs/accuracy-parallel)")
-    ap.add_argument("--collect", type=Path, default=None, help="copy results JSON + job logs (tar.gz) here at the end")
+    ap.add_argument("--collect", type=Path, default=None,
+                    help="copy results JSON, job logs (tar.gz) and the cells' masks (masks.tar.xz) here at the end")
     ap.add_argument("--teacher", choices=("start", "baseline"), default="start",
                     help="what the gradual cells distil from: the model they start from (3 epochs), or the dense "
                          "baseline's (its results go to accuracy_gradual_tbase.json)")
@@ -278,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copy(f, args.collect / f.name)
             with tarfile.open(args.collect / "accuracy-parallel-logs.tar.gz", "w:gz") as tf:
                 tf.add(log_dir, arcname=log_dir.name)
+            packed = collect_masks(files, args.collect)
+            if packed:
+                print(f"masks of {packed[1]} pruned cells -> {packed[0]} (unpack in the checkout: tar xJf)")
     return 0 if all(j.status == "ok" for j in jobs) else 1
 
 

@@ -73,20 +73,34 @@ class Trained:
     """A model pruned by training (``--trained LABEL=PATH@BLOCK``): its own ONNX (the recipe's
     ``model.onnx``, zeros in place) replaces the export, ``compress`` runs without ``--sparsity``
     (the masks are already in the weights), and onnxruntime runs that same ONNX as the dense
-    baseline (its dense kernels cost the same with the zeros)."""
+    baseline (its dense kernels cost the same with the zeros).
+
+    Or only its masks (``PATH`` a ``masks.safetensors``, e.g. a GPU grid's, whose models were not
+    brought back): the bundled MiniLM is exported with a classification head by the exporter the
+    grid uses, and ``compress --masks`` applies them. Speed depends on where the zeros are, not on
+    the kept values, so this times the cell's model as a user would build it; onnxruntime runs the
+    dense export."""
 
     label: str
     onnx: Path
     block: str
+    masks: Path | None = None
 
 
-def parse_trained(text: str) -> Trained:
+#: the export that masks-only models start from: the grid's model and exporter
+MASKED_BASE = ("minilm", "--head", "classification", "--exporter", "legacy")
+
+
+def parse_trained(text: str, work: Path | None = None) -> Trained:
     label, sep, rest = text.partition("=")
     path, sep2, block = rest.rpartition("@")
     if not (sep and sep2 and label and path and block):
-        raise SystemExit(f"--trained {text!r}: write LABEL=PATH/model.onnx@BLOCK, e.g. emb-0.5=runs/x/model.onnx@16x1")
+        raise SystemExit(f"--trained {text!r}: write LABEL=PATH/model.onnx@BLOCK (or PATH/masks.safetensors), "
+                         "e.g. emb-0.5=runs/x/model.onnx@16x1")
     if not Path(path).is_file():
         raise SystemExit(f"--trained {text!r}: {path} does not exist")
+    if path.endswith(".safetensors"):
+        return Trained(label, (work or Path(".")) / "minilm-classification.onnx", block, Path(path).resolve())
     return Trained(label, Path(path).resolve(), block)
 
 
@@ -110,7 +124,13 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
     given = {t.label: t for t in trained}
     for t in trained:
         jobs += [(t.label, t.block, None, form) for form in ["default"] + (list(FORCED) if forced else [])]
-    exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained}
+    exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained if t.masks is None}
+    for t in trained:  # masks only: one export of the base model serves them all
+        if t.masks is not None and not t.onnx.is_file():
+            log: list[str] = []
+            _run([exe, "export", *MASKED_BASE, "-o", str(t.onnx)], log)
+        if t.masks is not None:
+            exported[t.label] = (t.onnx, [f"{exe} export {' '.join(MASKED_BASE)} -o {t.onnx}"])
     for model, block, sparsity, form in tqdm(jobs, desc="build", unit="artifact"):
         t0 = time.perf_counter()
         tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
@@ -132,6 +152,8 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
             cmd = [exe, "compress", str(dense), "-o", str(src), "--block", block]
             if model not in given:
                 cmd += ["--sparsity", str(sparsity)]
+            elif given[model].masks is not None:
+                cmd += ["--masks", str(given[model].masks)]
             if form != "default":
                 cmd += ["--form", form]
             _run(cmd, log)
@@ -284,7 +306,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=None, help="default minilm,bert-base (none with --trained)")
     ap.add_argument("--trained", action="append", default=[], metavar="LABEL=ONNX@BLOCK",
-                    help="also (or, without --models, only) a model pruned by training: its model.onnx and block")
+                    help="also (or, without --models, only) a model pruned by training: its model.onnx and block, or "
+                         "only its masks.safetensors (applied to the bundled MiniLM's classification export)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=10, help="calls per engine per round")
     ap.add_argument("--rounds", type=int, default=5)
@@ -308,15 +331,15 @@ def main(argv: list[str] | None = None) -> None:
         res = _worker(Path(args.worker), args.worker_threads, args.runs, args.rounds, profile=True)
         print(json.dumps(res))
         return
-    trained = [parse_trained(t) for t in args.trained]
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bp-default-flow-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trained = [parse_trained(t, work.resolve()) for t in args.trained]
     if args.models is None:
         args.models = "" if trained else "minilm,bert-base"
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in ROWS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; known: {', '.join(ROWS)}")
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bp-default-flow-"))
-    work.mkdir(parents=True, exist_ok=True)
     plan_path = work / "plan.json"
     if args.reuse and plan_path.is_file():  # built earlier (e.g. while the machine was busy): time only
         plan = json.loads(plan_path.read_text())

@@ -346,15 +346,17 @@ def best_candidates(paths: tuple[Path, ...] | None = None, plain_path: Path = CP
 def _timed(speed_path: Path) -> dict[str, dict[int, float]]:
     """The run (:func:`_run_key`) of each trained model in the speed JSON -> {threads: speed-up};
     the model is the cell's own ``model.onnx`` (``default_flow.py --trained``), named by the
-    first argument of its ``compress`` command."""
+    first argument of its ``compress`` command, or the bundled model under the cell's own masks,
+    named by ``--masks`` (a GPU grid's cell, whose masks alone came back)."""
     if not speed_path.is_file():
         return {}
     result = json.loads(speed_path.read_text())
     by_artifact: dict[str, str] = {}
     for b in result["builds"]:
         if b["sparsity"] is None and b["form"] == "default":
-            words = shlex.split(b["commands"][0])
-            by_artifact[b["artifact"]] = _run_key(str(Path(words[words.index("compress") + 1]).parent))
+            words = next(shlex.split(c) for c in b["commands"] if " compress " in f" {c} ")
+            named = words[words.index("--masks") + 1] if "--masks" in words else words[words.index("compress") + 1]
+            by_artifact[b["artifact"]] = _run_key(str(Path(named).parent))
     out: dict[str, dict[int, float]] = {}
     for t in result["timings"]:
         for row in t["rows"]:

@@ -55,3 +55,39 @@ def test_timing_waits_for_the_load_of_its_own_builds_to_settle_and_gives_up_on_a
     load = mod.settled_load(1.0, 20.0, poll_s=5.0, sleep=slept.append, loadavg=lambda: (2.1, 0, 0))
     assert load == 2.1 and sum(slept) == 20.0
     assert mod.settled_load(1.0, 60.0, sleep=slept.append, loadavg=lambda: (0.3, 0, 0)) == 0.3 and sum(slept) == 20.0
+
+
+def test_a_cell_known_by_its_masks_alone_is_the_bundled_export_compressed_under_them(tmp_path, monkeypatch):
+    """A GPU grid's cell comes back as masks only: the base model is exported once (the grid's model,
+    head and exporter), each form compresses that export with ``--masks`` and no one-shot pruning,
+    and onnxruntime's dense model is that export."""
+    flow = _bench("default_flow.py", "bench_default_flow_masks")
+    masks = tmp_path / "r0.5" / "masks.safetensors"
+    masks.parent.mkdir()
+    masks.write_bytes(b"not read by the recorder")
+    work = tmp_path / "work"
+    work.mkdir()
+    a = flow.parse_trained(f"sst2={masks}@16x1", work)
+    b = flow.parse_trained(f"rte={masks}@16x1", work)
+    assert a.masks == masks.resolve() and a.onnx == b.onnx and a.onnx.parent == work
+
+    commands = []
+
+    def record(cmd, log):
+        log.append(" ".join(cmd))
+        commands.append(cmd)
+        if cmd[1] == "export":
+            Path(cmd[-1]).write_bytes(b"exported")
+        if cmd[1] == "compile":
+            Path(cmd[-1]).mkdir(parents=True)
+            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
+
+    monkeypatch.setattr(flow, "_run", record)
+    builds = flow.build_all([], work, forced=True, quick=False, trained=[a, b])
+    exports = [c for c in commands if c[1] == "export"]
+    assert len(exports) == 1 and exports[0][2:] == [*flow.MASKED_BASE, "-o", str(a.onnx)]
+    compress = [c for c in commands if c[1] == "compress"]
+    assert len(compress) == 6 and all(c[2] == str(a.onnx) for c in compress)
+    assert all(c[c.index("--masks") + 1] == str(masks.resolve()) for c in compress)
+    assert not any("--sparsity" in c for c in compress)
+    assert all(" export " in bd.commands[0] and " compress " in bd.commands[1] for bd in builds)

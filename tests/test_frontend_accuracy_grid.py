@@ -287,6 +287,41 @@ def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadl
     assert (tmp_path / "logs" / "teacher_B.log").read_text().startswith(sys.executable)
 
 
+def test_collect_packs_every_pruned_cells_masks_under_its_run_dir_from_runs_on(tmp_path):
+    """A GPU machine's runs dir stays there: ``--collect`` brings back each pruned cell's masks (not
+    the dense rows', not a cell whose run left none) under ``runs/...`` so that, unpacked in this
+    checkout, the speed benchmark and the README's match find them where the results JSON says."""
+    import json
+    import tarfile
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    par = _par()
+    device = tmp_path / "device-checkout"
+    cells = {}
+    for name, kind, ratio in (("SST-2/dense", "dense", None), ("SST-2/gradual/16x1/0.5", "pruned", 0.5),
+                              ("RTE/gradual/16x1/0.7", "pruned", 0.7), ("RTE/gradual/16x1/0.8", "pruned", 0.8)):
+        run = device / "runs" / "accuracy-gradual" / name.replace("/gradual/16x1/", "/gradual-16x1/r")
+        run.mkdir(parents=True)
+        if ratio != 0.8:  # a run killed at the deadline leaves no masks
+            save_file({"w": (np.random.default_rng(0).random((32, 16)) > (ratio or 0)).astype(np.uint8)},
+                      str(run / "masks.safetensors"))
+        cells[name] = {"kind": kind, "run_dir": str(run)}
+    results = device / "accuracy_gradual.json"
+    results.write_text(json.dumps({"cells": cells}))
+    packed, n = par.collect_masks([results, results.with_suffix(".md")], tmp_path / "out")
+    assert n == 2 and packed == tmp_path / "out" / "masks.tar.xz"
+    here = tmp_path / "here"
+    with tarfile.open(packed) as tf:
+        assert sorted(tf.getnames()) == ["runs/accuracy-gradual/RTE/gradual-16x1/r0.7/masks.safetensors",
+                                         "runs/accuracy-gradual/SST-2/gradual-16x1/r0.5/masks.safetensors"]
+        tf.extractall(here, filter="data")
+    got = here / "runs/accuracy-gradual/RTE/gradual-16x1/r0.7/masks.safetensors"
+    assert got.read_bytes() == Path(cells["RTE/gradual/16x1/0.7"]["run_dir"], "masks.safetensors").read_bytes()
+    assert par.collect_masks([results.with_suffix(".md")], tmp_path / "none") is None
+
+
 def test_limit_train_takes_all_for_no_cap_and_refuses_nonsense(tmp_path):
     acc = _acc()
     base = ["--runs-dir", str(tmp_path / "runs")]

@@ -125,6 +125,32 @@ def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs
     assert abs(avg - (1.97 + 1.00) / 2) < 0.006
 
 
+def test_a_cell_timed_from_its_masks_alone_is_matched_by_its_masks_run_dir(tmp_path):
+    """A GPU grid's cell whose masks alone came back is timed as the bundled model under those masks
+    (``default_flow.py --trained L=.../masks.safetensors@16x1``): its speed belongs to the run dir
+    of ``--masks``, not to the exported base model the ``compress`` command reads."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_results as rr
+
+    speed = tmp_path / "speed.json"
+    builds = [{"model": "sst2", "block": "16x1", "sparsity": None, "form": "default", "artifact": "s.art",
+               "commands": ["blockprune export minilm --head classification --exporter legacy -o minilm-c.onnx",
+                            "blockprune compress minilm-c.onnx -o s.onnx --block 16x1 --masks "
+                            "/ckpt/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5/masks.safetensors",
+                            "blockprune compile s.onnx -o s.art"]},
+              {"model": "mrpc", "block": "16x1", "sparsity": None, "form": "default", "artifact": "m.art",
+               "commands": ["blockprune compress runs/aug/MRPC/r0.5/model.onnx -o m.onnx --block 16x1",
+                            "blockprune compile m.onnx -o m.art"]}]
+    speed.write_text(json.dumps({"builds": builds, "timings": [
+        {"threads": t, "rows": [{"artifact": "s.art", "speedup": x}, {"artifact": "m.art", "speedup": y}]}
+        for t, x, y in ((1, 1.9, 1.8), (2, 2.2, 2.1))]}))
+    timed = rr._timed(speed)
+    assert timed == {rr._run_key("/x/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5"): {1: 1.9, 2: 2.2},
+                     rr._run_key("runs/aug/MRPC/r0.5"): {1: 1.8, 2: 2.1}}
+
+
 def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else():
     """A new results file of the gradual recipe joins the count without an edit; the ablation
     files (no dense rows), the first (rgl) grid and the embedding grids stay out."""
