@@ -53,7 +53,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ACCURACY = ROOT / "benchmarks" / "accuracy.py"
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import ABLATION_CELL, ABLATION_METHODS, ABLATION_SEEDS, ABLATION_TASKS, CELLS, EMBEDDING_RATIOS, TASKS  # noqa: E402
+from accuracy import (ABLATION_CELL, ABLATION_METHODS, ABLATION_SEEDS, ABLATION_TASKS, CELLS,  # noqa: E402
+                      EMBEDDING_RATIOS, TASKS, _cells_arg)
 
 #: tasks whose every cell also runs with these extra seeds (RTE: 277 dev examples)
 SEEDED_TASKS = {"RTE": (1, 2)}
@@ -80,9 +81,13 @@ def grid_results(quick: bool, teacher: str = "start") -> Path:
     return RESULTS / f"accuracy_gradual{'_tbase' if teacher == 'baseline' else ''}{'_quick' if quick else ''}.json"
 
 
-def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "start") -> list[Job]:
+def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "start",
+              cells: list[tuple[str, float]] | None = None, seeds: tuple[int, ...] | None = None) -> list[Job]:
     """Every job, in start order. ``what``: grid, seeds, ablation, embedding. ``teacher``: what the
-    gradual cells distil from (``start`` or ``baseline``; the latter makes them wait for the baseline)."""
+    gradual cells distil from (``start`` or ``baseline``; the latter makes them wait for the baseline).
+    ``cells``: the gradual grid's (block, ratio) cells (default :data:`CELLS`); ``seeds``: the extra
+    pruning seeds every task's cells get under ``seeds`` (default: RTE's, :data:`SEEDED_TASKS`), after
+    every task's seed 0, so a deadline cuts seeds rather than cells."""
     if teacher not in ("start", "baseline"):
         raise SystemExit(f"unknown --teacher {teacher!r}; use start or baseline")
     if teacher == "baseline" and "ablation" in what:
@@ -90,7 +95,8 @@ def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "sta
                          "default teacher: run it without --teacher (drop ablation from --what)")
     # the teacher, baseline and cell jobs of one grid must share its results file (the dense row)
     grid_flags = [] if teacher == "start" else ["--teacher", "baseline", "--results", str(grid_results(quick, teacher))]
-    cells = [("16x1", 0.5), ("4x4", 0.5)] if quick else list(CELLS)
+    if cells is None:
+        cells = [("16x1", 0.5), ("4x4", 0.5)] if quick else list(CELLS)
     ablation_cell = ("16x1", 0.5) if quick else ABLATION_CELL
     ablation_tasks = [t for t in (["STS-B"] if quick else ABLATION_TASKS) if t in tasks]
     jobs: list[Job] = []
@@ -121,9 +127,9 @@ def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "sta
                                      "--ablation-methods", m, "--seeds", str(seed)], [f"teacher:{t}"]))
     if "seeds" in what:
         for t in tasks:
-            extra = [(b, r, s) for b, r in cells for s in SEEDED_TASKS.get(t, ())]
-            if t in ablation_tasks:
-                extra += [(*ablation_cell, s) for s in ABLATION_GRADUAL_SEEDS]
+            extra = [(b, r, s) for b, r in cells for s in (SEEDED_TASKS.get(t, ()) if seeds is None else seeds)]
+            if t in ablation_tasks:  # (once, where --seeds already gives the ablation cell these seeds)
+                extra += [(*ablation_cell, s) for s in ABLATION_GRADUAL_SEEDS if (*ablation_cell, s) not in extra]
             jobs += [Job(f"cell:{t}:{b}:{r:g}:s{s}", ["--stage", "cells", "--tasks", t, "--cells", _cell_arg(b, r),
                                                       "--seeds", str(s), *grid_flags], cell_deps[t])
                      for b, r, s in extra]
@@ -270,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher", choices=("start", "baseline"), default="start",
                     help="what the gradual cells distil from: the model they start from (3 epochs), or the dense "
                          "baseline's (its results go to accuracy_gradual_tbase.json)")
+    ap.add_argument("--cells", default=None, metavar="BLOCK:RATIO[,...]",
+                    help="the gradual grid's cells (default: accuracy.py's, e.g. 16x1:0.5,16x1:0.6,16x1:0.7)")
+    ap.add_argument("--seeds", default=None, metavar="N[,N]",
+                    help="with --what seeds: extra pruning seeds of every task's cells, e.g. 1,2 (default: RTE 1,2)")
     ap.add_argument("--list", action="store_true", help="print the jobs and exit")
     ap.add_argument("extra", nargs="*", help="more accuracy.py flags for every job (after --)")
     args = ap.parse_args(argv)
@@ -278,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown --what {sorted(unknown)}; use grid, seeds, ablation, embedding")
     tasks = [t for t in args.tasks.split(",") if t]
-    jobs = plan_jobs(tasks, what, args.quick, args.teacher)
+    cells = _cells_arg(args.cells) if args.cells else None
+    seeds = tuple(int(x) for x in args.seeds.split(",") if x) if args.seeds is not None else None
+    if seeds is not None and 0 in seeds:
+        raise SystemExit("--seeds names the extra seeds; seed 0 is every cell's first run (the grid)")
+    jobs = plan_jobs(tasks, what, args.quick, args.teacher, cells, seeds)
     if args.list:
         for j in jobs:
             print(f"{j.name:45s} after {','.join(j.deps) or '-':20s} accuracy.py {' '.join(j.argv)}")

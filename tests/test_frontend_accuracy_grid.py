@@ -271,6 +271,25 @@ def test_parallel_plan_with_the_baseline_as_teacher_runs_each_baseline_before_it
         par.plan_jobs(["MRPC"], {"grid", "ablation"}, False, teacher="baseline")
 
 
+def test_parallel_plan_runs_the_cells_and_seeds_it_is_given_every_first_seed_before_any_extra():
+    """``--cells``/``--seeds`` choose the grid a lent machine runs (the README's next GPU grid is
+    16x1 at 0.5/0.6/0.7, three seeds on every task): each (task, cell, seed) once, even where the
+    ablation cell's own extra seeds coincide, and every seed-0 cell before any extra seed."""
+    par = _par()
+    cells = [("16x1", 0.5), ("16x1", 0.6), ("16x1", 0.7)]
+    jobs = par.plan_jobs(["MRPC", "CoLA"], {"grid", "seeds"}, False, teacher="baseline", cells=cells, seeds=(1, 2))
+    names = [j.name for j in jobs if j.name.startswith("cell:")]
+    assert sorted(names) == sorted(f"cell:{t}:16x1:{r:g}:s{s}" for t in ("MRPC", "CoLA") for r in (0.5, 0.6, 0.7)
+                                   for s in (0, 1, 2))
+    last_first = max(i for i, n in enumerate(names) if n.endswith(":s0"))
+    assert all(n.endswith(":s0") for n in names[:last_first + 1])
+    default = par.plan_jobs(["MRPC", "RTE"], {"grid", "seeds"}, False)
+    assert {n.name for n in default if n.name.endswith(":s1")} == \
+        {f"cell:RTE:{b}:{r:g}:s1" for b, r in par.CELLS} | {"cell:MRPC:16x1:0.7:s1"}
+    with pytest.raises(SystemExit, match="extra seeds"):
+        par.main(["--seeds", "0,1", "--list"])
+
+
 def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadline(tmp_path, monkeypatch):
     par = _par()
     script = tmp_path / "fake_accuracy.py"
