@@ -351,17 +351,26 @@ def _timed(speed_path: Path) -> dict[str, dict[int, float]]:
     if not speed_path.is_file():
         return {}
     result = json.loads(speed_path.read_text())
-    by_artifact: dict[str, str] = {}
+    by_artifact: dict[str, tuple[str, bool]] = {}
     for b in result["builds"]:
         if b["sparsity"] is None and b["form"] == "default":
             words = next(shlex.split(c) for c in b["commands"] if " compress " in f" {c} ")
-            named = words[words.index("--masks") + 1] if "--masks" in words else words[words.index("compress") + 1]
-            by_artifact[b["artifact"]] = _run_key(str(Path(named).parent))
+            masks = "--masks" in words
+            named = words[words.index("--masks") + 1] if masks else words[words.index("compress") + 1]
+            by_artifact[b["artifact"]] = (_run_key(str(Path(named).parent)), masks)
     out: dict[str, dict[int, float]] = {}
+    own: set[str] = set()  # runs timed on their own model.onnx: a masks-only row does not replace that
     for t in result["timings"]:
         for row in t["rows"]:
-            if row["artifact"] in by_artifact:
-                out.setdefault(by_artifact[row["artifact"]], {})[t["threads"]] = row["speedup"]
+            if row["artifact"] not in by_artifact:
+                continue
+            run, masks = by_artifact[row["artifact"]]
+            if masks and run in own:
+                continue
+            if not masks and run not in own:
+                own.add(run)
+                out.pop(run, None)
+            out.setdefault(run, {})[t["threads"]] = row["speedup"]
     return out
 
 

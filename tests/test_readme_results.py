@@ -149,6 +149,14 @@ def test_a_cell_timed_from_its_masks_alone_is_matched_by_its_masks_run_dir(tmp_p
     timed = rr._timed(speed)
     assert timed == {rr._run_key("/x/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5"): {1: 1.9, 2: 2.2},
                      rr._run_key("runs/aug/MRPC/r0.5"): {1: 1.8, 2: 2.1}}
+    # the same MRPC run also timed from its masks alone (the check that the two agree): its own model wins
+    data = json.loads(speed.read_text())
+    data["builds"].insert(0, {**builds[0], "artifact": "mm.art", "commands": [
+        c.replace("/ckpt/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5", "runs/aug/MRPC/r0.5") for c in builds[0]["commands"]]})
+    for t in data["timings"]:
+        t["rows"].append({"artifact": "mm.art", "speedup": 1.7})
+    speed.write_text(json.dumps(data))
+    assert rr._timed(speed)[rr._run_key("runs/aug/MRPC/r0.5")] == {1: 1.8, 2: 2.1}
 
 
 def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else():
