@@ -86,8 +86,9 @@ def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "sta
     """Every job, in start order. ``what``: grid, seeds, ablation, embedding. ``teacher``: what the
     gradual cells distil from (``start`` or ``baseline``; the latter makes them wait for the baseline).
     ``cells``: the gradual grid's (block, ratio) cells (default :data:`CELLS`); ``seeds``: the extra
-    pruning seeds every task's cells get under ``seeds`` (default: RTE's, :data:`SEEDED_TASKS`), after
-    every task's seed 0, so a deadline cuts seeds rather than cells."""
+    pruning seeds every task's cells get under ``seeds`` (default: RTE's, :data:`SEEDED_TASKS`),
+    listed after every task's seed-0 cells: a free worker takes the first *ready* job, so seed 0
+    goes first wherever its teacher is done, and a deadline cuts seeds before cells."""
     if teacher not in ("start", "baseline"):
         raise SystemExit(f"unknown --teacher {teacher!r}; use start or baseline")
     if teacher == "baseline" and "ablation" in what:
@@ -128,7 +129,7 @@ def plan_jobs(tasks: list[str], what: set[str], quick: bool, teacher: str = "sta
     if "seeds" in what:
         for t in tasks:
             extra = [(b, r, s) for b, r in cells for s in (SEEDED_TASKS.get(t, ()) if seeds is None else seeds)]
-            if t in ablation_tasks:  # (once, where --seeds already gives the ablation cell these seeds)
+            if t in ablation_tasks and ablation_cell in cells:  # once, where --seeds already gives it these
                 extra += [(*ablation_cell, s) for s in ABLATION_GRADUAL_SEEDS if (*ablation_cell, s) not in extra]
             jobs += [Job(f"cell:{t}:{b}:{r:g}:s{s}", ["--stage", "cells", "--tasks", t, "--cells", _cell_arg(b, r),
                                                       "--seeds", str(s), *grid_flags], cell_deps[t])
@@ -260,8 +261,34 @@ def _results_flag(extra: list[str]) -> Path | None:
     return ap.parse_known_args(extra)[0].results
 
 
+#: accuracy.py flags each job sets for itself: given after ``--`` they would override every job's own
+#: (``--seed``, the dense runs' seed, is a whole grid's setting and may follow ``--``)
+JOB_FLAGS = ("--tasks", "--cells", "--seeds", "--stage", "--ablation-methods", "--ratios", "--ablation", "--embedding")
+
+
+def _selection(cells_text: str | None, seeds_text: str | None, what: set[str],
+               extra: list[str]) -> tuple[list[tuple[str, float]] | None, tuple[int, ...] | None]:
+    """``--cells``/``--seeds`` parsed and checked, and the accuracy.py flags after ``--`` checked for
+    ones that would silently give every job the same selection."""
+    clash = sorted({f.split("=")[0] for f in extra if f.split("=")[0] in JOB_FLAGS})
+    if clash:
+        raise SystemExit(f"{', '.join(clash)} after -- would override each job's own selection; use this "
+                         "runner's --tasks/--cells/--seeds/--what instead")
+    try:
+        cells = _cells_arg(cells_text) if cells_text else None
+        seeds = tuple(dict.fromkeys(int(x) for x in seeds_text.split(",") if x)) if seeds_text is not None else None
+    except ValueError as err:
+        raise SystemExit(f"--cells BLOCK:RATIO[,...] / --seeds N[,N]: {err}") from None
+    if seeds is not None and 0 in seeds:
+        raise SystemExit("--seeds names the extra seeds; seed 0 is every cell's first run (the grid)")
+    if seeds is not None and "seeds" not in what:
+        raise SystemExit("--seeds needs 'seeds' in --what (e.g. --what grid,seeds)")
+    return cells, seeds
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # no abbreviations: --seed (accuracy.py's dense seed) must not pass for --seeds (extra pruning seeds)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="jobs at once")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--what", default="grid,seeds,ablation,embedding",
@@ -288,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown --what {sorted(unknown)}; use grid, seeds, ablation, embedding")
     tasks = [t for t in args.tasks.split(",") if t]
-    cells = _cells_arg(args.cells) if args.cells else None
-    seeds = tuple(int(x) for x in args.seeds.split(",") if x) if args.seeds is not None else None
-    if seeds is not None and 0 in seeds:
-        raise SystemExit("--seeds names the extra seeds; seed 0 is every cell's first run (the grid)")
+    cells, seeds = _selection(args.cells, args.seeds, what, args.extra)
     jobs = plan_jobs(tasks, what, args.quick, args.teacher, cells, seeds)
     if args.list:
         for j in jobs:

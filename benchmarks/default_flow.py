@@ -110,7 +110,8 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
     ``trained`` model is compressed as it is (no one-shot pruning) and compiled the same way.
 
     ``previous``: builds of an earlier run whose artifact directories still exist are kept (delete
-    an artifact to have it rebuilt)."""
+    an artifact to have it rebuilt). Models known by their masks alone share one export of
+    :data:`MASKED_BASE`, made once per call (kept from an earlier run only with ``previous``)."""
     from tqdm.auto import tqdm
 
     exe = str(Path(sys.executable).with_name("blockprune"))
@@ -125,12 +126,14 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
     for t in trained:
         jobs += [(t.label, t.block, None, form) for form in ["default"] + (list(FORCED) if forced else [])]
     exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained if t.masks is None}
-    for t in trained:  # masks only: one export of the base model serves them all
-        if t.masks is not None and not t.onnx.is_file():
-            log: list[str] = []
-            _run([exe, "export", *MASKED_BASE, "-o", str(t.onnx)], log)
-        if t.masks is not None:
-            exported[t.label] = (t.onnx, [f"{exe} export {' '.join(MASKED_BASE)} -o {t.onnx}"])
+    base_log: dict[Path, list[str]] = {}  # masks only: one export of the base model serves them all
+    for t in (t for t in trained if t.masks is not None):
+        if t.onnx not in base_log:
+            cmd = [exe, "export", *MASKED_BASE, "-o", str(t.onnx)]
+            base_log[t.onnx] = [" ".join(cmd)]
+            if not (previous and t.onnx.is_file()):  # an earlier run's export is kept with --keep-built only
+                _run(cmd, [])
+        exported[t.label] = (t.onnx, base_log[t.onnx])
     for model, block, sparsity, form in tqdm(jobs, desc="build", unit="artifact"):
         t0 = time.perf_counter()
         tag = f"{model}-dense" if block is None else f"{model}-{block}-{sparsity}-{form}"
@@ -302,6 +305,14 @@ def settled_load(max_load: float, settle_s: float, poll_s: float = 5.0, sleep=ti
     return load
 
 
+def _strip_prefixes(command: str, prefixes: tuple[str, ...]) -> str:
+    """``command`` with each path that starts with one of ``prefixes`` (a directory) made relative to
+    it: only at the start of a word, so a relative ``--work runs`` leaves ``runs/accuracy/...`` alone."""
+    for prefix in prefixes:
+        command = re.sub(r"(^|[\s='\"])" + re.escape(prefix.rstrip("/") + "/"), r"\1", command)
+    return command
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=None, help="default minilm,bert-base (none with --trained)")
@@ -331,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
         res = _worker(Path(args.worker), args.worker_threads, args.runs, args.rounds, profile=True)
         print(json.dumps(res))
         return
+    for t in args.trained:  # a bad spec is refused before any work dir is made
+        parse_trained(t)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bp-default-flow-"))
     work.mkdir(parents=True, exist_ok=True)
     trained = [parse_trained(t, work.resolve()) for t in args.trained]
@@ -402,7 +415,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for b in result["builds"]:  # paths in a temp dir mean nothing later; keep the names
         b["onnx"], b["artifact"] = Path(b["onnx"]).name, Path(b["artifact"]).name
-        b["commands"] = [c.replace(str(work) + "/", "").replace(os.getcwd() + "/", "") for c in b["commands"]]
+        b["commands"] = [_strip_prefixes(c, (str(work.resolve()), str(work), os.getcwd())) for c in b["commands"]]
     for tm in result["timings"]:
         for r in tm["rows"]:
             r["artifact"] = Path(r["artifact"]).name

@@ -353,7 +353,7 @@ def _timed(speed_path: Path) -> dict[str, dict[int, float]]:
     result = json.loads(speed_path.read_text())
     by_artifact: dict[str, tuple[str, bool]] = {}
     for b in result["builds"]:
-        if b["sparsity"] is None and b["form"] == "default":
+        if b["block"] is not None and b["sparsity"] is None and b["form"] == "default":  # trained, not one-shot
             words = next(shlex.split(c) for c in b["commands"] if " compress " in f" {c} ")
             masks = "--masks" in words
             named = words[words.index("--masks") + 1] if masks else words[words.index("compress") + 1]

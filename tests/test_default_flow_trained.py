@@ -79,7 +79,7 @@ def test_a_cell_known_by_its_masks_alone_is_the_bundled_export_compressed_under_
         if cmd[1] == "export":
             Path(cmd[-1]).write_bytes(b"exported")
         if cmd[1] == "compile":
-            Path(cmd[-1]).mkdir(parents=True)
+            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
             (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
 
     monkeypatch.setattr(flow, "_run", record)
@@ -91,3 +91,18 @@ def test_a_cell_known_by_its_masks_alone_is_the_bundled_export_compressed_under_
     assert all(c[c.index("--masks") + 1] == str(masks.resolve()) for c in compress)
     assert not any("--sparsity" in c for c in compress)
     assert all(" export " in bd.commands[0] and " compress " in bd.commands[1] for bd in builds)
+
+    # a later call re-exports (an earlier export may be stale) unless it keeps earlier builds
+    commands.clear()
+    flow.build_all([], work, forced=False, quick=False, trained=[a])
+    assert [c[1] for c in commands] == ["export", "compress", "compile"]
+    commands.clear()
+    kept = flow.build_all([], work, forced=False, quick=False, trained=[a, b], previous=builds)
+    assert commands == [] and [k.artifact for k in kept] == [bd.artifact for bd in builds if bd.form == "default"]
+
+    # the JSON keeps paths relative to the checkout; a relative --work that prefixes other runs' paths
+    # ("runs") strips only paths that start with it
+    cmd = (f"{work}/bin/blockprune compress {work}/base.onnx -o runs/x.onnx --masks /co/runs/accuracy/r0.5/m.s "
+           f"--config='/co/c.yaml'")
+    assert flow._strip_prefixes(cmd, (str(work), "runs", "/co")) == \
+        "bin/blockprune compress base.onnx -o x.onnx --masks runs/accuracy/r0.5/m.s --config='c.yaml'"

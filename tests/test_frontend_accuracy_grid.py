@@ -286,8 +286,18 @@ def test_parallel_plan_runs_the_cells_and_seeds_it_is_given_every_first_seed_bef
     default = par.plan_jobs(["MRPC", "RTE"], {"grid", "seeds"}, False)
     assert {n.name for n in default if n.name.endswith(":s1")} == \
         {f"cell:RTE:{b}:{r:g}:s1" for b, r in par.CELLS} | {"cell:MRPC:16x1:0.7:s1"}
+    # the ablation cell's own extra seeds only where this grid runs that cell
+    other = par.plan_jobs(["MRPC"], {"grid", "seeds"}, False, cells=[("16x1", 0.5)], seeds=(1,))
+    assert [j.name for j in other if j.name.startswith("cell:")] == ["cell:MRPC:16x1:0.5:s0", "cell:MRPC:16x1:0.5:s1"]
     with pytest.raises(SystemExit, match="extra seeds"):
         par.main(["--seeds", "0,1", "--list"])
+    with pytest.raises(SystemExit, match="needs 'seeds'"):
+        par.main(["--what", "grid", "--seeds", "1", "--list"])
+    with pytest.raises(SystemExit, match="--cells after -- would override"):
+        par.main(["--list", "--", "--exporter", "legacy", "--cells=16x1:0.5"])
+    with pytest.raises(SystemExit):  # --seed is accuracy.py's dense seed: no abbreviation of --seeds
+        par.main(["--seed", "1", "--list"])
+    assert par._selection("16x1:0.6", "2,1,2", {"seeds"}, ["--seed", "1"]) == ([("16x1", 0.6)], (2, 1))
 
 
 def test_parallel_runner_skips_dependants_of_a_failed_job_and_stops_at_the_deadline(tmp_path, monkeypatch):
@@ -331,13 +341,11 @@ def test_collect_packs_every_pruned_cells_masks_under_its_run_dir_from_runs_on(t
     results.write_text(json.dumps({"cells": cells}))
     packed, n = par.collect_masks([results, results.with_suffix(".md")], tmp_path / "out")
     assert n == 2 and packed == tmp_path / "out" / "masks.tar.xz"
-    here = tmp_path / "here"
+    name = "runs/accuracy-gradual/RTE/gradual-16x1/r0.7/masks.safetensors"
     with tarfile.open(packed) as tf:
-        assert sorted(tf.getnames()) == ["runs/accuracy-gradual/RTE/gradual-16x1/r0.7/masks.safetensors",
-                                         "runs/accuracy-gradual/SST-2/gradual-16x1/r0.5/masks.safetensors"]
-        tf.extractall(here, filter="data")
-    got = here / "runs/accuracy-gradual/RTE/gradual-16x1/r0.7/masks.safetensors"
-    assert got.read_bytes() == Path(cells["RTE/gradual/16x1/0.7"]["run_dir"], "masks.safetensors").read_bytes()
+        assert sorted(tf.getnames()) == [name, "runs/accuracy-gradual/SST-2/gradual-16x1/r0.5/masks.safetensors"]
+        got = tf.extractfile(name).read()
+    assert got == Path(cells["RTE/gradual/16x1/0.7"]["run_dir"], "masks.safetensors").read_bytes()
     assert par.collect_masks([results.with_suffix(".md")], tmp_path / "none") is None
 
 

@@ -149,14 +149,20 @@ def test_a_cell_timed_from_its_masks_alone_is_matched_by_its_masks_run_dir(tmp_p
     timed = rr._timed(speed)
     assert timed == {rr._run_key("/x/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5"): {1: 1.9, 2: 2.2},
                      rr._run_key("runs/aug/MRPC/r0.5"): {1: 1.8, 2: 2.1}}
-    # the same MRPC run also timed from its masks alone (the check that the two agree): its own model wins
+    # the same MRPC run also timed from its masks alone (the check that the two agree): its own model
+    # wins whether its row comes after the masks-only row or before it; a one-shot row is no cell's
     data = json.loads(speed.read_text())
-    data["builds"].insert(0, {**builds[0], "artifact": "mm.art", "commands": [
-        c.replace("/ckpt/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5", "runs/aug/MRPC/r0.5") for c in builds[0]["commands"]]})
-    for t in data["timings"]:
-        t["rows"].append({"artifact": "mm.art", "speedup": 1.7})
-    speed.write_text(json.dumps(data))
-    assert rr._timed(speed)[rr._run_key("runs/aug/MRPC/r0.5")] == {1: 1.8, 2: 2.1}
+    data["builds"] += [{**builds[0], "artifact": "mm.art", "commands": [
+        c.replace("/ckpt/runs/accuracy-gradual/SST-2/gradual-16x1/r0.5", "runs/aug/MRPC/r0.5") for c in builds[0]["commands"]]},
+        {"model": "minilm", "block": None, "sparsity": None, "form": "default", "artifact": "d.art",
+         "commands": ["blockprune export minilm -o minilm.onnx", "blockprune compile minilm.onnx -o d.art"]}]
+    for first in (True, False):
+        for t in data["timings"]:
+            t["rows"] = [r for r in t["rows"] if r["artifact"] != "mm.art"]
+            t["rows"].insert(0 if first else len(t["rows"]), {"artifact": "mm.art", "speedup": 1.7})
+            t["rows"].append({"artifact": "d.art", "speedup": 0.9})
+        speed.write_text(json.dumps(data))
+        assert rr._timed(speed) == timed
 
 
 def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else():
