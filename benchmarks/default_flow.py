@@ -79,12 +79,23 @@ class Trained:
     brought back): the bundled MiniLM is exported with a classification head by the exporter the
     grid uses, and ``compress --masks`` applies them. Speed depends on where the zeros are, not on
     the kept values, so this times the cell's model as a user would build it; onnxruntime runs the
-    dense export."""
+    dense export.
+
+    Or only its per-layer ratios (``PATH`` an ``allocation.yaml`` from
+    ``benchmarks/allocation_config.py``, for a cell whose masks were not kept): the same export,
+    pruned one-shot at those ratios by ``compress --config``; the same sparsity per layer, not the
+    same masks, so the result is labelled as such."""
 
     label: str
     onnx: Path
     block: str
     masks: Path | None = None
+    config: Path | None = None
+
+    @property
+    def on_base(self) -> bool:
+        """Built on the bundled export (masks or ratios given), not on the cell's own ONNX."""
+        return self.masks is not None or self.config is not None
 
 
 #: the export that masks-only models start from: the grid's model and exporter
@@ -99,8 +110,11 @@ def parse_trained(text: str, work: Path | None = None) -> Trained:
                          "e.g. emb-0.5=runs/x/model.onnx@16x1")
     if not Path(path).is_file():
         raise SystemExit(f"--trained {text!r}: {path} does not exist")
+    base = (work or Path(".")) / "minilm-classification.onnx"
     if path.endswith(".safetensors"):
-        return Trained(label, (work or Path(".")) / "minilm-classification.onnx", block, Path(path).resolve())
+        return Trained(label, base, block, Path(path).resolve())
+    if path.endswith((".yaml", ".yml")):
+        return Trained(label, base, block, config=Path(path).resolve())
     return Trained(label, Path(path).resolve(), block)
 
 
@@ -125,9 +139,9 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
     given = {t.label: t for t in trained}
     for t in trained:
         jobs += [(t.label, t.block, None, form) for form in ["default"] + (list(FORCED) if forced else [])]
-    exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained if t.masks is None}
+    exported: dict[str, tuple[Path, list[str]]] = {t.label: (t.onnx, []) for t in trained if not t.on_base}
     base_log: dict[Path, list[str]] = {}  # masks only: one export of the base model serves them all
-    for t in (t for t in trained if t.masks is not None):
+    for t in (t for t in trained if t.on_base):
         if t.onnx not in base_log:
             cmd = [exe, "export", *MASKED_BASE, "-o", str(t.onnx)]
             base_log[t.onnx] = [" ".join(cmd)]
@@ -157,6 +171,8 @@ def build_all(models: list[str], work: Path, forced: bool, quick: bool,
                 cmd += ["--sparsity", str(sparsity)]
             elif given[model].masks is not None:
                 cmd += ["--masks", str(given[model].masks)]
+            elif given[model].config is not None:
+                cmd += ["--config", str(given[model].config)]
             if form != "default":
                 cmd += ["--form", form]
             _run(cmd, log)
@@ -240,7 +256,10 @@ def _profile(vm, call, reps: int = 5) -> dict[str, float]:
 def _label(b: dict) -> str:
     if b["block"] is None:
         return "TVM dense"
-    return f"{b['block']}, trained masks" if b["sparsity"] is None else f"{b['block']} at {b['sparsity']:.0%}"
+    if b["sparsity"] is not None:
+        return f"{b['block']} at {b['sparsity']:.0%}"
+    at_ratios = any(" --config " in f" {c} " for c in b.get("commands", []))
+    return f"{b['block']}, one-shot at a cell's per-layer ratios" if at_ratios else f"{b['block']}, trained masks"
 
 
 def table(result: dict) -> str:
@@ -318,7 +337,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", default=None, help="default minilm,bert-base (none with --trained)")
     ap.add_argument("--trained", action="append", default=[], metavar="LABEL=ONNX@BLOCK",
                     help="also (or, without --models, only) a model pruned by training: its model.onnx and block, or "
-                         "only its masks.safetensors (applied to the bundled MiniLM's classification export)")
+                         "only its masks.safetensors (applied to the bundled MiniLM's classification export), or only its "
+                         "per-layer ratios, an allocation.yaml (benchmarks/allocation_config.py; that export pruned "
+                         "one-shot at them)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--runs", type=int, default=10, help="calls per engine per round")
     ap.add_argument("--rounds", type=int, default=5)

@@ -106,3 +106,37 @@ def test_a_cell_known_by_its_masks_alone_is_the_bundled_export_compressed_under_
            f"--config='/co/c.yaml'")
     assert flow._strip_prefixes(cmd, (str(work), "runs", "/co")) == \
         "bin/blockprune compress base.onnx -o x.onnx --masks runs/accuracy/r0.5/m.s --config='c.yaml'"
+
+
+def test_a_cell_known_by_its_ratios_alone_is_the_bundled_export_pruned_one_shot_at_them(tmp_path, monkeypatch):
+    """A cell whose masks were lost is rebuilt from its per-layer ratios (``allocation.yaml``): the
+    same base export, ``compress --config`` (no --masks, no uniform --sparsity), labelled as a
+    one-shot rebuild so that no table reads it as the trained masks."""
+    flow = _bench("default_flow.py", "bench_default_flow_ratios")
+    cfg = tmp_path / "r0.6" / "allocation.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("block: 16x1\nsparsity: 0.0\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    t = flow.parse_trained(f"stsb={cfg}@16x1", work)
+    assert t.config == cfg.resolve() and t.masks is None and t.on_base and t.onnx.parent == work
+
+    commands = []
+
+    def record(cmd, log):
+        log.append(" ".join(cmd))
+        commands.append(cmd)
+        if cmd[1] == "export":
+            Path(cmd[-1]).write_bytes(b"exported")
+        if cmd[1] == "compile":
+            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
+            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
+
+    monkeypatch.setattr(flow, "_run", record)
+    builds = flow.build_all([], work, forced=False, quick=False, trained=[t])
+    assert [c[1] for c in commands] == ["export", "compress", "compile"]
+    compress = commands[1]
+    assert compress[2] == str(t.onnx) and compress[compress.index("--config") + 1] == str(cfg.resolve())
+    assert "--masks" not in compress and "--sparsity" not in compress
+    b = {"block": "16x1", "sparsity": None, "commands": builds[0].commands}
+    assert flow._label(b) == "16x1, one-shot at a cell's per-layer ratios"

@@ -116,7 +116,7 @@ def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs
     cands = rr.best_candidates((gpu, mrpc, s0, s1, dup), plain_path=plain)
     cola = next(c for c in cands if c.task == "CoLA" and "lr" in c.recipe)
     assert len(cola.deltas) == 2 and abs(cola.delta + 0.02) < 1e-9 and cola.files == [str(s0), str(s1)]
-    text = rr.render_best((gpu, mrpc, s0, s1, dup), speed_path=speed, plain_path=plain)
+    text = rr.render_best((gpu, mrpc, s0, s1, dup), speed_paths=speed, plain_path=plain)
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
     assert "1.00x (dense)" in rows["CoLA"] and "-2.00, gradual + baseline as teacher (lr 5e-05)" in rows["CoLA"]
     assert "**1.97x**" in rows["MRPC"] and "gradual + baseline as teacher | CPU | 2 |" in rows["MRPC"]
@@ -163,6 +163,41 @@ def test_a_cell_timed_from_its_masks_alone_is_matched_by_its_masks_run_dir(tmp_p
             t["rows"].append({"artifact": "d.art", "speedup": 0.9})
         speed.write_text(json.dumps(data))
         assert rr._timed(speed) == timed
+
+
+
+def test_a_cell_rebuilt_at_its_ratios_is_timed_as_such_and_gives_way_to_its_masks_or_model(tmp_path):
+    """A cell whose masks were lost is timed on the bundled model pruned one-shot at its per-layer
+    ratios (``compress --config RUN/allocation.yaml``): that speed belongs to the YAML's run dir, is
+    shown marked as a rebuild, never replaces a timing of its masks or own model (in any file, in
+    any order), and a later file's timing of the same kind replaces an earlier one."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_results as rr
+
+    def speed_file(path, how, run, x):
+        flag = {"ratios": f"--config {run}/allocation.yaml", "masks": f"--masks {run}/masks.safetensors"}
+        cmd = (f"blockprune compress minilm-c.onnx -o s.onnx --block 16x1 {flag[how]}" if how in flag
+               else f"blockprune compress {run}/model.onnx -o s.onnx --block 16x1")
+        path.write_text(json.dumps({"builds": [{"model": "s", "block": "16x1", "sparsity": None, "form": "default",
+                                                "artifact": "s.art", "commands": [cmd, "blockprune compile s.onnx -o s.art"]}],
+                                    "timings": [{"threads": t, "rows": [{"artifact": "s.art", "speedup": round(x + t / 10, 2)}]}
+                                                for t in (1, 2)]}))
+        return path
+
+    run = "/co/runs/aug/STS-B/g/r0.6"
+    key = rr._run_key(run)
+    ratios = speed_file(tmp_path / "a.json", "ratios", run, 2.0)
+    assert rr._timed_how(ratios) == {key: ("ratios", {1: 2.1, 2: 2.2})}
+    assert rr._timed(ratios) == {}  # not the cell's own masks
+    masks = speed_file(tmp_path / "b.json", "masks", run, 1.8)
+    own = speed_file(tmp_path / "c.json", "own", run, 1.7)
+    for order in ((ratios, masks), (masks, ratios)):
+        assert rr._timed_how(order) == {key: ("masks", {1: 1.9, 2: 2.0})}
+    assert rr._timed_how((own, ratios, masks)) == {key: ("own", {1: 1.8, 2: 1.9})}
+    again = speed_file(tmp_path / "d.json", "ratios", run, 2.5)
+    assert rr._timed_how((ratios, again)) == {key: ("ratios", {1: 2.6, 2: 2.7})}
 
 
 def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else():
