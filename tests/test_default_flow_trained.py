@@ -15,6 +15,24 @@ import pytest
 from test_frontend_accuracy_grid import _bench
 
 
+def _record_commands(flow, monkeypatch) -> list[list[str]]:
+    """Replace the script's subprocess runner by a recorder that leaves what each command would
+    (an exported file, an artifact dir with its manifest); returns the list the commands go to."""
+    commands: list[list[str]] = []
+
+    def record(cmd, log):
+        log.append(" ".join(cmd))
+        commands.append(cmd)
+        if cmd[1] == "export":
+            Path(cmd[-1]).write_bytes(b"exported")
+        if cmd[1] == "compile":
+            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
+            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
+
+    monkeypatch.setattr(flow, "_run", record)
+    return commands
+
+
 def test_trained_rows_compress_without_sparsity_and_time_against_their_own_onnx(tmp_path, monkeypatch):
     flow = _bench("default_flow.py", "bench_default_flow")
     onnx_path = tmp_path / "model.onnx"
@@ -71,18 +89,7 @@ def test_a_cell_known_by_its_masks_alone_is_the_bundled_export_compressed_under_
     b = flow.parse_trained(f"rte={masks}@16x1", work)
     assert a.masks == masks.resolve() and a.onnx == b.onnx and a.onnx.parent == work
 
-    commands = []
-
-    def record(cmd, log):
-        log.append(" ".join(cmd))
-        commands.append(cmd)
-        if cmd[1] == "export":
-            Path(cmd[-1]).write_bytes(b"exported")
-        if cmd[1] == "compile":
-            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
-            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
-
-    monkeypatch.setattr(flow, "_run", record)
+    commands = _record_commands(flow, monkeypatch)
     builds = flow.build_all([], work, forced=True, quick=False, trained=[a, b])
     exports = [c for c in commands if c[1] == "export"]
     assert len(exports) == 1 and exports[0][2:] == [*flow.MASKED_BASE, "-o", str(a.onnx)]
@@ -121,18 +128,7 @@ def test_a_cell_known_by_its_ratios_alone_is_the_bundled_export_pruned_one_shot_
     t = flow.parse_trained(f"stsb={cfg}@16x1", work)
     assert t.config == cfg.resolve() and t.masks is None and t.on_base and t.onnx.parent == work
 
-    commands = []
-
-    def record(cmd, log):
-        log.append(" ".join(cmd))
-        commands.append(cmd)
-        if cmd[1] == "export":
-            Path(cmd[-1]).write_bytes(b"exported")
-        if cmd[1] == "compile":
-            Path(cmd[-1]).mkdir(parents=True, exist_ok=True)
-            (Path(cmd[-1]) / "manifest.json").write_text(json.dumps({"verified": {"max_abs_diff": 0.0}}))
-
-    monkeypatch.setattr(flow, "_run", record)
+    commands = _record_commands(flow, monkeypatch)
     builds = flow.build_all([], work, forced=False, quick=False, trained=[t])
     assert [c[1] for c in commands] == ["export", "compress", "compile"]
     compress = commands[1]
