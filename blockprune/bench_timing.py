@@ -48,6 +48,27 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], runs: int, round
     return {name: float(np.median(v)) for name, v in samples.items()}
 
 
+def cpu_vector_isa(flags_text: str | None = None) -> str:
+    """The widest x86 vector extension the CPU reports (``AVX-512``, ``AVX2+FMA``, ``AVX``, ``SSE``),
+    or the architecture elsewhere. Why: hosts of one CPU name differ in it (EPYC Zen 3 vs Zen 4),
+    and onnxruntime's dense kernels use AVX-512 where it exists, so speed ratios are comparable only
+    within one ISA; benchmark headers say which."""
+    if flags_text is None:
+        try:
+            flags_text = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                               if line.startswith("flags")), "")
+        except OSError:
+            flags_text = ""
+    flags = set(flags_text.split(":", 1)[-1].split())
+    if not flags:
+        return platform.machine()
+    if "avx512f" in flags:
+        return "AVX-512"
+    if "avx2" in flags:
+        return "AVX2+FMA" if "fma" in flags else "AVX2"
+    return "AVX" if "avx" in flags else "SSE"
+
+
 def cpu_name() -> str:
     """The CPU model for benchmark headers (``/proc/cpuinfo``, else what platform knows)."""
     try:
