@@ -29,7 +29,19 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():  # mkstemp makes it 0600: give it the mode an ordinary write would
+            os.chmod(tmp_path, _file_mode(target))
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _file_mode(target: Path) -> int:
+    """The mode ``target`` has, or the one a plain ``open(target, "w")`` would give it (0666 less
+    the umask): a model written for a service account to read must not end up owner-only."""
+    if target.is_file():
+        return target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
