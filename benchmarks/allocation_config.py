@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,6 +34,7 @@ def run_dir_here(recorded: str, root: Path = ROOT) -> Path:
 def write_allocation_config(results: Path, key: str, out: Path | None = None) -> Path:
     """Write the cell's allocation (see module doc); returns the path written."""
     sys.path.insert(0, str(ROOT))
+    from blockprune.io import atomic_path
     from blockprune.passes.prune_config import per_layer_config
 
     cells = json.loads(results.read_text()).get("cells", {})
@@ -49,10 +49,8 @@ def write_allocation_config(results: Path, key: str, out: Path | None = None) ->
                             note=f"per-layer ratios of {key} in {results.name} (CR {cell.get('compression_rate', 0):.2f}x)\n"
                                  "written by benchmarks/allocation_config.py: one-shot pruning at these ratios "
                                  "rebuilds the cell's sparsity, not its trained masks")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
     return out
 
 
