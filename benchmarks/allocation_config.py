@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
 def run_dir_here(recorded: str, root: Path = ROOT) -> Path:
@@ -31,11 +32,24 @@ def run_dir_here(recorded: str, root: Path = ROOT) -> Path:
     return root.joinpath(*parts[parts.index("runs"):])
 
 
+def per_layer_config(ratios: dict[str, float], block: str) -> str:
+    """YAML that prunes each named layer at its own ratio and leaves every other layer dense; each
+    rule is the plan's exact per-layer pattern (:func:`blockprune.plan.plan_file.layer_pattern`),
+    so it also fits the bare encoder's export."""
+    import yaml
+
+    from blockprune.blocks import BlockShape, check_sparsity
+    from blockprune.plan.plan_file import layer_pattern
+
+    doc = {"block": str(BlockShape.parse(block)), "sparsity": 0.0,
+           "layers": [{"match": layer_pattern(name), "sparsity": round(check_sparsity(r), 6)}
+                      for name, r in ratios.items()]}
+    return yaml.safe_dump(doc, sort_keys=False, width=200)
+
+
 def write_allocation_config(results: Path, key: str, out: Path | None = None) -> Path:
     """Write the cell's allocation (see module doc); returns the path written."""
-    sys.path.insert(0, str(ROOT))
     from blockprune.io import atomic_path
-    from blockprune.passes.prune_config import per_layer_config
 
     cells = json.loads(results.read_text()).get("cells", {})
     if key not in cells:
@@ -45,10 +59,9 @@ def write_allocation_config(results: Path, key: str, out: Path | None = None) ->
     if not cell.get("allocation") or not cell.get("block"):
         raise SystemExit(f"{results}: cell {key!r} records no per-layer allocation (a uniform or dense run)")
     out = out or run_dir_here(cell["run_dir"]) / "allocation.yaml"
-    text = per_layer_config(cell["allocation"], cell["block"],
-                            note=f"per-layer ratios of {key} in {results.name} (CR {cell.get('compression_rate', 0):.2f}x)\n"
-                                 "written by benchmarks/allocation_config.py: one-shot pruning at these ratios "
-                                 "rebuilds the cell's sparsity, not its trained masks")
+    text = (f"# per-layer ratios of {key} in {results.name} (CR {cell.get('compression_rate', 0):.2f}x)\n"
+            "# written by benchmarks/allocation_config.py: one-shot pruning at these ratios rebuilds the cell's "
+            "sparsity, not its trained masks\n" + per_layer_config(cell["allocation"], cell["block"]))
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return out

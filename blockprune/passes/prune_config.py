@@ -144,17 +144,3 @@ def check_plan_matches(cfg: PruneConfig, names: list[str], what: str) -> None:
             f"its layers are named like {names[0]!r})" if names else f"{what} has no prunable layers",
             "plan this model (`blockprune plan MODEL ...`), or make the plan's match patterns fit its names")
 
-
-def per_layer_config(ratios: dict[str, float], block: str | BlockShape, note: str = "") -> str:
-    """A pruning config (YAML text) that prunes each named layer at its own ratio and leaves every
-    other layer dense: the per-layer ratios of a trained cell (its ``allocation``) as a config
-    ``prune`` and ``compress`` accept, so a model can be re-pruned one-shot at the same ratios,
-    e.g. to time a cell whose masks were not kept. Each rule matches its name exactly."""
-    import yaml
-
-    block = str(BlockShape.parse(block))
-    doc = {"block": block, "sparsity": 0.0,
-           "layers": [{"match": f"^{re.escape(name)}$", "sparsity": round(float(check_sparsity(r)), 6)}
-                      for name, r in ratios.items()]}
-    head = "".join(f"# {line}\n" for line in note.splitlines())
-    return head + yaml.safe_dump(doc, sort_keys=False, width=200)
