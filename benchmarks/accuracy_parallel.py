@@ -233,24 +233,13 @@ def collect_masks(results: list[Path], dest: Path) -> tuple[Path, int] | None:
     are: the masks (~90 kB each compressed) rebuild the model as a user would build it
     (``default_flow.py --trained LABEL=runs/.../masks.safetensors@BLOCK``). Unpack in the checkout's
     root: ``tar xJf masks.tar.xz``."""
-    found: dict[str, Path] = {}
-    for path in results:
-        if path.suffix != ".json" or not path.is_file():
-            continue
-        for cell in json.loads(path.read_text()).get("cells", {}).values():
-            run = Path(cell.get("run_dir") or "")
-            masks = run / "masks.safetensors"
-            if cell.get("kind") == "pruned" and "runs" in run.parts and masks.is_file():
-                found["/".join(run.parts[run.parts.index("runs"):]) + "/masks.safetensors"] = masks
+    from keep_masks import cell_masks, write_archive
+
+    found = cell_masks(results, root=None)  # where this machine's grid ran, nowhere else
     if not found:
         return None
-    dest.mkdir(parents=True, exist_ok=True)
     out = dest / "masks.tar.xz"
-    tmp = out.with_name(out.name + ".tmp")
-    with tarfile.open(tmp, "w:xz") as tf:
-        for arcname, masks in sorted(found.items()):
-            tf.add(masks, arcname=arcname)
-    tmp.replace(out)
+    write_archive(found, out, merge=False)
     return out, len(found)
 
 

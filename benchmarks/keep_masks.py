@@ -1,0 +1,110 @@
+"""Keep the pruned cells' masks of an accuracy results JSON in the repository, one ``.tar.xz`` per
+results file (``benchmarks/results/masks/<results stem>.tar.xz``), each member under the run dir the
+JSON records (``runs/...``).
+
+Why: a cell's speed depends only on which blocks it keeps, but its run dir (a 90 MB model and
+checkpoints) lives in one checkout and dies with it; then only a one-shot rebuild at the cell's
+per-layer ratios can be timed (``allocation_config.py``), and the cells of a table end up timed on
+different hosts. The masks compress to ~90 kB a cell. The archive is merged, not rewritten: a
+cell whose run dir is gone keeps the member an earlier run put there, so it can be committed as
+cells finish. To time a kept cell on any host::
+
+    tar xJf benchmarks/results/masks/accuracy_teacher_augment_lrpruned.tar.xz   # in the checkout root
+    python benchmarks/default_flow.py --trained LABEL=runs/.../masks.safetensors@16x1 ...
+
+Usage: ``python benchmarks/keep_masks.py --results benchmarks/results/accuracy_teacher_augment_lrpruned.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MASKS = "masks.safetensors"
+
+
+def cell_masks(results: list[Path], root: Path | None = ROOT) -> dict[str, Path]:
+    """Every pruned cell's masks named by ``results`` (non-JSON paths skipped), keyed by the member
+    name it gets: its recorded run dir from the ``runs`` component on (the checkout that ran the
+    grid left out), so that unpacked in this checkout it lands where the JSON points. A run dir
+    recorded in another checkout is looked for under ``root`` (None: only where recorded). Dense
+    rows and runs that left no masks (killed at a deadline) are not in it."""
+    found: dict[str, Path] = {}
+    for path in results:
+        if path.suffix != ".json" or not path.is_file():
+            continue
+        for cell in json.loads(path.read_text()).get("cells", {}).values():
+            run = Path(cell.get("run_dir") or "")
+            if cell.get("kind") != "pruned" or "runs" not in run.parts:
+                continue
+            rel = run.parts[run.parts.index("runs"):]
+            for here in (run, *([root.joinpath(*rel)] if root is not None else [])):
+                if (here / MASKS).is_file():
+                    found["/".join(rel) + "/" + MASKS] = here / MASKS
+                    break
+    return found
+
+
+def write_archive(found: dict[str, Path], out: Path, merge: bool = True) -> dict[str, str]:
+    """Write ``found`` into the ``.tar.xz`` at ``out`` (through a temp file and a rename) and say
+    what happened to each member: ``new``, ``updated`` (its bytes changed), ``same``, or ``kept``
+    (in the old archive, its run dir gone here; only with ``merge``)."""
+    from blockprune.io import atomic_path
+
+    old: dict[str, bytes] = {}
+    if merge and out.is_file():
+        try:
+            with tarfile.open(out, "r:xz") as tf:
+                old = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise SystemExit(f"{out} is not a readable .tar.xz ({exc}); move it aside or rerun without merging "
+                             "(--replace)") from None
+    status: dict[str, str] = {}
+    with atomic_path(out) as tmp, tarfile.open(tmp, "w:xz") as tf:
+        for name in sorted(set(old) | set(found)):
+            if name in found:
+                data = found[name].read_bytes()
+                status[name] = "new" if name not in old else "same" if old[name] == data else "updated"
+            else:
+                data, status[name] = old[name], "kept"
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tf.addfile(info, io.BytesIO(data))
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, action="append", required=True,
+                    help="accuracy results JSON (repeat for several; one archive each unless --out)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="archive (default benchmarks/results/masks/<results stem>.tar.xz)")
+    ap.add_argument("--replace", action="store_true", help="drop members whose run dir is gone here")
+    args = ap.parse_args(argv)
+    groups = {args.out: args.results} if args.out else {
+        ROOT / "benchmarks" / "results" / "masks" / f"{r.stem}.tar.xz": [r] for r in args.results}
+    for r in args.results:
+        if not r.is_file():
+            raise SystemExit(f"no results file {r}; give the JSON an accuracy grid wrote")
+    for out, results in groups.items():
+        found = cell_masks(results)
+        if not found and not out.is_file():
+            print(f"{', '.join(map(str, results))}: no pruned cell with masks here; nothing written")
+            continue
+        status = write_archive(found, out, merge=not args.replace)
+        width = max(map(len, status))
+        print(f"{out} ({out.stat().st_size / 1024:.0f} kB):")
+        for name, what in status.items():
+            print(f"  {name:{width}s}  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
