@@ -423,11 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     import onnxruntime
     import tvm
 
-    from blockprune.bench_timing import cpu_name, cpu_vector_isa
+    from blockprune.bench_timing import cpu_name
 
     result = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}, {cpu_vector_isa()}",
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
         "versions": {"tvm": tvm.__version__, "onnxruntime": onnxruntime.__version__},
         "clock": "wall (time.perf_counter), medians of runs x rounds, engines interleaved",
         "batch_seq": [1, 128], "loaded": loaded, "max_load": args.max_load,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -122,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime
 
+    from blockprune.bench_timing import cpu_name
     from blockprune.frontends import embedding as E
     from blockprune.frontends.metrics import spearman
     from blockprune.models.zoo import load_model
@@ -146,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         r["cosine_to_reference_mean"], r["cosine_to_reference_min"] = float(cos.mean()), float(cos.min())
         base = next(x for x in rows if x["model"] == r["reference"])
         r["delta_vs_reference_points"] = 100 * (r["spearman"] - base["spearman"])
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or
-            platform.machine(), "onnxruntime": onnxruntime.__version__, "threads": 1, "exporter": args.exporter,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": cpu_name(),
+            "onnxruntime": onnxruntime.__version__, "threads": 1, "exporter": args.exporter,
             "pairs": len(pairs.gold), "seconds": time.perf_counter() - t0,
             "command": "python benchmarks/int8_accuracy.py" + _options(args)}
     write_results(args.out, meta, rows)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 from datetime import date
@@ -27,6 +26,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from blockprune.bench_timing import cpu_name  # noqa: E402
 from blockprune.blocks import BlockShape  # noqa: E402
 from blockprune.compress_api import compress_model  # noqa: E402
 from blockprune.masks import load_masks  # noqa: E402
@@ -105,7 +105,7 @@ def main() -> int:
     lines = [
         "# ONNX passes on the bundled MiniLM-L6-H384",
         "",
-        f"Date {date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"Date {date.today()}, {cpu_name()}, {os.cpu_count()} cores, "
         f"onnxruntime intra-op threads = {args.threads} ({'process CPU' if args.threads == 1 else 'wall'} clock). "
         f"Masks: {source}.",
         f"Command: `.venv/bin/python benchmarks/passes_report.py"

@@ -69,12 +69,17 @@ def cpu_vector_isa(flags_text: str | None = None) -> str:
     return "AVX" if "avx" in flags else "SSE"
 
 
-def cpu_name() -> str:
-    """The CPU model for benchmark headers (``/proc/cpuinfo``, else what platform knows)."""
+def cpu_name(with_isa: bool = True) -> str:
+    """The CPU model for benchmark headers (``/proc/cpuinfo``, else what platform knows), followed
+    by its vector ISA (:func:`cpu_vector_isa`): one model name covers hosts with and without
+    AVX-512, and every timing header must say which one ran."""
+    name = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    name = name or platform.processor() or platform.machine()
+    return f"{name} ({cpu_vector_isa()})" if with_isa else name

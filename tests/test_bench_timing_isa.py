@@ -14,3 +14,12 @@ def test_the_widest_vector_extension_is_named_from_the_cpu_flags():
     assert cpu_vector_isa("flags : fpu sse sse2") == "SSE"
     assert cpu_vector_isa("flags : avx2") == "AVX2"  # the field name itself is not a flag
     assert isinstance(cpu_vector_isa(), str) and cpu_vector_isa()
+
+
+def test_the_cpu_name_in_every_timing_header_carries_the_isa():
+    """One model name ("AMD EPYC") covered an AVX2 and an AVX-512 host whose onnxruntime timings
+    differ 1.9x; every benchmark that prints cpu_name() must say which it ran on."""
+    from blockprune.bench_timing import cpu_name
+
+    bare = cpu_name(with_isa=False)
+    assert bare and cpu_name() == f"{bare} ({cpu_vector_isa()})"
