@@ -230,7 +230,7 @@ def collect_masks(results: list[Path], dest: Path) -> tuple[Path, int] | None:
 
     Why: a GPU machine's runs dir does not come back (its models are ~90 MB each), so the speed of
     the cells that hold the metric could not be measured here. Speed depends only on where the zeros
-    are: the masks (~90 kB each compressed) rebuild the model as a user would build it
+    are: the masks (~80 kB each compressed) rebuild the model as a user would build it
     (``default_flow.py --trained LABEL=runs/.../masks.safetensors@BLOCK``). Unpack in the checkout's
     root: ``tar xJf masks.tar.xz``."""
     from keep_masks import cell_masks, write_archive

@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(res.stderr[-3000:])
         timings.append(json.loads(res.stdout.strip().splitlines()[-1]))
     result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{cpu_name()} ({platform.machine()}), {os.cpu_count()} cores, int8 kernels: "
+              "machine": f"{cpu_name()}, {platform.machine()}, {os.cpu_count()} cores, int8 kernels: "
                          f"{int8_isa('host')}",
               "command": "python benchmarks/int8_flow.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "builds": plan, "timings": timings}

@@ -5,7 +5,7 @@ JSON records (``runs/...``).
 Why: a cell's speed depends only on which blocks it keeps, but its run dir (a 90 MB model and
 checkpoints) lives in one checkout and dies with it; then only a one-shot rebuild at the cell's
 per-layer ratios can be timed (``allocation_config.py``), and the cells of a table end up timed on
-different hosts. The masks compress to ~90 kB a cell. The archive is merged, not rewritten: a
+different hosts. The masks compress to ~80 kB a cell. The archive is merged, not rewritten: a
 cell whose run dir is gone keeps the member an earlier run put there, so it can be committed as
 cells finish. To time a kept cell on any host::
 
@@ -18,10 +18,13 @@ Usage: ``python benchmarks/keep_masks.py --results benchmarks/results/accuracy_t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
+import lzma
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,31 +56,48 @@ def cell_masks(results: list[Path], root: Path | None = ROOT) -> dict[str, Path]
 
 
 def write_archive(found: dict[str, Path], out: Path, merge: bool = True) -> dict[str, str]:
-    """Write ``found`` into the ``.tar.xz`` at ``out`` (through a temp file and a rename) and say
-    what happened to each member: ``new``, ``updated`` (its bytes changed), ``same``, or ``kept``
-    (in the old archive, its run dir gone here; only with ``merge``)."""
+    """Write ``found`` into the ``.tar.xz`` at ``out`` (through a temp file and a rename: on any
+    failure the old archive stays as it was) and say what happened to each member: ``new``,
+    ``updated`` (its bytes changed), ``same``, or ``kept`` (in the old archive, its run dir gone
+    here; only with ``merge``). Old members are copied across one at a time, not held in memory."""
     from blockprune.io import atomic_path
 
-    old: dict[str, bytes] = {}
-    if merge and out.is_file():
-        try:
-            with tarfile.open(out, "r:xz") as tf:
-                old = {m.name: tf.extractfile(m).read() for m in tf.getmembers() if m.isfile()}
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise SystemExit(f"{out} is not a readable .tar.xz ({exc}); move it aside or rerun without merging "
-                             "(--replace)") from None
     status: dict[str, str] = {}
-    with atomic_path(out) as tmp, tarfile.open(tmp, "w:xz") as tf:
-        for name in sorted(set(old) | set(found)):
-            if name in found:
-                data = found[name].read_bytes()
-                status[name] = "new" if name not in old else "same" if old[name] == data else "updated"
-            else:
-                data, status[name] = old[name], "kept"
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tf.addfile(info, io.BytesIO(data))
-    return status
+    old: tarfile.TarFile | None = None
+    try:
+        if merge and out.is_file():
+            old = tarfile.open(out, "r:xz")
+        with atomic_path(out) as tmp, tarfile.open(tmp, "w:xz") as tf:
+            for name in sorted(found):
+                _add(tf, name, found[name].read_bytes())
+                status[name] = "new"
+            for member in old or ():
+                if not member.isfile():
+                    continue
+                data = old.extractfile(member).read()
+                if member.name in found:
+                    status[member.name] = "same" if hashlib.sha256(data).digest() == _digest(found[member.name]) \
+                        else "updated"
+                else:
+                    _add(tf, member.name, data)
+                    status[member.name] = "kept"
+    except (tarfile.TarError, lzma.LZMAError, EOFError) as exc:
+        raise SystemExit(f"{out} is not a readable .tar.xz ({exc}); move it aside, or rerun with --replace "
+                         "to rebuild it from the masks found here") from None
+    finally:
+        if old is not None:
+            old.close()
+    return dict(sorted(status.items()))
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _digest(path: Path) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,19 +108,23 @@ def main(argv: list[str] | None = None) -> int:
                     help="archive (default benchmarks/results/masks/<results stem>.tar.xz)")
     ap.add_argument("--replace", action="store_true", help="drop members whose run dir is gone here")
     args = ap.parse_args(argv)
-    groups = {args.out: args.results} if args.out else {
-        ROOT / "benchmarks" / "results" / "masks" / f"{r.stem}.tar.xz": [r] for r in args.results}
     for r in args.results:
         if not r.is_file():
             raise SystemExit(f"no results file {r}; give the JSON an accuracy grid wrote")
+    groups: dict[Path, list[Path]] = {}
+    for r in args.results:
+        out = args.out or ROOT / "benchmarks" / "results" / "masks" / f"{r.stem}.tar.xz"
+        if not args.out and out in groups:
+            raise SystemExit(f"{groups[out][0]} and {r} would share the archive {out}; give each run its own --out")
+        groups.setdefault(out, []).append(r)
     for out, results in groups.items():
         found = cell_masks(results)
-        if not found and not out.is_file():
-            print(f"{', '.join(map(str, results))}: no pruned cell with masks here; nothing written")
+        if not found and (args.replace or not out.is_file()):
+            print(f"{', '.join(map(str, results))}: no pruned cell's masks found here; {out} left as it was")
             continue
         status = write_archive(found, out, merge=not args.replace)
-        width = max(map(len, status))
-        print(f"{out} ({out.stat().st_size / 1024:.0f} kB):")
+        width = max(map(len, status), default=0)
+        print(f"{out} ({out.stat().st_size / 1024:.0f} kB, {len(status)} cells):")
         for name, what in status.items():
             print(f"  {name:{width}s}  {what}")
     return 0

@@ -23,3 +23,14 @@ def test_the_cpu_name_in_every_timing_header_carries_the_isa():
 
     bare = cpu_name(with_isa=False)
     assert bare and cpu_name() == f"{bare} ({cpu_vector_isa()})"
+
+
+def test_no_timing_benchmark_names_its_host_without_the_isa():
+    """A benchmark that writes ``platform.processor()`` (or a bare model name) into its header
+    hides which ISA produced its figures: every header goes through cpu_name()."""
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    offenders = [p.name for p in sorted(bench.glob("*.py"))
+                 if "platform.processor()" in p.read_text() or "cpu_name(with_isa=False)" in p.read_text()]
+    assert offenders == []

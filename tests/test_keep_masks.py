@@ -81,17 +81,66 @@ def test_a_run_dir_recorded_in_another_checkout_is_found_under_this_one_and_nowh
     assert km.cell_masks([results], root=None) == {}
 
 
-def test_a_corrupt_archive_is_refused_and_left_as_it_was(tmp_path):
+def test_a_corrupt_or_truncated_archive_is_refused_and_left_as_it_was(tmp_path):
     km = _km()
-    out = tmp_path / "acc.tar.xz"
-    out.write_bytes(b"not an xz archive")
-    with pytest.raises(SystemExit, match=r"acc\.tar\.xz is not a readable \.tar\.xz.*--replace"):
-        km.write_archive({}, out)
-    assert out.read_bytes() == b"not an xz archive"
-    assert [p.name for p in tmp_path.iterdir()] == ["acc.tar.xz"]
+    ck = tmp_path / "ck"
+    results = tmp_path / "acc.json"
+    results.write_text(json.dumps({"cells": {"RTE/gradual/16x1/0.6": _cell(ck, "RTE/g/r0.6", 1)}}))
+    good = tmp_path / "good.tar.xz"
+    km.write_archive(km.cell_masks([results], root=ck), good)
+    raw = good.read_bytes()
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0xFF
+    for name, data in (("text.tar.xz", b"not an xz archive"), ("flipped.tar.xz", bytes(flipped)),
+                       ("cut.tar.xz", raw[: len(raw) // 2])):
+        out = tmp_path / name
+        out.write_bytes(data)
+        with pytest.raises(SystemExit, match=rf"{name.replace('.', '[.]')} is not a readable [.]tar[.]xz.*--replace"):
+            km.write_archive(km.cell_masks([results], root=ck), out)
+        assert out.read_bytes() == data
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def test_the_command_refuses_a_missing_results_file(tmp_path):
+def test_a_failure_while_writing_leaves_the_old_archive_whole(tmp_path):
+    km = _km()
+    ck = tmp_path / "ck"
+    results = tmp_path / "acc.json"
+    results.write_text(json.dumps({"cells": {"RTE/gradual/16x1/0.6": _cell(ck, "RTE/g/r0.6", 1)}}))
+    out = tmp_path / "m" / "acc.tar.xz"
+    km.write_archive(km.cell_masks([results], root=ck), out)
+    before = out.read_bytes()
+    found = km.cell_masks([results], root=ck)
+    found["runs/aug/RTE/g/r0.7/masks.safetensors"] = ck / "runs/aug/RTE/g/r0.7/masks.safetensors"  # vanished
+    with pytest.raises(FileNotFoundError):
+        km.write_archive(found, out)
+    assert out.read_bytes() == before and [p.name for p in out.parent.iterdir()] == ["acc.tar.xz"]
+
+
+def test_the_command_writes_merges_and_refuses_what_would_lose_or_mix_cells(tmp_path, capsys):
+    km = _km()
+    ck = tmp_path / "ck"
+    results = tmp_path / "acc.json"
+    results.write_text(json.dumps({"cells": {"RTE/gradual/16x1/0.6": _cell(ck, "RTE/g/r0.6", 1)}}))
+    out = tmp_path / "m.tar.xz"
+    assert km.main(["--results", str(results), "--out", str(out)]) == 0
+    member = str(results.parent / "ck/runs/aug/RTE/g/r0.6/masks.safetensors")  # where the JSON records it
+    assert "1 cells" in capsys.readouterr().out and set(_members(out)) == {"runs/aug/RTE/g/r0.6/masks.safetensors"}
+
+    # the run dir is gone: merging keeps the member, --replace must not empty the archive
+    for f in Path(member).parent.iterdir():
+        f.unlink()
+    assert km.main(["--results", str(results), "--out", str(out)]) == 0
+    assert "kept" in capsys.readouterr().out
+    merged = out.read_bytes()
+    assert km.main(["--results", str(results), "--out", str(out), "--replace"]) == 0
+    assert "left as it was" in capsys.readouterr().out and out.read_bytes() == merged
+    assert set(_members(out)) == {"runs/aug/RTE/g/r0.6/masks.safetensors"}
+
+    other = tmp_path / "elsewhere" / "acc.json"
+    other.parent.mkdir()
+    other.write_text(results.read_text())
+    with pytest.raises(SystemExit, match="would share the archive"):
+        km.main(["--results", str(results), "--results", str(other)])
     with pytest.raises(SystemExit, match="no results file .*missing.json"):
-        _km().main(["--results", str(tmp_path / "missing.json"), "--out", str(tmp_path / "m.tar.xz")])
-    assert not (tmp_path / "m.tar.xz").exists()
+        km.main(["--results", str(tmp_path / "missing.json"), "--out", str(tmp_path / "n.tar.xz")])
+    assert not (tmp_path / "n.tar.xz").exists()
