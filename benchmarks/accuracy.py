@@ -178,6 +178,15 @@ class Cell:
         return cell_key(self.task, self.block, self.ratio, self.method, self.seed)
 
 
+def run_key(run_dir: str | os.PathLike) -> str | None:
+    """A recorded ``run_dir`` without the checkout it ran in: its part from the ``runs`` component on
+    (``runs/...``, '/'-joined), or None when it has none. Why: cells record absolute run dirs of
+    whichever clone or lent machine trained them; mask archives, speed files and rebuilt configs
+    name a run by this key, so they match in any clone."""
+    parts = Path(run_dir).parts
+    return "/".join(parts[parts.index("runs"):]) if "runs" in parts else None
+
+
 def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl", seed: int = 0) -> str:
     if block is None:
         return f"{task}/dense"

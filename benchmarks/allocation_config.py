@@ -21,15 +21,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def run_dir_here(recorded: str, root: Path = ROOT) -> Path:
     """The recorded run dir (absolute, in whichever checkout ran the grid) under ``root``: the part
     from its ``runs`` component on."""
-    parts = Path(recorded).parts
-    if "runs" not in parts:
+    from accuracy import run_key
+
+    key = run_key(recorded)
+    if key is None:
         raise SystemExit(f"run dir {recorded!r} has no 'runs' component; give -o")
-    return root.joinpath(*parts[parts.index("runs"):])
+    return root / key
 
 
 def per_layer_config(ratios: dict[str, float], block: str) -> str:

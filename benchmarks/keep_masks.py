@@ -24,11 +24,11 @@ import json
 import lzma
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 MASKS = "masks.safetensors"
 
@@ -39,18 +39,20 @@ def cell_masks(results: list[Path], root: Path | None = ROOT) -> dict[str, Path]
     grid left out), so that unpacked in this checkout it lands where the JSON points. A run dir
     recorded in another checkout is looked for under ``root`` (None: only where recorded). Dense
     rows and runs that left no masks (killed at a deadline) are not in it."""
+    from accuracy import run_key
+
     found: dict[str, Path] = {}
     for path in results:
         if path.suffix != ".json" or not path.is_file():
             continue
         for cell in json.loads(path.read_text()).get("cells", {}).values():
             run = Path(cell.get("run_dir") or "")
-            if cell.get("kind") != "pruned" or "runs" not in run.parts:
+            key = run_key(run)
+            if cell.get("kind") != "pruned" or key is None:
                 continue
-            rel = run.parts[run.parts.index("runs"):]
-            for here in (run, *([root.joinpath(*rel)] if root is not None else [])):
+            for here in (run, *([root / key] if root is not None else [])):
                 if (here / MASKS).is_file():
-                    found["/".join(rel) + "/" + MASKS] = here / MASKS
+                    found[f"{key}/{MASKS}"] = here / MASKS
                     break
     return found
 
@@ -68,16 +70,17 @@ def write_archive(found: dict[str, Path], out: Path, merge: bool = True) -> dict
         if merge and out.is_file():
             old = tarfile.open(out, "r:xz")
         with atomic_path(out) as tmp, tarfile.open(tmp, "w:xz") as tf:
+            digests = {}
             for name in sorted(found):
-                _add(tf, name, found[name].read_bytes())
-                status[name] = "new"
+                data = found[name].read_bytes()
+                _add(tf, name, data)
+                digests[name], status[name] = hashlib.sha256(data).digest(), "new"
             for member in old or ():
                 if not member.isfile():
                     continue
                 data = old.extractfile(member).read()
                 if member.name in found:
-                    status[member.name] = "same" if hashlib.sha256(data).digest() == _digest(found[member.name]) \
-                        else "updated"
+                    status[member.name] = "same" if hashlib.sha256(data).digest() == digests[member.name] else "updated"
                 else:
                     _add(tf, member.name, data)
                     status[member.name] = "kept"
@@ -91,13 +94,11 @@ def write_archive(found: dict[str, Path], out: Path, merge: bool = True) -> dict
 
 
 def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A member with fixed metadata (mtime 0), so that rerunning over unchanged masks writes the same
+    bytes and the committed archive shows no change."""
     info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+    info.size, info.mode = len(data), 0o644
     tf.addfile(info, io.BytesIO(data))
-
-
-def _digest(path: Path) -> bytes:
-    return hashlib.sha256(path.read_bytes()).digest()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -273,8 +273,10 @@ def best_sources(results_dir: Path = ROOT / "benchmarks" / "results") -> tuple[P
 def _run_key(path: str) -> str:
     """A run directory without the checkout it ran in (``runs/...``), so that a cell's recorded
     absolute ``run_dir`` and a benchmark's relative path name the same run in any clone."""
-    parts = Path(path).parts
-    return "/".join(parts[parts.index("runs"):]) if "runs" in parts else str(path)
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from accuracy import run_key
+
+    return run_key(path) or str(path)
 
 
 def _recipe_key(settings: dict, task: str) -> str:
