@@ -140,6 +140,8 @@ TEACHER_LR = ROOT / "benchmarks" / "results" / "accuracy_teacher_lr5e-5.json"  #
 TEACHER_LRPRUNED = ROOT / "benchmarks" / "results" / "accuracy_teacher_lrpruned.json"  # the same, lr 5e-5 in the cells only
 TEACHER_AUGMENT_LR = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment_lr5e-5.json"  # both changes, lr 5e-5
 TEACHER_AUGMENT_LRPRUNED = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment_lrpruned.json"  # both, cells at 5e-5
+#: the three changes with a task's own rate for its dense runs too (``--task-lr RTE=5e-5``)
+TEACHER_AUGMENT_TASKLR = ROOT / "benchmarks" / "results" / "accuracy_teacher_augment_tasklr.json"
 #: CoLA's dense spread: the baseline-teacher cell with other seeds of the dense runs, at 2e-5 and 5e-5
 SEED_RUNS = tuple(ROOT / "benchmarks" / "results" / f"accuracy_teacher{lr}_seed{n}.json"
                   for n in (1, 2, 3, 4) for lr in ("", "_lr5e-5"))  # a file not (yet) there is skipped
@@ -183,7 +185,8 @@ def _dense_tag(settings: dict, plain: dict, task: str | None = None) -> str:
 def render_augment(plain_path: Path = CPU_GRID,
                    variants: tuple[Path, ...] = (AUGMENT, TEACHER, TEACHER_AUGMENT, TEACHER_NOHIDDEN, NODISTILL,
                                                  TEACHER_LR, TEACHER_LRPRUNED, TEACHER_AUGMENT_LR,
-                                                 TEACHER_AUGMENT_LRPRUNED, *SEED_RUNS)) -> str:
+                                                 TEACHER_AUGMENT_LRPRUNED, TEACHER_AUGMENT_TASKLR,
+                                                 *SEED_RUNS)) -> str:
     """The CPU grid's gradual cells next to the same cells trained with one change each
     (teacher-only perturbed copies; the dense baseline's model as the teacher), same seed, all on
     the CPU, against the dense baseline and the 3-epoch model the cells start from. A variant
