@@ -179,12 +179,17 @@ class Cell:
 
 
 def run_key(run_dir: str | os.PathLike) -> str | None:
-    """A recorded ``run_dir`` without the checkout it ran in: its part from the ``runs`` component on
-    (``runs/...``, '/'-joined), or None when it has none. Why: cells record absolute run dirs of
-    whichever clone or lent machine trained them; mask archives, speed files and rebuilt configs
-    name a run by this key, so they match in any clone."""
+    """A recorded ``run_dir`` without the checkout it ran in: its part from the last ``runs``
+    component on (``runs/...``, '/'-joined), or None when it has none. Why: cells record absolute
+    run dirs of whichever clone or lent machine trained them; mask archives, speed files and
+    rebuilt configs name a run by this key, so they match in any clone. The last one, because the
+    checkout's own path may hold a ``runs`` folder (``/home/me/runs/blockprune/runs/...``), while
+    the directories a grid makes below its runs dir are named by task, variant and ratio."""
     parts = Path(run_dir).parts
-    return "/".join(parts[parts.index("runs"):]) if "runs" in parts else None
+    if "runs" not in parts:
+        return None
+    last = len(parts) - 1 - parts[::-1].index("runs")
+    return "/".join(parts[last:])
 
 
 def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl", seed: int = 0) -> str:

@@ -507,3 +507,14 @@ def test_a_grid_refuses_a_dense_teacher_trained_with_another_seed_or_rate(tmp_pa
             acc.run_grid(grid(other), acc.ResultsFile(tmp_path / f"g{other.seed}{other.lr}.json", other),
                          log=lambda s: None)
     assert calls == []
+
+
+def test_run_key_is_the_path_from_the_last_runs_folder_so_a_checkout_under_runs_still_matches():
+    """Archives and speed files name a run by its key; two clones of one run must agree, even a
+    clone whose own path holds a folder called ``runs``, and a path without one has no key."""
+    acc = _acc()
+    inside = "/home/me/runs/blockprune/runs/accuracy-augment/RTE/gradual-16x1/r0.6-s1"
+    assert acc.run_key(inside) == "runs/accuracy-augment/RTE/gradual-16x1/r0.6-s1"
+    assert acc.run_key("/work/main/runs/accuracy-augment/RTE/gradual-16x1/r0.6-s1") == acc.run_key(inside)
+    assert acc.run_key(Path("runs") / "a" / "b") == "runs/a/b"
+    assert acc.run_key("/tmp/grid/RTE/r0.6") is None
