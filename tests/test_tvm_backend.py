@@ -312,3 +312,31 @@ def test_kernel_choice_errors_cross_the_importer_as_clear_errors(models, raised)
         assert err.value is raised
     else:
         assert "ValueError('boom')" in err.value.problem and "--form dense" in err.value.fix
+
+
+def test_qemu_runs_use_one_tvm_thread_unless_the_user_sets_one(tmp_path, monkeypatch):
+    """Spin-waiting TVM workers under emulation hang on a busy host (reproduced: a 4 s check past
+    600 s beside training), so run_qemu defaults TVM_NUM_THREADS to 1 and keeps a value set."""
+    seen: list[dict] = []
+
+    class _Failed:
+        returncode, stdout, stderr = 1, "", "stopped here"
+
+    def fake_run(cmd, **kw):
+        seen.append(kw["env"])
+        return _Failed()
+
+    monkeypatch.setattr(runner, "find_qemu", lambda: "/usr/bin/qemu-aarch64")
+    monkeypatch.setattr(runner, "ensure_aarch64_runtime", lambda: tmp_path)
+    monkeypatch.setattr(runner, "build_cpp_runner", lambda rt: tmp_path / "bp_runner")
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    manifest = Manifest(target={"name": "cortex-a72", "arch": "aarch64"}, inputs=[], outputs=[], source={},
+                        batch=1, seq=1)
+    x = np.zeros((1, 4), np.float32)
+    monkeypatch.delenv("TVM_NUM_THREADS", raising=False)
+    with pytest.raises(BlockpruneError, match="stopped here"):
+        runner.run_qemu(tmp_path, manifest, [x])
+    monkeypatch.setenv("TVM_NUM_THREADS", "2")
+    with pytest.raises(BlockpruneError):
+        runner.run_qemu(tmp_path, manifest, [x])
+    assert [e["TVM_NUM_THREADS"] for e in seen] == ["1", "2"]

@@ -250,7 +250,12 @@ def find_qemu() -> str:
 
 def run_qemu(directory: str | os.PathLike, manifest: Manifest, arrays: list[np.ndarray],
              timeout: float = 600) -> dict[str, np.ndarray]:
-    """Run through the C++ runner under qemu-aarch64 (inputs/outputs as raw files)."""
+    """Run through the C++ runner under qemu-aarch64 (inputs/outputs as raw files).
+
+    One TVM worker thread unless the caller's environment sets ``TVM_NUM_THREADS``: the runtime's
+    thread pool spin-waits, and emulated spinning on a busy host starves the worker it waits for
+    (a 4-second check ran past 600 s while training shared the two cores). qemu runs check
+    numbers, not speed, so one thread costs nothing that matters."""
     qemu = find_qemu()
     runtime = ensure_aarch64_runtime()
     exe = build_cpp_runner(runtime)
@@ -259,6 +264,7 @@ def run_qemu(directory: str | os.PathLike, manifest: Manifest, arrays: list[np.n
         write_runner_inputs(tmp / "in", arrays)
         (tmp / "out").mkdir()
         env = dict(os.environ, QEMU_LD_PREFIX=QEMU_LD_PREFIX)
+        env.setdefault("TVM_NUM_THREADS", "1")
         proc = subprocess.run([qemu, str(exe), str(Path(directory).resolve() / manifest.library),
                                str(tmp / "in"), str(tmp / "out")],
                               capture_output=True, text=True, env=env, timeout=timeout)
