@@ -186,10 +186,8 @@ def run_key(run_dir: str | os.PathLike) -> str | None:
     checkout's own path may hold a ``runs`` folder (``/home/me/runs/blockprune/runs/...``), while
     the directories a grid makes below its runs dir are named by task, variant and ratio."""
     parts = Path(run_dir).parts
-    if "runs" not in parts:
-        return None
-    last = len(parts) - 1 - parts[::-1].index("runs")
-    return "/".join(parts[last:])
+    at = [i for i, part in enumerate(parts) if part == "runs"]
+    return "/".join(parts[at[-1]:]) if at else None
 
 
 def cell_key(task: str, block: str | None, ratio: float | None, method: str = "rgl", seed: int = 0) -> str:

@@ -24,13 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the benchmark scripts whose readers this one reuses (imported lazily, where needed), on the path once
+sys.path.insert(0, str(ROOT / "benchmarks"))
 README = ROOT / "README.md"
 JSON = ROOT / "benchmarks" / "results" / "default_flow.json"
 START, END = "<!-- results:default_flow -->", "<!-- /results:default_flow -->"
 
 
 def render(result: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from default_flow import profile_table, table
 
     loads = ", ".join(f"{t['threads']} thread(s): {t['load_before']:.2f}" for t in result["timings"])
@@ -69,7 +70,6 @@ def render_accuracy(grid_path: Path = ACC, ablation_path: Path = ABLATION,
                     cpu_ablation_path: Path = CPU_ABLATION) -> str:
     """Best compression within a point per task, every cell as a task x cell matrix, the plot,
     and the ablation's means, all from the grid's results JSON."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order, average_rates, load_cells, seed_means, summarize
 
     settings, cells = load_cells(grid_path)
@@ -192,7 +192,6 @@ def render_augment(plain_path: Path = CPU_GRID,
     the CPU, against the dense baseline and the 3-epoch model the cells start from. A variant
     that also trains its dense models otherwise (another learning rate) gets rows of its own,
     against its own dense baseline, in the column of its recipe change."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order, load_cells, seed_means
 
     loaded = {p: load_cells(p) for p in (plain_path, *variants) if p.is_file()}  # (settings, cells), read once
@@ -259,7 +258,6 @@ def best_sources(results_dir: Path = ROOT / "benchmarks" / "results") -> tuple[P
     dense rows (the ablation files compare methods against another file's dense rows; the first,
     reweighted-group-Lasso grid ``accuracy.json`` is left out: its dense row was not trained for the
     cells' epochs, so "within a point" of it is not the question the issue asks). GPU grids first."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import load_cells
 
     out = []
@@ -276,7 +274,6 @@ def best_sources(results_dir: Path = ROOT / "benchmarks" / "results") -> tuple[P
 def _run_key(path: str) -> str:
     """A run directory without the checkout it ran in (``runs/...``), so that a cell's recorded
     absolute ``run_dir`` and a benchmark's relative path name the same run in any clone."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import run_key
 
     return run_key(path) or str(path)
@@ -285,7 +282,6 @@ def _run_key(path: str) -> str:
 def _recipe_key(settings: dict, task: str) -> str:
     """Everything a results file's cells of ``task`` were trained with except the dense runs' seed,
     defaults filled in, the task's own rate resolved: files equal in this are seeds of one recipe."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import GridSettings
 
     full = {**dataclasses.asdict(GridSettings()), **settings}
@@ -323,7 +319,6 @@ def best_candidates(paths: tuple[Path, ...] | None = None, plain_path: Path = CP
     """Every (task, cell, recipe) measured, seeds folded: a results file's cells are compared with
     that file's own dense row of the task, and files that differ only in the dense runs' seed
     join one candidate; a run listed in two files counts once."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import load_cells
 
     plain = load_cells(plain_path)[0] if plain_path.is_file() else {}
@@ -405,7 +400,6 @@ def render_best(paths: tuple[Path, ...] | None = None, tolerance: float = 0.01,
     """Per task, the highest compression rate within a point of dense over every recipe measured,
     read on the mean of its seeds (a single seed within a point while others are not does not
     count), and the whole-model speed-up of that cell's own model where it was timed here."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import _task_order
 
     paths = best_sources() if paths is None else paths
@@ -467,7 +461,6 @@ def render_embedding(paths: tuple[Path, ...] = (EMB_ALL, EMB_FULL, EMB_REL, EMB_
                      plot: Path = EMB_FULL) -> str:
     """Zero-shot STS-B Spearman vs compression of the task-agnostic mode: one table (settings,
     cells, goals) per results file present, and ``plot``'s figure (the first file's when absent)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from accuracy import embedding_goals, load_cells
 
     keys = ("limit_train", "epochs_gradual", "epochs_retrain", "lr", "batch_size", "max_length", "hidden_weight",
@@ -501,7 +494,6 @@ SPEED_TRAINED_ALL = RESULTS / "speed_trained_all.json"  # the models of accuracy
 
 def render_speed_trained(path: Path = SPEED_TRAINED, name: str = "speed_trained") -> str:
     """The default flow's speed on models pruned by training (their own masks and per-layer ratios)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from default_flow import table
 
     result = json.loads(path.read_text())
@@ -536,7 +528,6 @@ def render_plan(plan_path: Path = PLAN, training_path: Path = PLAN_TRAIN) -> str
             out.append(f"| {task} | {r['speedup_goal']:g}x | {sel} | {same:.2f}x | **{r['measured_speedup']:.2f}x** | "
                        f"{100 * (r['measured_speedup'] / same - 1):+.1f}% |")
     if training_path.is_file():
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from plan_training import markdown
 
         body = markdown(json.loads(training_path.read_text())).splitlines()
