@@ -436,6 +436,7 @@ class Grid:
     seeds: list[int] | None = None  # gradual grid / ablation: the pruning runs' seeds
     baseline: "ResultsFile | None" = None  # ablation: the gradual grid's results (its dense rows)
     transfer_from: Path | None = None  # gradual grid: embedding-grid runs dir; adds a transfer cell per cell
+    keep_masks: bool = True  # merge each finished cell's masks into masks/<results stem>.tar.xz
 
 
 def _limit_train(s: GridSettings, task: str) -> int | None:
@@ -546,8 +547,12 @@ def run_gradual_grid(grid: Grid, results: ResultsFile, log=print) -> None:
     for task in grid.tasks:
         if stage == "teacher":
             _gradual_teacher(grid, task, log)
-        elif stage in ("all", "baseline") and results.refresh(cell_key(task, None, None)) is None:
-            _gradual_baseline(grid, results, task, _gradual_teacher(grid, task, log), log)
+        elif stage in ("all", "baseline"):
+            recorded = results.refresh(cell_key(task, None, None))
+            if recorded is None:
+                _gradual_baseline(grid, results, task, _gradual_teacher(grid, task, log), log)
+            elif _dense_checkpoints_missing(grid, task):
+                _rebuild_dense(grid, task, recorded, log)
     if stage not in ("all", "cells"):
         return
     for block, ratio in grid.cells or [(b, r) for b in grid.blocks for r in grid.ratios]:
@@ -593,23 +598,68 @@ def _gradual_teacher(grid: Grid, task: str, log) -> Any:
                                      method="rgl", rgl_form="penalty", score="weight"))
 
 
+def _train_baseline(grid: Grid, task: str, log) -> Any:
+    """The teacher fine-tuned as many more epochs as a pruned cell trains (resumes)."""
+    from blockprune.frontends import recipe
+
+    more = grid.settings.epochs_rew + grid.settings.epochs_retrain
+    out = task_dir(grid, task) / "dense-baseline"
+    log(f"[{_stamp()}] {task}: dense baseline, {more} more epochs -> {out}")
+    return recipe.run_recipe(_config(grid, task, out, model=str(_teacher_ckpt(grid, task)), epochs_dense=more,
+                                     stop_after="dense", distill=0.0, method="rgl", rgl_form="penalty",
+                                     score="weight"))
+
+
 def _gradual_baseline(grid: Grid, results: ResultsFile, task: str, teacher: Any, log) -> None:
     """The dense row: the teacher (``teacher``, its run's result) fine-tuned as many more epochs
     as a pruned cell trains."""
-    from blockprune.frontends import recipe
-
-    s = grid.settings
     tdir = task_dir(grid, task)
     t0 = time.perf_counter()
     res = teacher
-    more = s.epochs_rew + s.epochs_retrain
-    log(f"[{_stamp()}] {task}: dense baseline, {more} more epochs -> {tdir / 'dense-baseline'}")
-    res2 = recipe.run_recipe(_config(grid, task, tdir / "dense-baseline", model=str(_teacher_ckpt(grid, task)),
-                                     epochs_dense=more, stop_after="dense", distill=0.0, method="rgl",
-                                     rgl_form="penalty", score="weight"))
+    res2 = _train_baseline(grid, task, log)
     results.add(Cell(task, "dense", res.metric_name, res2.metrics["dense"], res2.metrics["dense"],
                      seconds=time.perf_counter() - t0, run_dir=str(tdir / "dense-baseline"), finished_at=_stamp(),
                      method="dense", teacher_metric=res.metrics["dense"]))
+
+
+def _dense_checkpoints_missing(grid: Grid, task: str) -> bool:
+    """Whether the teacher or the dense baseline a recorded dense row came from is absent here, as on
+    a fresh clone: the committed JSON holds the row, but ``runs/`` (the checkpoints the cells start
+    from and distil from) is not committed."""
+    from blockprune.frontends.recipe import checkpoint_dir
+
+    tdir = task_dir(grid, task)
+    need = [_teacher_ckpt(grid, task)]
+    if grid.settings.teacher == "baseline":
+        need.append(checkpoint_dir(tdir / "dense-baseline", "dense"))
+    return any(not (c / "config.json").is_file() for c in need)
+
+
+#: how far a rebuilt dense row may land from the recorded one (metric units: 0.0001 = 0.01 point)
+REBUILD_TOLERANCE = 1e-4
+
+
+def _rebuild_dense(grid: Grid, task: str, recorded: Cell, log) -> None:
+    """Retrain the dense teacher and baseline whose row ``recorded`` is already in the results file
+    (their checkpoints are missing: a fresh clone) and check that they come out as recorded.
+
+    Training is seeded and runs on the CPU at the recorded settings, so the rerun should land on
+    the recorded metrics; if it does not, new cells would distil from, and start at, other models
+    than the committed cells did while being compared with the old row, so the grid stops and says
+    how to start a results file of its own."""
+    tdir = task_dir(grid, task)
+    log(f"[{_stamp()}] {task}: dense row recorded but its checkpoints are missing; retraining them -> {tdir}")
+    teacher = _gradual_teacher(grid, task, log)
+    base = _train_baseline(grid, task, log)
+    got = {"metric": base.metrics["dense"], "teacher_metric": teacher.metrics["dense"]}
+    off = {k: (getattr(recorded, k), v) for k, v in got.items()
+           if getattr(recorded, k) is not None and abs(getattr(recorded, k) - v) > REBUILD_TOLERANCE}
+    if off:
+        raise SystemExit(f"{task}: the retrained dense runs in {tdir} differ from the recorded row {off} "
+                         "(recorded, now): cells trained from them would not match the committed ones; "
+                         "use --results OTHER.json (and another --runs-dir) for a grid of their own")
+    log(f"[{_stamp()}] {task}: dense runs rebuilt, as recorded ({recorded.metric:.4f}, "
+        f"teacher {recorded.teacher_metric:.4f})")
 
 
 def _wait_dense(grid: Grid, results: ResultsFile, task: str, timeout_s: float = 6 * 3600) -> Cell:
@@ -682,6 +732,29 @@ def _record_cell(grid: Grid, results: ResultsFile, task: str, cell: tuple[str, f
     log(f"[{_stamp()}] {task} {block} ratio {ratio:g} seed {seed_tag} ({method}): {res.metric_name} "
         f"{res.report['pruned_metric']:.4f} (dense baseline {dense.metric:.4f}, teacher {dense.teacher_metric}), "
         f"CR {res.compression_rate:.2f}x")
+    if grid.keep_masks:
+        keep_cell_masks(results, log)
+
+
+def masks_archive(results: Path) -> Path:
+    """Where a results file's cells' masks are kept: ``masks/<stem>.tar.xz`` beside it (for the
+    committed files, ``benchmarks/results/masks/``, as ``keep_masks.py`` writes them)."""
+    return results.parent / "masks" / f"{results.stem}.tar.xz"
+
+
+def keep_cell_masks(results: ResultsFile, log) -> None:
+    """Merge the masks of every finished cell of ``results`` into its archive, so that a cell's masks
+    are kept (committed with its row) even when its checkout dies before anyone runs
+    ``keep_masks.py``. Under the results file's lock: several grid processes finish cells."""
+    import fcntl
+
+    if str(ROOT / "benchmarks") not in sys.path:  # imported as a module (tests), not run as a script
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    from keep_masks import keep
+
+    with open(results.path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        keep([results.path], masks_archive(results.path), log=log)
 
 
 def _transfer_cell(grid: Grid, results: ResultsFile, task: str, block: str, ratio: float, seed: int, log) -> None:
@@ -1006,6 +1079,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--background", action="store_true", help="detach; output to RUNS_DIR/log.txt")
     ap.add_argument("--report-only", action="store_true", help="only rebuild md/png from the results JSON")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-keep-masks", action="store_true",
+                    help="do not merge each finished cell's masks into masks/<results stem>.tar.xz beside --results")
     args = ap.parse_args(argv)
     gradual = args.method == "gradual" or args.embedding
     args.epochs_retrain = args.epochs_retrain if args.epochs_retrain is not None else (2 if gradual else 3)
@@ -1133,7 +1208,8 @@ def main(argv: list[str] | None = None) -> int:
                         ratios, args.data_dir, args.runs_dir, args.threads, progress=not args.no_progress,
                         cells=_cells_arg(args.cells) if args.method == "gradual" else None,
                         stage="cells" if args.ablation else args.stage, seeds=seeds,
-                        transfer_from=args.transfer_from.resolve() if args.transfer_from else None)
+                        transfer_from=args.transfer_from.resolve() if args.transfer_from else None,
+                        keep_masks=not args.no_keep_masks)
             results = ResultsFile(args.results, settings)
             try:
                 if args.ablation:

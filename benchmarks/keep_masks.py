@@ -119,16 +119,23 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{groups[out][0]} and {r} would share the archive {out}; give each run its own --out")
         groups.setdefault(out, []).append(r)
     for out, results in groups.items():
-        found = cell_masks(results)
-        if not found and (args.replace or not out.is_file()):
-            print(f"{', '.join(map(str, results))}: no pruned cell's masks found here; {out} left as it was")
-            continue
-        status = write_archive(found, out, merge=not args.replace)
-        width = max(map(len, status), default=0)
-        print(f"{out} ({out.stat().st_size / 1024:.0f} kB, {len(status)} cells):")
-        for name, what in status.items():
-            print(f"  {name:{width}s}  {what}")
+        keep(results, out, replace=args.replace)
     return 0
+
+
+def keep(results: list[Path], out: Path, replace: bool = False, log=print) -> dict[str, str] | None:
+    """Pack the masks of the cells in ``results`` into ``out`` (merged unless ``replace``) and list
+    what happened to each member; None (and ``out`` untouched) when there is nothing to write."""
+    found = cell_masks(results)
+    if not found and (replace or not out.is_file()):
+        log(f"{', '.join(map(str, results))}: no pruned cell's masks found here; {out} left as it was")
+        return None
+    status = write_archive(found, out, merge=not replace)
+    width = max(map(len, status), default=0)
+    log(f"{out} ({out.stat().st_size / 1024:.0f} kB, {len(status)} cells):")
+    for name, what in status.items():
+        log(f"  {name:{width}s}  {what}")
+    return status
 
 
 if __name__ == "__main__":

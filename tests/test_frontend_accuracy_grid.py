@@ -35,6 +35,10 @@ class _Fake:
         self.metrics = {"dense": 0.80 if cfg.epochs_dense == 3 else 0.81}
         self.report = {"pruned_metric": 0.8 - cfg.ratio / 20, "allocation": {"ratios": {"w": cfg.ratio}}}
         self.compression_rate = 1 / (1 - cfg.ratio)
+        if cfg.stop_after == "dense":  # a dense run leaves its checkpoint, which the cells start from
+            ckpt = Path(cfg.out) / "checkpoints" / "dense"
+            ckpt.mkdir(parents=True, exist_ok=True)
+            (ckpt / "config.json").write_text("{}")
 
 
 def test_gradual_grid_runs_teacher_baseline_and_cells(tmp_path, monkeypatch):
@@ -164,7 +168,7 @@ def _gradual_settings(acc):
 
 def _fake_teacher(grid, task):
     ckpt = grid.runs_dir / task / "dense" / "checkpoints" / "dense"
-    ckpt.mkdir(parents=True)
+    ckpt.mkdir(parents=True, exist_ok=True)
     (ckpt / "config.json").write_text("{}")
 
 
@@ -507,6 +511,83 @@ def test_a_grid_refuses_a_dense_teacher_trained_with_another_seed_or_rate(tmp_pa
             acc.run_grid(grid(other), acc.ResultsFile(tmp_path / f"g{other.seed}{other.lr}.json", other),
                          log=lambda s: None)
     assert calls == []
+
+
+def test_a_fresh_clone_rebuilds_a_recorded_dense_row_and_refuses_one_that_comes_out_otherwise(tmp_path, monkeypatch):
+    """On a clone, the committed JSON has a task's dense row but runs/ (not committed) lacks its
+    checkpoints: --stage baseline retrains the teacher and baseline, checks they land on the
+    recorded metrics, and keeps the row; then the cells can run. A rerun that lands elsewhere
+    stops the grid with the fix (cells from it would not match the committed ones)."""
+    acc = _acc()
+    import dataclasses
+
+    import blockprune.frontends.recipe as recipe
+
+    monkeypatch.setattr(recipe, "checkpoint_dir", lambda out, stage: Path(out) / "checkpoints" / stage)
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", lambda cfg: calls.append(cfg) or _Fake(cfg))
+    settings = dataclasses.replace(_gradual_settings(acc), teacher="baseline")
+    mk = lambda stage, runs="runs": acc.Grid(settings, ["RTE"], [], [], tmp_path / "d", tmp_path / runs,  # noqa: E731
+                                             cells=[("16x1", 0.5)], stage=stage)
+    results = tmp_path / "g.json"
+    acc.run_grid(mk("baseline"), acc.ResultsFile(results, settings), log=lambda s: None)
+    recorded = json.loads(results.read_text())["cells"]["RTE/dense"]
+    # a clone: the same JSON, no runs/
+    calls.clear()
+    with pytest.raises(SystemExit, match="teacher .* is missing"):
+        acc.run_grid(mk("cells", "clone"), acc.ResultsFile(results, settings), log=lambda s: None)
+    logs = []
+    acc.run_grid(mk("baseline", "clone"), acc.ResultsFile(results, settings), log=logs.append)
+    assert [Path(c.out).name for c in calls] == ["dense", "dense-baseline"]
+    assert Path(calls[1].model) == tmp_path / "clone" / "RTE" / "dense" / "checkpoints" / "dense"
+    assert json.loads(results.read_text())["cells"]["RTE/dense"] == recorded  # the row is kept as it was
+    assert any("as recorded" in line for line in logs)
+    calls.clear()
+    acc.run_grid(mk("baseline", "clone"), acc.ResultsFile(results, settings), log=lambda s: None)
+    assert calls == []  # rebuilt once: nothing retrains
+    acc.run_grid(mk("cells", "clone"), acc.ResultsFile(results, settings), log=lambda s: None)
+    cell, = calls
+    assert cell.teacher == str(tmp_path / "clone" / "RTE" / "dense-baseline" / "checkpoints" / "dense")
+    # a rebuild that does not reproduce the row (another torch, another machine) is refused
+    data = json.loads(results.read_text())
+    data["cells"]["RTE/dense"]["metric"] = 0.85
+    results.write_text(json.dumps(data))
+    calls.clear()
+    with pytest.raises(SystemExit, match=r"differ from the recorded row \{'metric': \(0.85, 0.81\)\}.*--results OTHER"):
+        acc.run_grid(mk("baseline", "clone2"), acc.ResultsFile(results, settings), log=lambda s: None)
+    assert json.loads(results.read_text())["cells"]["RTE/dense"]["metric"] == 0.85  # nothing rewritten
+
+
+def test_each_finished_cell_merges_its_masks_into_the_archive_beside_the_results(tmp_path, monkeypatch):
+    """The masks of a cell outlive its checkout without a manual keep_masks.py: each recorded cell
+    merges every finished cell's masks into masks/<results stem>.tar.xz (members named from runs/
+    on); --no-keep-masks leaves no archive."""
+    acc = _acc()
+    import tarfile
+
+    import blockprune.frontends.recipe as recipe
+
+    def run(cfg):
+        calls.append(cfg)
+        if cfg.method == "gradual":
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "masks.safetensors").write_bytes(f"masks {cfg.ratio}".encode())
+        return _Fake(cfg)
+
+    monkeypatch.setattr(recipe, "checkpoint_dir", lambda out, stage: Path(out) / "checkpoints" / stage)
+    calls = []
+    monkeypatch.setattr(recipe, "run_recipe", run)
+    settings = _gradual_settings(acc)
+    for keep, name in ((True, "g"), (False, "off")):
+        grid = acc.Grid(settings, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs", cells=[("16x1", 0.5), ("16x1", 0.7)],
+                        stage="all", keep_masks=keep)
+        acc.run_grid(grid, acc.ResultsFile(tmp_path / f"{name}.json", settings), log=lambda s: None)
+    with tarfile.open(tmp_path / "masks" / "g.tar.xz") as tf:
+        members = {m.name: tf.extractfile(m).read() for m in tf}
+    assert members == {"runs/RTE/gradual-16x1/r0.5/masks.safetensors": b"masks 0.5",
+                       "runs/RTE/gradual-16x1/r0.7/masks.safetensors": b"masks 0.7"}
+    assert not (tmp_path / "masks" / "off.tar.xz").exists()
+    assert acc.parse_args(["--no-keep-masks"]).no_keep_masks and not acc.parse_args([]).no_keep_masks
 
 
 def test_run_key_is_the_path_from_the_last_runs_folder_so_a_checkout_under_runs_still_matches():
