@@ -247,7 +247,9 @@ GPU_GRIDS = ("accuracy_gradual.json", "accuracy_gradual_tbase.json", "accuracy_g
 SPEED_GLUE = ROOT / "benchmarks" / "results" / "speed_trained_glue.json"  # some of those cells' own models, timed
 #: later timings of GLUE cells, made after the first file's models were lost with its runs dir
 SPEED_GLUE_2 = ROOT / "benchmarks" / "results" / "speed_trained_glue_2.json"
-SPEED_GLUES = (SPEED_GLUE, SPEED_GLUE_2)
+#: and those of cells trained after the second file was timed (their runs dirs likewise gone)
+SPEED_GLUE_3 = ROOT / "benchmarks" / "results" / "speed_trained_glue_3.json"
+SPEED_GLUES = (SPEED_GLUE, SPEED_GLUE_2, SPEED_GLUE_3)
 #: how a cell was timed, best first: its own model.onnx, the bundled model under its masks, the
 #: bundled model pruned one-shot at its per-layer ratios (its masks not kept)
 TIMED_HOW = ("own", "masks", "ratios")
@@ -556,10 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, fn, path in (("embedding", render_embedding, EMB), ("speed_trained", render_speed_trained, SPEED_TRAINED),
                            ("speed_trained_all", lambda: render_speed_trained(SPEED_TRAINED_ALL, "speed_trained_all"),
                             SPEED_TRAINED_ALL),
-                           ("speed_trained_glue", lambda: render_speed_trained(SPEED_GLUE, "speed_trained_glue"),
-                            SPEED_GLUE),
-                           ("speed_trained_glue_2", lambda: render_speed_trained(SPEED_GLUE_2, "speed_trained_glue_2"),
-                            SPEED_GLUE_2), ("plan", render_plan, PLAN), ("augment", render_augment, AUGMENT),
+                           *((p.stem, lambda p=p: render_speed_trained(p, p.stem), p) for p in SPEED_GLUES),
+                           ("plan", render_plan, PLAN), ("augment", render_augment, AUGMENT),
                            ("best", render_best, ACC)):
         start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
         if start in new and end in new and path.is_file():
