@@ -556,6 +556,15 @@ def test_a_fresh_clone_rebuilds_a_recorded_dense_row_and_refuses_one_that_comes_
     with pytest.raises(SystemExit, match=r"differ from the recorded row \{'metric': \(0.85, 0.81\)\}.*--results OTHER"):
         acc.run_grid(mk("baseline", "clone2"), acc.ResultsFile(results, settings), log=lambda s: None)
     assert json.loads(results.read_text())["cells"]["RTE/dense"]["metric"] == 0.85  # nothing rewritten
+    # cells that distil from their start need only the teacher back, checked on its own metric
+    start = dataclasses.replace(settings, teacher="start")
+    calls.clear()
+    acc.run_grid(acc.Grid(start, ["RTE"], [], [], tmp_path / "d", tmp_path / "runs", stage="baseline"),
+                 acc.ResultsFile(tmp_path / "s.json", start), log=lambda s: None)
+    calls.clear()
+    acc.run_grid(acc.Grid(start, ["RTE"], [], [], tmp_path / "d", tmp_path / "clone3", stage="baseline"),
+                 acc.ResultsFile(tmp_path / "s.json", start), log=lambda s: None)
+    assert [Path(c.out).name for c in calls] == ["dense"]
 
 
 def test_each_finished_cell_merges_its_masks_into_the_archive_beside_the_results(tmp_path, monkeypatch):
