@@ -211,3 +211,14 @@ def test_the_per_task_count_reads_every_committed_gradual_grid_and_nothing_else(
     assert {"accuracy_transfer.json", "accuracy_teacher_augment.json", "accuracy_teacher_lr5e-5_seed2.json"} <= set(names)
     assert not {"accuracy.json", "accuracy_ablation.json", "accuracy_ablation_cpu.json",
                 "accuracy_embedding.json"} & set(names)
+
+
+def test_a_figure_that_two_decimals_would_print_as_its_line_gets_a_third():
+    """-0.996 is inside the point and -1.004 outside, and both print -1.00; an average of 2.004 and
+    one of 1.996 both print 2.00: at the line the table shows the third decimal that decides."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import readme_results as rr
+
+    assert [rr._edge(v, -1.0, "+") for v in (-0.996, -1.004, -1.0, -0.98, -1.2)] == \
+        ["-0.996", "-1.004", "-1.00", "-0.98", "-1.20"]
+    assert [rr._edge(v, rr.GOAL) for v in (2.004, 1.996, 2.0, 1.92)] == ["2.004", "1.996", "2.00", "1.92"]
