@@ -17,7 +17,11 @@ from blockprune.errors import BlockpruneError
 from blockprune.frontends.distill import DistillConfig, distillation_loss, frozen_teacher
 from blockprune.frontends.recipe import run_recipe
 
-from test_frontend_recipe import small_config, tiny_model  # noqa: F401  (fixture)
+from test_frontend_recipe import RTE, small_config, tiny_model  # noqa: F401  (fixture)
+
+#: the two recipe runs below train on the real RTE files, as the recipe tests they borrow from do
+needs_rte = pytest.mark.skipif(not (RTE / "train.tsv").is_file() or not (RTE / "dev.tsv").is_file(),
+                               reason="real GLUE RTE data not found (../shared/data/glue)")
 
 
 def test_loss_blends_task_and_teacher_terms():
@@ -68,6 +72,7 @@ def _logits(model_dir, feeds):
         return m(**feeds).logits
 
 
+@needs_rte
 def test_distilled_retraining_tracks_the_teacher(tiny_model, tmp_path):  # noqa: F811
     """Same dense start, same masks: retraining on the teacher term alone ends closer to the
     pre-pruning model's logits than retraining on the labels alone."""
@@ -101,6 +106,7 @@ def _saved_bert(out, num_labels: int, seed: int):
     return model
 
 
+@needs_rte
 def test_a_given_teacher_is_what_the_distilled_stages_learn_from(tiny_model, tmp_path):
     from blockprune.frontends import recipe as recipe_mod
     from test_frontend_recipe import small_config as cfg_of
