@@ -123,6 +123,7 @@ def test_best_per_task_reads_a_recipe_on_the_mean_of_its_seeds_against_each_runs
     assert "-0.60" in rows["MRPC"] and "1.61x / 1.52x" in rows["MRPC"]
     avg = float(text.split("Average over the 2 tasks: ")[1].split("x")[0])
     assert abs(avg - (1.97 + 1.00) / 2) < 0.006
+    assert "fewer than the 3 pruning seeds this grid asks of a counted cell: MRPC (2);" in text  # CoLA counts dense
 
 
 def test_a_cell_timed_from_its_masks_alone_is_matched_by_its_masks_run_dir(tmp_path):
