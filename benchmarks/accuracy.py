@@ -56,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -65,7 +66,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -218,15 +219,21 @@ class ResultsFile:
     def done(self, key: str) -> bool:
         return key in self.cells
 
-    def add(self, cell: Cell) -> None:
-        """Record one finished cell. Several grid processes (say one per ``--tasks`` subset, one
-        per core) may share the file: under a lock, the cells other processes wrote meanwhile are
-        merged in before the atomic rewrite, so no process overwrites another's results."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while this file, or what is written beside it from its cells, is rewritten: several
+        grid processes (say one per ``--tasks`` subset, one per core) share the file."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".json.lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def add(self, cell: Cell) -> None:
+        """Record one finished cell. Under the lock, the cells other processes wrote meanwhile are
+        merged in before the atomic rewrite, so no process overwrites another's results."""
+        with self.locked():
             if self.path.is_file():
                 data = json.loads(self.path.read_text())
                 for k, v in data.get("cells", {}).items():
@@ -748,14 +755,11 @@ def keep_cell_masks(results: ResultsFile, log) -> None:
     """Merge the masks of every finished cell of ``results`` into its archive, so that a cell's masks
     are kept (committed with its row) even when its checkout dies before anyone runs
     ``keep_masks.py``. Under the results file's lock: several grid processes finish cells."""
-    import fcntl
-
     if str(ROOT / "benchmarks") not in sys.path:  # imported as a module (tests), not run as a script
         sys.path.insert(0, str(ROOT / "benchmarks"))
     from keep_masks import keep
 
-    with open(results.path.with_suffix(".json.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with results.locked():
         keep([results.path], masks_archive(results.path), log=log)
 
 
